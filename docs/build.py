@@ -12,8 +12,11 @@ import argparse
 import contextlib
 import ctypes
 import os
+import shutil
 import sys
+import tempfile
 import time
+import uuid
 
 DOCS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(DOCS)
@@ -56,6 +59,38 @@ def _reap() -> list[str]:
     return left
 
 
+def _kernels_on_unix_sockets(folder: str) -> None:
+    """Start the notebooks' kernels on Unix sockets in ``folder`` (this user's
+    alone), not on TCP ports: a kernel on TCP without CurveZMQ keys (nbclient's
+    default) warns on the build's output, once per notebook, that it is sent code
+    and outputs in plain text (ipykernel 7.4+). myst-nb runs the notebooks through
+    nbclient's `execute` and has no setting for the kernels' transport: that
+    function is given a client whose kernel manager uses Unix sockets."""
+    import nbclient.client
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import default
+
+    class UnixSocketKernelManager(AsyncKernelManager):
+        """A kernel reached over Unix sockets in ``folder``."""
+
+        @default("transport")
+        def _unix_sockets(self) -> str:
+            return "ipc"
+
+        def _ip_default(self) -> str:
+            # Absolute: the kernel runs in its notebook's folder, the build here.
+            return os.path.join(folder, f"kernel-{uuid.uuid4().hex[:12]}")
+
+    class UnixSocketClient(nbclient.client.NotebookClient):
+        """nbclient's client, with kernels on Unix sockets."""
+
+        @default("kernel_manager_class")
+        def _unix_socket_kernels(self) -> type[AsyncKernelManager]:
+            return UnixSocketKernelManager
+
+    nbclient.client.NotebookClient = UnixSocketClient  # type: ignore[misc]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -71,20 +106,25 @@ def main(argv: list[str] | None = None) -> int:
     from sphinx.cmd.build import build_main
 
     _become_subreaper()
-    status = build_main(
-        [
-            "-W",  # warnings are errors
-            "--keep-going",  # ... but report all of them
-            "-E",  # a fresh environment: the reference follows the code
-            "-b",
-            "html",
-            "-d",
-            os.path.join(outdir, ".doctrees"),
-            DOCS,
-            outdir,
-        ]
-    )
-    left = _reap()
+    sockets = tempfile.mkdtemp(prefix="dispynb-docs-")
+    _kernels_on_unix_sockets(sockets)
+    try:
+        status = build_main(
+            [
+                "-W",  # warnings are errors
+                "--keep-going",  # ... but report all of them
+                "-E",  # a fresh environment: the reference follows the code
+                "-b",
+                "html",
+                "-d",
+                os.path.join(outdir, ".doctrees"),
+                DOCS,
+                outdir,
+            ]
+        )
+        left = _reap()
+    finally:
+        shutil.rmtree(sockets, ignore_errors=True)
     if left:
         print(f"docs build: processes left running (killed): {left}", file=sys.stderr)
         return status or 1

@@ -31,11 +31,13 @@ class Site:
 
     path: Path
     url: str
+    output: str  # what the build printed (stdout and stderr)
 
 
-def build_site(outdir: Path) -> None:
-    """``python docs/build.py OUTDIR``, as ``./dev docs`` runs it; fail with its
-    output if it fails or takes too long (its processes are then killed)."""
+def build_site(outdir: Path) -> str:
+    """``python docs/build.py OUTDIR``, as ``./dev docs`` runs it; what it printed.
+    Fail with its output if it fails or takes too long (its processes are then
+    killed)."""
     env = dict(
         os.environ,
         PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -56,6 +58,7 @@ def build_site(outdir: Path) -> None:
         pytest.fail(f"the docs build took over {BUILD_TIMEOUT} s:\n{output[-5000:]}")
     if proc.returncode != 0:
         pytest.fail(f"the docs build failed ({proc.returncode}):\n{output[-8000:]}")
+    return output
 
 
 def _kill_tree(proc: subprocess.Popen[str]) -> None:
@@ -80,13 +83,13 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     """The site, built once, served by a static file server on 127.0.0.1."""
     outdir = tmp_path_factory.mktemp("docs") / "html"
-    build_site(outdir)
+    output = build_site(outdir)
     handler = functools.partial(_QuietHandler, directory=str(outdir))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield Site(outdir, f"http://127.0.0.1:{server.server_address[1]}/")
+        yield Site(outdir, f"http://127.0.0.1:{server.server_address[1]}/", output)
     finally:
         server.shutdown()
         server.server_close()

@@ -162,3 +162,13 @@ def _ids_of(path: Path) -> set[str]:
     parsed = _Links()
     parsed.feed(path.read_text(encoding="utf-8"))
     return parsed.ids
+
+
+def test_the_build_prints_no_warning(site: Site) -> None:
+    """``./dev docs`` printed, once per notebook, ipykernel's warning that its
+    kernel ran over TCP without encryption (nbclient's default transport). The
+    notebooks' kernels now run on Unix sockets: the build prints no warning (its
+    own warnings are errors: -W)."""
+    warnings = [line for line in site.output.splitlines() if "WARNING" in line]
+    assert not warnings, "\n".join(warnings)
+    assert "notebooks/07-first-notebook" in site.output  # the notebooks ran
