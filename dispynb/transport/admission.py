@@ -195,15 +195,19 @@ class Tally:
         self._last: dict[str, str] = {}
         self._timer: asyncio.TimerHandle | None = None
 
-    def event(self, what: str, source: str, detail: str = "") -> None:
-        """One event ``what`` (e.g. "rejected connections") from ``source``."""
+    def event(self, what: str, source: str, detail: str = "", who: str = "") -> None:
+        """One event ``what`` (e.g. "rejected connections") from ``source``;
+        ``who``: the peer in words (its address and port, the name it gave), said
+        in its place, so that an administrator can tell which client it was."""
         logged = self._logged.setdefault(what, set())
         if source not in logged and len(logged) < self.IMMEDIATE:
             logged.add(source)
             self._log.log(
-                self.level, "%s from %s: %s", what, source, detail or "no detail"
+                self.level, "%s from %s: %s", what, who or source, detail or "no detail"
             )
         else:
+            if who:
+                detail = f"{who}: {detail or 'no detail'}"
             counted = self._counted.setdefault(what, {})
             if source in counted or len(counted) < _MAX_SOURCES:
                 counted[source] = counted.get(source, 0) + 1

@@ -54,13 +54,15 @@ async def node_handshake(
     secret: SecretSource,
     max_size: int,
     make_welcome: Callable[[], Welcome],
+    handshake: NodeHandshake | None = None,
 ) -> str:
     """Authenticate a client; send our `Welcome`; return the client's name.
 
     On failure the client is told why (an unsigned error message) before the caller
-    closes the connection.
+    closes the connection. ``handshake``: the caller's (made with ``secret``), to
+    learn the name a client gave that failed (`NodeHandshake.client_name`).
     """
-    handshake = NodeHandshake(secret)
+    handshake = handshake or NodeHandshake(secret)
     try:
         hello = await _recv_wire(conn)
         conn.write(handshake.on_hello(hello))

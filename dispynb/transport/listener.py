@@ -22,7 +22,7 @@ from dispynb.errors import (
     TransportError,
 )
 from dispynb.protocol.framing import encode_frames
-from dispynb.protocol.handshake import SecretSource, peer_text
+from dispynb.protocol.handshake import NodeHandshake, SecretSource, peer_text
 from dispynb.protocol.messages import Error, Welcome, pack_header
 from dispynb.transport import localsockets
 from dispynb.transport.addressing import (
@@ -300,6 +300,7 @@ class Listener:
         )
         conn: Connection | None = None
         failure = ""
+        handshake = NodeHandshake(self._secret)
         stranger = self._own_user_only and _stranger(uid)
         try:
             async with asyncio.timeout(self._handshake_timeout) as deadline:
@@ -318,7 +319,11 @@ class Listener:
                 if stranger:
                     await _refuse_stranger(conn, stranger)
                 name = await node_handshake(
-                    conn, self._secret, self._max_message_size, self._make_welcome
+                    conn,
+                    self._secret,
+                    self._max_message_size,
+                    self._make_welcome,
+                    handshake,
                 )
         except TimeoutError:
             if sock in self._dropped:
@@ -350,7 +355,12 @@ class Listener:
             self._dropped.discard(sock)
         if failure:
             self.admission.failed(source)
-            self._tally.event("rejected connections", source, failure)
+            # Its address and port, and the name it gave if it said one (unproved,
+            # but what tells an administrator which program or user is wrong).
+            who = peer
+            if handshake.client_name:
+                who += f" (client {peer_text(handshake.client_name, 100)!r})"
+            self._tally.event("rejected connections", source, failure, who)
             _abort(conn, sock)
             return
         assert conn is not None

@@ -4,6 +4,7 @@ several client processes (users) at once, per-user credentials and revocation.""
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -129,6 +130,28 @@ def test_unknown_user_and_wrong_token_are_refused(
             )
     with pytest.raises(ConfigurationError, match="credential"):
         SharedJobCluster(compute, scheduler_host=scheduler.address, secret="plain")
+
+
+def test_a_scheduler_names_the_address_of_a_user_with_a_stale_credential(
+    scheduler: SchedulerProcess, users: dict[str, Path]
+) -> None:
+    """Its log line names the address (and port) of the user's client, as well
+    as the user: before, the address alone ("from 127.0.0.1")."""
+    token = read_secret_file(users["alice"]).rsplit(b":", 1)[1]
+    with pytest.raises(AuthenticationError):
+        SharedJobCluster(
+            compute,
+            scheduler_host=scheduler.address,
+            secret=b"dispynb-user:alice:x" + token,
+        )
+    said = "it does not hold the credential this server has for user 'alice'"
+    scheduler.wait_for_log(said)
+    line = re.search(
+        r"rejected connections from 127\.0\.0\.1:\d+ \(client 'alice'\): the "
+        "client's proof is wrong: " + said,
+        scheduler.log_text(),
+    )
+    assert line, scheduler.log_text()
 
 
 def test_revoked_user_loses_its_session_and_cannot_come_back(
