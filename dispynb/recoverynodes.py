@@ -15,9 +15,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dispynb.errors import AuthenticationError, DispynbError
 from dispynb.job import DispyJob, JobStatus
 from dispynb.protocol.chunks import Parts
+from dispynb.protocol.handshake import peer_text
 from dispynb.protocol.messages import (
+    KEPT_UNAVAILABLE,
     ComputationClose,
     ComputationClosed,
+    Error,
     JobResults,
     JobsPlaced,
     Ping,
@@ -132,6 +135,10 @@ async def _recover_from(
                     _apply(message, buffers, pending, host, streams, placed)
                 elif isinstance(message, SchedulerNodes):
                     _running_behind(message, pending)
+                elif isinstance(message, Error) and message.code == KEPT_UNAVAILABLE:
+                    # The results are whole, and stay kept: not journaled.
+                    settled = {k for k, job in pending.items() if job.done()}
+                    _abandon(pending, f"node {node}: {peer_text(message.message)}")
                 elif isinstance(message, Recovered) and message.other_user:
                     settled = set()  # the right user's recovery gets them
                     _abandon(
@@ -198,6 +205,8 @@ async def _collect_from(
                     _add_chunk(streams, message, buffers, node, limits.result)
                 elif isinstance(message, JobsPlaced):
                     _note_placed(message, placed)
+                elif isinstance(message, Error) and message.code == KEPT_UNAVAILABLE:
+                    raise DispynbError(peer_text(message.message))
                 elif isinstance(message, JobResults):
                     found = {}
                     for entry in message.results:

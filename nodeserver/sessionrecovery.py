@@ -5,13 +5,16 @@ client that reconnects (`Recover`) is sent what was kept for it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 from dispynb.defaults import MAX_MESSAGE_SIZE, PRE_AUTH_MAX_FRAME
 from dispynb.errors import DispynbError, MessageError
 from dispynb.protocol.messages import (
+    KEPT_UNAVAILABLE,
     ComputationClosed,
     ComputationSetup,
+    Error,
     JobResults,
     Recover,
     Recovered,
@@ -21,6 +24,7 @@ from nodeserver.computation import Computation
 from nodeserver.keeper import Kept, KeptResult, ResultKeeper
 from nodeserver.recovering import KeptResultSender
 from nodeserver.sessionstate import HAND_BACK_TIMEOUT, _SessionState, logger
+from nodeserver.spool import KeptUnavailable
 
 
 class _SessionRecovery(_SessionState):
@@ -190,6 +194,9 @@ class _SessionRecovery(_SessionState):
         they all are on their way."""
         try:
             await sender.run(kept, recorded)
+        except KeptUnavailable as exc:
+            await self._give_up_recovery(kept, str(exc))
+            return
         except DispynbError as exc:
             logger.info(
                 "%s went away while recovering results: %s", self.conn.peer, exc
@@ -198,6 +205,23 @@ class _SessionRecovery(_SessionState):
         if kept.deliver == sender.deliver:  # (not a later client's)
             kept.deliver = None
         await self._release_when_sent(recovery_id)
+
+    async def _give_up_recovery(self, kept: Kept, why: str) -> None:
+        """The node cannot read ``kept``'s results now: its client is told why and
+        let go (its connection closed: an older client would wait for them until
+        its timeout); they stay kept for its next ``recover_jobs``."""
+        logger.warning(
+            "%s: kept results of computation %s not sent: %s",
+            self.conn.peer,
+            kept.spool.name if kept.spool is not None else "?",
+            why,
+        )
+        self.outbox.write(Error(code=KEPT_UNAVAILABLE, message=why))
+        self.outbox.flush()
+        with contextlib.suppress(DispynbError, TimeoutError):
+            async with asyncio.timeout(HAND_BACK_TIMEOUT):
+                await self.conn.flush()
+        self.conn.close()
 
     async def _release_when_sent(self, recovery_id: str) -> None:
         """Every kept result is collected: drop them once they are on their way."""

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -41,6 +42,7 @@ from typing import Any
 import msgpack
 
 from dispynb.daemon import open_own_file, read_own_file
+from dispynb.errors import DispynbError
 from dispynb.protocol.records import Utf8Text
 from dispynb.wording import counted
 from nodeserver.spoolcheck import (
@@ -260,7 +262,9 @@ class ResultSpool:
         """A spooled result of ``spool`` as ``(entry, buffers, kinds)``, its buffers
         views of the file mapped read-only (page cache, not this process's heap: a
         result of any size costs no memory of its own to send); None (logged) if
-        unreadable, or if it fails its check (`nodeserver.spoolcheck`)."""
+        unreadable, or if it fails its check (`nodeserver.spoolcheck`). Raises
+        `KeptUnavailable` if the node lacks the memory or descriptors to read it
+        now (a mapping refused: reported lost, it was deleted with the others)."""
         name = os.path.basename(path)
         try:
             if spool.key is None or not is_signed_name(spool.key, name):
@@ -291,7 +295,16 @@ class ResultSpool:
                 str(exc),  # (not the exception: its frames hold the caller's maps)
             )
             return None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except OSError as exc:
+            if exc.errno in _SHORT:  # the file is whole: not to be taken for lost
+                raise KeptUnavailable(
+                    f"the node cannot read the results it kept now ({exc.strerror}: "
+                    "short of memory or file descriptors); they stay kept: call "
+                    "recover_jobs again later"
+                ) from None
+            logger.warning("spooled result %s cannot be read: %s", path, str(exc))
+            return None
+        except (ValueError, KeyError, TypeError) as exc:
             logger.warning("spooled result %s cannot be read: %s", path, str(exc))
             return None
         data = memoryview(mapped)  # the map is closed with the last view of it
@@ -474,6 +487,16 @@ class ResultSpool:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+
+
+#: Errors of a node short of memory or descriptors (its limits, or the machine's):
+#: a result it cannot read for them is not lost.
+_SHORT = frozenset({errno.ENOMEM, errno.EMFILE, errno.ENFILE})
+
+
+class KeptUnavailable(DispynbError):
+    """The node cannot read a kept result now, for want of memory or descriptors
+    (`ResultSpool.open`): the results are not lost; the recovery is to stop."""
 
 
 class _Unchecked(Exception):

@@ -85,6 +85,12 @@ class Error(WireMessage):
     version: int = PROTOCOL_VERSION
 
 
+#: `Error.code` of a node that cannot read the results it kept for a recovering
+#: client now (short of memory or descriptors): that ``recover_jobs`` gives up the
+#: node, whose results stay kept for the next.
+KEPT_UNAVAILABLE = "kept-unavailable"
+
+
 # --- computations and jobs -------------------------------------------------------
 
 
