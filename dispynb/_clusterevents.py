@@ -50,6 +50,10 @@ class _Events(_ClusterState):
     def node_closed(self, info: NodeInfo, reason: str, departure: Departure) -> None:
         node = self._nodes.pop(info.node_id, None)
         if node is None:
+            if departure is not Departure.RESETUP:
+                # Released as it was set up again (close_node, allocate_node,
+                # close_node): told Closed already, as its new setup began.
+                self._resetting.pop(info.node_id, None)
             return
         if departure is not Departure.RESETUP:
             self._deallocated.discard(info.node_id)  # if it comes back: set up anew

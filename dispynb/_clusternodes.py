@@ -155,14 +155,29 @@ class _Nodes(_ClusterState):
         back to the queue, to run on another node, as in dispy. The
         node is not set up again for this cluster, not even when discovery finds it
         again, until `allocate_node` names it (or a pattern it matches); meanwhile
-        jobs no other node can run wait in the queue, as in dispy. Returns 0, or -1
+        jobs no other node can run wait in the queue, as in dispy. A node
+        `allocate_node` named and not yet set up (again) is closed as soon as it is;
+        the last of close_node and allocate_node called decides. Returns 0, or -1
         if ``node`` is not a node of this cluster.
         """
-        managed = self._managed(node, "close_node")
+        managed = self._managed(node, "close_node") or self._pending(node)
         if managed is None:
             return -1
         backend, node_id = managed
         return 0 if backend.close_node(node_id, terminate_pending) else -1
+
+    def _pending(self, node: Any) -> tuple[Backend, str] | None:
+        """The backend and ``node``'s id if it is being connected or set up (again)
+        for this cluster: not one of its nodes yet, though `allocate_node` named it
+        (or named it again while a `close_node` was under way)."""
+        links = getattr(self._backend, "node_links", None)
+        if self._backend is None or links is None:
+            return None
+        among = dict(self._resetting)
+        for node_id, host, port in links():
+            among.setdefault(node_id, DispyNode(host, port=port))
+        node_id = self._node_id(node, among)
+        return None if node_id is None else (self._backend, node_id)
 
     def resetup_node(self, node: Any, terminate_pending: bool = False) -> int:
         """Close the computation on ``node`` and set it up again.

@@ -660,12 +660,14 @@ class NodesBackend:
         # up again) in the same step, so that queued jobs keep waiting.
         self._released.discard(node_id)
         link = self.driver.nodes.get(node_id)
-        if link is not None and link.releasing:
+        if link is not None and link.close_sent:
             # close_node still under way: once the node has closed the computation,
             # set it up again (as resetup_node) instead of letting it leave; had it
             # got jobs now, it would refuse them ("not set up on this node").
             link.releasing = False
             link.resetting = True
+        elif link is not None and not link.ready:
+            link.releasing = False  # being set up: used once ready, not closed
         elif link is not None:  # known: all its CPUs again (after deallocate_node)
             self.driver.set_cpus(node_id, link.cpus)
         else:
@@ -683,6 +685,16 @@ class NodesBackend:
 
     def resetup_node(self, node_id: str, terminate: bool) -> bool:
         return bool(self._on_loop(self.driver.resetup_node, node_id, terminate))
+
+    def node_links(self) -> list[tuple[str, str, int]]:
+        """``(node_id, host, port)`` of the nodes connected or being connected, set
+        up or not: `close_node` may name one before it is ready."""
+        return list(self._on_loop(self._node_links))
+
+    def _node_links(self) -> list[tuple[str, str, int]]:
+        return [
+            (link.node_id, link.host, link.port) for link in self.driver.nodes.values()
+        ]
 
     def send_file(self, node_id: str, ref: FileRef) -> str:
         return str(self._runner.run_sync(self.driver.send_file, node_id, ref))

@@ -240,7 +240,10 @@ class Driver(DriverNodes):
         if link.resetting:
             self._redo_setup(link)
             return None
-        return _Stop("released" if link.releasing else "computation closed")
+        # Dropped now, not once reading stops: an allocate_node in between would
+        # find it still there, closing, and be lost with it.
+        self._lose_node(link, "released" if link.releasing else "computation closed")
+        return _Stop(None)
 
     def _on_error(
         self, link: NodeLink, message: Error, buffers: list[memoryview]
@@ -268,6 +271,10 @@ class Driver(DriverNodes):
                 f"node {link.node_id} is ready with {message.workers} workers"
             )
         self._settle(link)
+        if link.releasing and not link.close_sent:
+            # close_node came while it was set up: closed at once, never used.
+            self._send_close(link, terminate=False)
+            return
         link.ready = True
         link.last_seen = asyncio.get_running_loop().time()
         link.cpus = message.workers

@@ -268,7 +268,7 @@ class DriverNodes(DriverResults):
         unknown node. Jobs already there finish.
         """
         link = self.nodes.get(node_id)
-        if link is None or not link.ready:
+        if link is None or not link.ready or link.close_sent:
             return -1
         cpus = max(0, min(cpus, link.cpus))
         self._apply(self.state.handle(NodeJoined(node_id, cpus)))
@@ -286,22 +286,41 @@ class DriverNodes(DriverResults):
         ``close_node``); `add_node` brings it back.
         """
         link = self.nodes.get(node_id)
-        if link is None or link.conn is None or not link.ready:
+        if link is None:
             return False
+        if link.close_sent:
+            # Closing already (close_node, allocate_node, close_node ... in a
+            # row): the last call decides what follows the node's answer. Sent
+            # again, the second answer closed the computation set up anew after
+            # the first, and the node was left neither set up nor released.
+            link.releasing, link.resetting = release, not release
+            return True
+        if not link.ready:
+            if not (release and link.setting_up):
+                return False
+            # Connected or set up just now (allocate_node named it): closed once
+            # ready (`_on_ready`), before it gets any job.
+            link.releasing = True
+            return True
         self.set_cpus(node_id, 0)
         for key in self.state.pinned_keys(node_id):
             self._apply(self.state.handle(CancelRequested(key)))
         link.releasing = release
+        self._send_close(link, terminate)
+        return True
+
+    def _send_close(self, link: NodeLink, terminate: bool) -> None:
+        """Ask the node to close the computation; it cancels what has not started."""
+        link.close_sent = True
         with contextlib.suppress(DispynbError):
             self._post(
                 link,
                 ComputationClose(
                     comp_id=self.config.comp_id,
                     terminate=terminate,
-                    cancel_waiting=True,  # the node cancels what has not started
+                    cancel_waiting=True,
                 ),
             )
-        return True
 
     def resetup_node(self, node_id: str, terminate: bool) -> bool:
         """Close the computation on a node and set it up again on the same node."""
@@ -312,9 +331,13 @@ class DriverNodes(DriverResults):
         return True
 
     def _redo_setup(self, link: NodeLink) -> None:
-        link.ready = False
-        self._apply(self.state.handle(NodeLeft(link.node_id)), lost_reason="re-setup")
-        self.events.node_closed(link, "set up again")  # ``resetting`` still True
+        was_ready, link.ready = link.ready, False
+        link.close_sent = False
+        if was_ready:  # (not if closed as it became ready: `_on_ready`)
+            self._apply(
+                self.state.handle(NodeLeft(link.node_id)), lost_reason="re-setup"
+            )
+            self.events.node_closed(link, "set up again")  # ``resetting`` still True
         link.resetting = False
         self._connecting += 1
         link.setting_up = True
@@ -356,8 +379,9 @@ class DriverNodes(DriverResults):
             del self._streams[stream]  # its results will not come
         if link.conn is not None:
             link.conn.close()  # fencing: whatever it still sends is never read
-        if self.nodes.pop(link.node_id, None) is None:
-            return
+        if self.nodes.get(link.node_id) is not link:
+            return  # dropped already (another link may have its id now)
+        del self.nodes[link.node_id]
         was_ready = link.ready
         if link.stopping:  # what it said as it began to stop, not "closed"
             reason = link.stopping
@@ -368,6 +392,8 @@ class DriverNodes(DriverResults):
                 lost_reason=reason,
                 stopped=bool(link.stopping),
             )
+            self.events.node_closed(link, reason)
+        elif link.releasing:  # closed as it was set up (again): never ready
             self.events.node_closed(link, reason)
         if (
             was_ready

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -252,6 +253,36 @@ def test_allocate_node_at_once_after_close_node_sets_the_node_up_again(two):
             None,
         )
         assert run_all(cluster, 4) == {"local-0"}
+
+
+def test_close_node_and_allocate_node_in_quick_turns_do_what_the_last_says(two):
+    """close_node, allocate_node, close_node ... on one node, at once or a few ms
+    apart (its close, or its setup again, still under way): each returns 0, and
+    the node ends as the last call said. close_node returned -1 for a node being
+    set up again, a second close sent to the node closed the setup made anew (the
+    node was left neither set up nor released, its jobs waiting for ever), and an
+    allocate_node as the node's close was answered was lost."""
+    first, _ = two.node_specs()
+    with JobCluster(node_name, nodes=[first], secret=two.secret) as cluster:
+        assert run_all(cluster, 1) == {"local-0"}
+        calls = []
+        for delay in [0.0, 0.001, 0.003, 0.01, 0.03] * 4:
+            calls.append(cluster.close_node(first))
+            time.sleep(delay)  # lands in another phase of the close or setup
+            calls.append(cluster.allocate_node(first))
+            time.sleep(delay)
+        assert calls == [0] * len(calls)
+        assert run_all(cluster, 2) == {"local-0"}  # allocate_node was the last
+        for _ in range(3):
+            assert cluster.close_node(first) == 0
+            assert cluster.allocate_node(first) == 0
+        assert cluster.close_node(first) == 0  # close_node is the last now
+        wait_until(lambda: not cluster.status().nodes)
+        waiting = cluster.submit(0)
+        assert not waiting.wait(timeout=0.5)  # released: no node runs it
+        assert waiting.status == DispyJob.Created
+        assert cluster.allocate_node(first) == 0
+        assert waiting.wait(timeout=WAIT) and waiting.result == "local-0"
 
 
 def test_jobs_submitted_after_close_node_of_the_only_node_wait_for_allocate_node(two):
