@@ -130,7 +130,17 @@ class _Pulse(_ServerState):
         """A client not heard from for --zombie_interval (stopped, hung, cut off
         without a reset): close its computations, as dispyscheduler does (running jobs
         terminated, queued ones cancelled, results kept for it dropped: even with a
-        recover_file, it could not be told), and end its session."""
+        recover_file, it could not be told), and end its session.
+
+        The session is told why first (`Error` ``zombie``): a client that was only
+        stopped reads it as it runs again, and ends its jobs with that reason
+        instead of a lost scheduler's."""
+        session.send(
+            Error(
+                code="zombie",
+                message=zombie_text(silent, self.config.zombie_interval),
+            )
+        )
         logger.warning(
             "user %r (%s) silent for %.1f s (--zombie_interval %g min): a zombie; "
             "its computations are closed and its session ended",
@@ -201,6 +211,19 @@ def revoked_text(user: str) -> str:
         f"user {user!r} was revoked at the scheduler by its operator: its jobs "
         "were ended and its credential is refused from now on; ask the "
         "scheduler's operator for a new one"
+    )
+
+
+def zombie_text(silent: float, interval: float) -> str:
+    """What a client is told that the scheduler took for a zombie after ``silent``
+    seconds (``interval``: its --zombie_interval in seconds)."""
+    return (
+        f"the scheduler heard nothing from this client for {silent:.1f} s (its "
+        f"--zombie_interval is {interval / 60.0:g} min) and took it for gone: it "
+        "terminated its running jobs and cancelled its queued ones. A client "
+        "stopped or suspended that long (Ctrl-Z, SIGSTOP, a paused VM or "
+        "container) or cut off loses its jobs so: keep it running, or have the "
+        "scheduler's operator raise --zombie_interval"
     )
 
 

@@ -260,6 +260,10 @@ class Driver(DriverNodes):
             self.revoked = peer_text(message.message, 500)
             self.last_error = ClusterError(message.message)
             return _Stop(message.message)
+        if message.code == "zombie":
+            # A shared scheduler took this client for gone (silent too long: it was
+            # stopped, say) and ends the session next: its jobs end with the reason.
+            return _Stop(peer_text(message.message, 500))
         logger.warning("node %s reports: %s", link.node_id, message.message)
         return None
 

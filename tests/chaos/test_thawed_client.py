@@ -1,0 +1,102 @@
+"""A ``SharedJobCluster`` client stopped (SIGSTOP: Ctrl-Z, a paused VM or notebook
+kernel) longer than its scheduler's ``--zombie_interval``, then continued.
+
+The scheduler takes it for a zombie: its running jobs are terminated, its queued
+ones cancelled, its session ended. The client, running again, must say that, not
+that its scheduler was lost, and go on with new jobs. A real node and scheduler
+from the command line; the client a real process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dispynb import DispyJob
+from tests.nodeproc import start_node
+from tests.sharedsched.harness import SchedulerProcess, add_user, env_for
+
+pytestmark = pytest.mark.slow
+
+#: ``ADDRESS CREDENTIAL``: four long jobs on two CPUs; says ``running`` once two
+#: run, then (a line on stdin) prints how they ended and a new job's result as JSON.
+CLIENT = """
+import json, sys, time
+from dispynb import SharedJobCluster
+
+def nap(n, seconds):
+    import time
+    time.sleep(seconds)
+    return n
+
+cluster = SharedJobCluster(nap, scheduler_host=sys.argv[1], secret_file=sys.argv[2])
+jobs = [cluster.submit(i, 60.0) for i in range(4)]
+while sum(job.status == job.Running for job in jobs) < 2:
+    time.sleep(0.05)
+print("running", flush=True)
+sys.stdin.readline()
+done = cluster.wait(timeout=30)
+ended = [[int(job.status), str(job.exception)] for job in jobs]
+after = cluster.submit(9, 0.0)()
+cluster.close()
+print(json.dumps({"done": done, "ended": ended, "after": after}), flush=True)
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_client_thawed_after_its_scheduler_took_it_for_a_zombie_is_told_so(
+    tmp_path: Path,
+) -> None:
+    """Before, its jobs ended 'scheduler ... was lost (connection ... closed)', or
+    'its computation closed' for the queued ones: nothing said that the scheduler
+    had ended them, nor why."""
+    node = start_node(tmp_path / "node", cpus=2)
+    credential = add_user(tmp_path, "alice")
+    scheduler = SchedulerProcess(
+        tmp_path, [node.spec], node.secret, args=("--zombie_interval", "0.1")
+    )
+    client = None
+    try:
+        scheduler.start()
+        client = subprocess.Popen(
+            [sys.executable, "-c", CLIENT, scheduler.address, str(credential)],
+            env=env_for(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        assert client.stdin is not None and client.stdout is not None
+        assert client.stdout.readline().strip() == "running"
+        os.killpg(client.pid, signal.SIGSTOP)
+        try:
+            scheduler.wait_for_log("a zombie", timeout=40)
+        finally:
+            os.killpg(client.pid, signal.SIGCONT)
+        out, err = client.communicate("\n", timeout=60)
+        assert client.returncode == 0, out + err
+        seen = json.loads(out.strip().splitlines()[-1])
+    finally:
+        if client is not None and client.poll() is None:
+            os.killpg(client.pid, signal.SIGKILL)
+            client.communicate()
+        scheduler.stop()
+        node.stop()
+    assert seen["done"] and seen["after"] == 9
+    said = (
+        "the scheduler heard nothing from this client for {} s (its "
+        "--zombie_interval is 0.1 min) and took it for gone: it terminated its "
+        "running jobs and cancelled its queued ones."
+    )
+    for status, exception in seen["ended"]:
+        assert status == DispyJob.Abandoned, seen["ended"]
+        silent = exception.partition("heard nothing from this client for ")[2]
+        assert said.format(silent.split(" ")[0]) in exception, exception
+        assert "raise --zombie_interval" in exception
