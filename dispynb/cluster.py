@@ -259,18 +259,26 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until every submitted job is done; False if ``timeout`` passed first.
 
-        Out of a callback, it also waits for the callbacks of the jobs done, within
-        the same ``timeout``.
+        Out of a callback, it also waits for the callbacks of the jobs done, and for
+        the jobs those callbacks submit (dispy's ``job_scheduler`` example submits
+        the next job as one ends), within the same ``timeout``.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
         try:
-            done = self._all_done.wait_for(lambda: self._outstanding == 0, timeout)
-            if done and not self._callbacks.in_dispatcher_thread():
-                left = None if deadline is None else deadline - time.monotonic()
-                self._callbacks.flush(None if left is None else max(0.0, left))
+            while True:
+                done = self._all_done.wait_for(lambda: self._outstanding == 0, left())
+                if not done or self._callbacks.in_dispatcher_thread():
+                    return done
+                if not self._callbacks.flush(left()):
+                    return True  # every job is done; only callbacks are running late
+                if self._outstanding == 0:  # the callbacks submitted nothing
+                    return True
         except KeyboardInterrupt as interrupted:  # Ctrl-C: shown at the user's call
             raise interrupted.with_traceback(None) from None
-        return done
 
     __call__ = wait
 

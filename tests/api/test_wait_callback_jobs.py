@@ -1,0 +1,44 @@
+"""``cluster.wait()`` waits for the jobs that callbacks submit as jobs end, as dispy's
+``job_scheduler`` example does (a ``cluster_status`` callback that submits the next
+file's job when one is done): it returns once no job is left, not while one that a
+callback just submitted is still pending."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from dispynb import DispyJob, JobCluster
+
+pytestmark = pytest.mark.slow
+
+WAIT = 30.0  # seconds; reached only when the test fails
+
+
+def square(n: int) -> int:
+    """The jobs' computation."""
+    return n * n
+
+
+@pytest.mark.timeout(60)
+def test_wait_returns_after_the_jobs_callbacks_submitted(local):
+    chain = 3  # each finished job's callback submits the next, up to this many
+    submitted: list[DispyJob] = []
+
+    def job_status(job: DispyJob) -> None:
+        if job.status != DispyJob.Finished or len(submitted) >= chain:
+            return
+        # Late, as a callback that reads a file first: wait() has seen no job left
+        # by then (and waits for this callback); the fixed wait passes however late.
+        time.sleep(0.5)
+        submitted.append(cluster.submit(len(submitted)))
+
+    with JobCluster(square, nodes=local, job_status=job_status) as cluster:
+        submitted.append(cluster.submit(0))
+        start = time.monotonic()
+        assert cluster.wait(timeout=WAIT) is True
+        assert time.monotonic() - start < WAIT
+        assert len(submitted) == chain
+        assert [job.status for job in submitted] == [DispyJob.Finished] * chain
+        assert cluster.status().jobs_pending == 0
