@@ -110,6 +110,7 @@ class SchedulerServer(
                 )
             ),
         )
+        self._say_exclusive_users()
         if not os.path.lexists(config.users_file):
             # A typo, or the scheduler started before its first user: say it once
             # here rather than only as each user's refused connection.
@@ -121,6 +122,29 @@ class SchedulerServer(
                 config.users_file,
             )
         return self.port
+
+    def _say_exclusive_users(self) -> None:
+        """Log who may run exclusive clusters, unless nobody (the default), and
+        warn of a name in --exclusive_users that is no user (a typo, most likely:
+        that user's exclusive clusters would run shared)."""
+        allowed = self.config.exclusive_users
+        if allowed is None:
+            logger.info("exclusive clusters: any user's (--exclusive_users all)")
+            return
+        if not allowed:
+            return
+        logger.info(
+            "exclusive clusters: for %s only (--exclusive_users)",
+            ", ".join(sorted(allowed)),
+        )
+        unknown = sorted(allowed - self.users.names())
+        if unknown:
+            logger.warning(
+                "--exclusive_users names %s, not in the users file %s: a typo? (a "
+                "user added later with that name may run exclusive clusters)",
+                ", ".join(repr(name) for name in unknown),
+                self.config.users_file,
+            )
 
     async def _start_discovery(self) -> None:
         """Look for nodes matching ``config.discover`` (dispyscheduler's ``-n``

@@ -80,13 +80,21 @@ def test_exclusive_is_declined_by_default_and_the_cluster_runs_shared(
 def test_an_exclusive_cluster_of_a_user_named_runs_alone(
     tmp_path: Path, nodes: LocalCluster, users: dict[str, Path]
 ) -> None:
-    """``--exclusive_users alice``: as dispy's, her exclusive cluster waits for
-    the running jobs of others, then runs alone; others' jobs wait until it
-    closes. The scheduler's log says it runs exclusive."""
+    """``--exclusive_users alice,carol``: as dispy's, her exclusive cluster waits
+    for the running jobs of others, then runs alone; others' jobs wait until it
+    closes. The scheduler's log says who may at start, warning of carol, who is no
+    user (a typo would go unseen: that user's exclusive clusters run shared), and
+    that alice's runs exclusive."""
     scheduler = SchedulerProcess(
-        tmp_path, nodes.node_specs(), nodes.secret, ("--exclusive_users", "alice")
+        tmp_path,
+        nodes.node_specs(),
+        nodes.secret,
+        ("--exclusive_users", "alice,carol"),
     ).start()
     try:
+        log = scheduler.log_text()
+        assert "exclusive clusters: for alice, carol only (--exclusive_users)" in log
+        assert "WARNING --exclusive_users names 'carol', not in the users file" in log
         with SharedJobCluster(
             nap, scheduler_host=scheduler.address, secret_file=str(users["bob"])
         ) as bob:
