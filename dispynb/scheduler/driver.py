@@ -68,6 +68,7 @@ from dispynb.scheduler.link import (
 from dispynb.scheduler.membership import DriverNodes
 from dispynb.scheduler.outbox import SHM_JOBS_PER_CPU
 from dispynb.scheduler.state import SchedulerState
+from dispynb.secret import split_credential
 
 __all__ = [
     "Allocator",
@@ -264,7 +265,9 @@ class Driver(DriverNodes):
             # A shared scheduler took this client for gone (silent too long: it was
             # stopped, say) and ends the session next: its jobs end with the reason.
             return _Stop(peer_text(message.message, 500))
-        logger.warning("node %s reports: %s", link.node_id, message.message)
+        # A shared scheduler's refusals (an exclusive=True declined...) are its own.
+        who = "scheduler" if split_credential(self.config.secret)[0] else "node"
+        logger.warning("%s %s reports: %s", who, link.node_id, message.message)
         return None
 
     def _on_ready(

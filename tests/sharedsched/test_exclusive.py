@@ -70,6 +70,7 @@ def test_exclusive_is_declined_by_default_and_the_cluster_runs_shared(
         assert hers() in nodes.names  # the node that ran it
     said = [r.getMessage() for r in caplog.records if "declined" in r.getMessage()]
     assert len(said) == 1, said
+    assert said[0].startswith(f"scheduler {scheduler.address} reports: "), said
     assert "user 'alice'" in said[0] and "--exclusive_users" in said[0]
     assert "administrator" in said[0] and "runs shared" in said[0]
     assert said[0].count("bob") == 0  # nothing of other users
