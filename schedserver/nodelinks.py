@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import resource
 from typing import Any
 
 from dispynb.defaults import CONNECT_RETRY
@@ -31,7 +32,7 @@ from dispynb.protocol.messages import (
 )
 from dispynb.protocol.records import avail_figures
 from dispynb.transport.connection import Connection, describe_error
-from dispynb.transport.connector import connect
+from dispynb.transport.connector import connect, out_of_descriptors
 from dispynb.wording import counted
 from schedserver.computation import NODE_ACTIONS, SharedComputation, Upstream
 from schedserver.config import NODE_TLS_OPTIONS
@@ -64,6 +65,8 @@ def _node_refusal(name: str, exc: DispynbError) -> str:
     """Why ``name`` could not be reached, in the scheduler's operator's words: the
     node named once, and a refused secret's fix naming the scheduler's options (the
     handshake's are a Python client's: ``secret=``)."""
+    if out_of_descriptors(exc):
+        return _short_of_descriptors(exc)
     text = describe_error(exc).removeprefix(f"{name}: ")
     reason = text.partition("; ")[0]
     if isinstance(exc, AuthenticationError) and reason.startswith(PROOF_REFUSED):
@@ -72,6 +75,23 @@ def _node_refusal(name: str, exc: DispynbError) -> str:
             "or DISPYNB_SECRET)"
         )
     return text
+
+
+def _short_of_descriptors(exc: BaseException) -> str:
+    """Why the scheduler could not connect to a node: it has no descriptor left
+    (the connector's words are a client's own, 'this client ... ulimit -n', which
+    a SharedJobCluster's user would take for theirs)."""
+    while exc.__cause__ is not None and not isinstance(exc, OSError):
+        exc = exc.__cause__
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    limit = "none" if soft == resource.RLIM_INFINITY else soft
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+    return (
+        f"the scheduler is out of file descriptors ({reason}, limit {limit}) for "
+        "a connection to it (each computation has one to every node it uses): its "
+        "operator can raise the limit (LimitNOFILE= in its systemd unit, ulimit "
+        "-n), or it serves fewer computations at once"
+    )
 
 
 class _NodeLinks(_ServerState):
@@ -245,7 +265,16 @@ class _NodeLinks(_ServerState):
         try:
             conn, _welcome = await self._connect(node, f"dispynb-scheduler:{comp.user}")
         except DispynbError as exc:
-            comp.node_lost(upstream, describe_error(exc))
+            if out_of_descriptors(exc):
+                reason = _short_of_descriptors(exc)
+                # Said once a run to the operator: every client would say it again.
+                (logger.debug if self._short_said else logger.warning)(
+                    "%s: node %s: %s", comp.name, node.name, reason
+                )
+                self._short_said = True
+            else:
+                reason = describe_error(exc)
+            comp.node_lost(upstream, reason)
             self._check_failed(comp)
             return
         if comp.closing:

@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 
 from dispynb import SharedJobCluster
+from tests.chaos.onenode import scheduler_over_one_node
 from tests.chaos.outcomes import assert_abandoned, hold_two, wait_stopped
 from tests.chaos.test_frozen_node import mark_and_hold
-from tests.nodeproc import start_node
-from tests.sharedsched.harness import SchedulerProcess, add_user
 
 pytestmark = pytest.mark.slow
 
@@ -31,19 +30,18 @@ def test_jobs_a_client_gave_up_at_a_thawed_scheduler_are_stopped(
     running one ran to its end, then the queued one started, on a shared CPU."""
     marks, release = tmp_path / "marks", tmp_path / "release"
     marks.mkdir()
-    node = start_node(tmp_path / "node", cpus=1)
-    credential = add_user(tmp_path, "alice")
-    scheduler = SchedulerProcess(tmp_path, [node.spec], node.secret)
     try:
-        scheduler.start()
-        assert scheduler.proc is not None
-        with SharedJobCluster(
-            mark_and_hold,
-            scheduler_host=scheduler.address,
-            secret_file=str(credential),
-            pulse_interval=0.2,
-            recover_file=str(tmp_path / "journal"),
-        ) as cluster:
+        with (
+            scheduler_over_one_node(tmp_path) as (scheduler, credential),
+            SharedJobCluster(
+                mark_and_hold,
+                scheduler_host=scheduler.address,
+                secret_file=str(credential),
+                pulse_interval=0.2,
+                recover_file=str(tmp_path / "journal"),
+            ) as cluster,
+        ):
+            assert scheduler.proc is not None
             jobs, worker = hold_two(cluster, marks, release)
             scheduler.proc.send_signal(signal.SIGSTOP)
             try:
@@ -56,7 +54,5 @@ def test_jobs_a_client_gave_up_at_a_thawed_scheduler_are_stopped(
             assert cluster.submit(2, str(marks), str(release))() == 4
     finally:
         release.touch()
-        scheduler.stop()
-        node.stop()
     assert not (marks / "1").exists(), "a job reported Abandoned ran afterwards"
     assert "the jobs it left are terminated" in scheduler.log_text()

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from dispynb import DispyJob
-from tests.nodeproc import start_node
-from tests.sharedsched.harness import SchedulerProcess, add_user, env_for
+from tests.chaos.onenode import scheduler_over_one_node
+from tests.sharedsched.harness import env_for
 
 pytestmark = pytest.mark.slow
 
@@ -56,39 +56,33 @@ def test_a_client_thawed_after_its_scheduler_took_it_for_a_zombie_is_told_so(
     """Before, its jobs ended 'scheduler ... was lost (connection ... closed)', or
     'its computation closed' for the queued ones: nothing said that the scheduler
     had ended them, nor why."""
-    node = start_node(tmp_path / "node", cpus=2)
-    credential = add_user(tmp_path, "alice")
-    scheduler = SchedulerProcess(
-        tmp_path, [node.spec], node.secret, args=("--zombie_interval", "0.1")
-    )
     client = None
-    try:
-        scheduler.start()
-        client = subprocess.Popen(
-            [sys.executable, "-c", CLIENT, scheduler.address, str(credential)],
-            env=env_for(),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
-        )
-        assert client.stdin is not None and client.stdout is not None
-        assert client.stdout.readline().strip() == "running"
-        os.killpg(client.pid, signal.SIGSTOP)
+    zombie = ("--zombie_interval", "0.1")
+    with scheduler_over_one_node(tmp_path, *zombie, cpus=2) as (scheduler, credential):
         try:
-            scheduler.wait_for_log("a zombie", timeout=40)
+            client = subprocess.Popen(
+                [sys.executable, "-c", CLIENT, scheduler.address, str(credential)],
+                env=env_for(),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,
+            )
+            assert client.stdin is not None and client.stdout is not None
+            assert client.stdout.readline().strip() == "running"
+            os.killpg(client.pid, signal.SIGSTOP)
+            try:
+                scheduler.wait_for_log("a zombie", timeout=40)
+            finally:
+                os.killpg(client.pid, signal.SIGCONT)
+            out, err = client.communicate("\n", timeout=60)
+            assert client.returncode == 0, out + err
+            seen = json.loads(out.strip().splitlines()[-1])
         finally:
-            os.killpg(client.pid, signal.SIGCONT)
-        out, err = client.communicate("\n", timeout=60)
-        assert client.returncode == 0, out + err
-        seen = json.loads(out.strip().splitlines()[-1])
-    finally:
-        if client is not None and client.poll() is None:
-            os.killpg(client.pid, signal.SIGKILL)
-            client.communicate()
-        scheduler.stop()
-        node.stop()
+            if client is not None and client.poll() is None:
+                os.killpg(client.pid, signal.SIGKILL)
+                client.communicate()
     assert seen["done"] and seen["after"] == 9
     said = (
         "the scheduler heard nothing from this client for {} s (its "
