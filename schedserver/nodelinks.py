@@ -138,7 +138,13 @@ class _NodeLinks(_ServerState):
             node.hostname = welcome.name
             node.platform = welcome.platform
             node.alive = True
-            logger.info("node %s is up with %s", node.name, counted(node.cpus, "CPU"))
+            # Its name too: an operator knows the nodes by name, not by port.
+            logger.info(
+                "node %s is up with %s (its name: %s)",
+                node.name,
+                counted(node.cpus, "CPU"),
+                peer_text(node.hostname, 100),
+            )
             for comp in self.computations:
                 if comp.node_back(node.name):  # (close_node: not again)
                     self._attach_again(comp, node)

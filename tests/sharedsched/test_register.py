@@ -65,7 +65,9 @@ def test_a_registered_node_runs_the_users_jobs(
         with running_node(
             tmp_path / "node", "--register", address, secret=SECRET, cpus=2
         ) as node:
-            sched.wait_for_log(f"node {node.spec} is up with 2 CPUs")
+            sched.wait_for_log(
+                f"node {node.spec} is up with 2 CPUs (its name: cli-node)"
+            )
             runs_jobs(sched, users["alice"], 6, tmp_path, 0.1)
             assert "registered with the client at" in node.log_text()
     finally:
