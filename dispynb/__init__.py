@@ -7,6 +7,8 @@ imported lazily (PEP 562), so ``import dispynb.protocol`` on a node loads nothin
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 from dispynb import _joblibhook
@@ -87,8 +89,6 @@ _SUBPACKAGES = frozenset({"httpd", "config"})
 def __getattr__(name: str) -> Any:
     if name in _SUBPACKAGES:
         return importlib.import_module(f"dispynb.{name}")
-    if name == "MsgTimeout":  # dispy's ``from dispy.config import MsgTimeout``
-        return importlib.import_module("dispynb.config").MsgTimeout
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'dispynb' has no attribute {name!r}")
@@ -99,3 +99,23 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY) | _SUBPACKAGES | {"MsgTimeout"})
+
+
+class _Module(types.ModuleType):
+    """This module, taking ``dispy.MsgTimeout = 60`` as dispy does: dispy's
+    functions read their module's own ``MsgTimeout``, so that is the setting dispy
+    programs change; here it is `dispynb.config`'s, which the connections read
+    (set on this module, it hid that one and changed nothing)."""
+
+    @property
+    def MsgTimeout(self) -> float:  # dispy's name
+        config: Any = importlib.import_module("dispynb.config")
+        return config.MsgTimeout  # type: ignore[no-any-return]
+
+    @MsgTimeout.setter
+    def MsgTimeout(self, value: float) -> None:
+        config: Any = importlib.import_module("dispynb.config")
+        config.MsgTimeout = value
+
+
+sys.modules[__name__].__class__ = _Module

@@ -94,7 +94,8 @@ MODULE = [
     ),
     Name(
         "config",
-        differs="``MsgTimeout`` scales the connect and handshake timeouts; "
+        differs="``MsgTimeout`` scales the connect and handshake timeouts (set "
+        "as ``dispy.MsgTimeout``, as in dispy, or ``dispy.config.MsgTimeout``); "
         "``DispyPort`` set by the program is the port of nodes named without one, "
         "as ``dispy_port=`` (whose only effect in dispy was to set it); the other "
         "values are dispynb's ports, for programs that print them.",
