@@ -193,6 +193,7 @@ class _Events(_ClusterState):
         exception = outcome.exception
         if exception is not None:  # a failure: no call per successful job
             exception = explain_missing_module(self._sources.rerender(exception) or "")
+            exception = self._sources.explain_missing_global(exception)
         stderr = outcome.stderr
         if isinstance(stderr, str) and DYNAMIC_CODE in stderr:  # warnings, tracebacks
             stderr = self._sources.rerender(stderr) or stderr

@@ -21,7 +21,7 @@ from typing import Any
 from dispynb.errors import SerializationError
 from dispynb.protocol import serialize
 
-__all__ = ["Reached", "check_shippable", "code_objects", "reachable"]
+__all__ = ["Reached", "check_shippable", "code_objects", "global_names", "reachable"]
 
 #: At most this many functions and classes are walked from one root.
 _MAX_WALK = 2000
@@ -123,7 +123,7 @@ def _walk_function(
             continue
         visit(value, name, "closure variable", owner)
     namespace = func.__globals__
-    for name in _global_names(code):
+    for name in global_names(code):
         if name in namespace:
             visit(namespace[name], name, "global", owner)
     defaults = func.__defaults__ or ()
@@ -135,7 +135,7 @@ def _walk_function(
         visit(value, name, "default argument", owner)
 
 
-def _global_names(code: types.CodeType) -> list[str]:
+def global_names(code: types.CodeType) -> list[str]:
     """Names the code (and the code nested in it) may read as globals, in order."""
     names: dict[str, None] = {}
     for each in code_objects(code):

@@ -31,7 +31,7 @@ import types
 from collections.abc import Sequence
 from typing import Any
 
-from dispynb.captures import code_objects, reachable
+from dispynb.captures import code_objects, global_names, reachable
 
 __all__ = [
     "DYNAMIC_CODE",
@@ -50,6 +50,9 @@ DYNAMIC_CODE = "<dynamic-code>"
 _MISSING_MODULE = re.compile(
     r"^ModuleNotFoundError: No module named '(?P<name>[\w.]+)'$"
 )
+
+#: The last line of a job that read a global its function was not sent with.
+_MISSING_NAME = re.compile(r"^NameError: name '(?P<name>\w+)' is not defined\b")
 
 _FRAME = re.compile(
     r'^(?P<indent>[ \t]*)File "<dynamic-code>", line (?P<line>\d+), in (?P<name>.+?)$'
@@ -225,6 +228,30 @@ class LazySourceMap:
             return self.built().rerender(text)
         except Exception:  # never cost a job its result: the raw text is still right
             return text
+
+    def explain_missing_global(self, text: str) -> str:
+        """``text``, a job's traceback, with how to fix its last line when that is a
+        ``NameError`` for a global that a function sent by value reads, which this
+        program defines now but did not when the function was sent (it took the
+        globals it uses as they were then). Other text is returned as it is."""
+        match = _MISSING_NAME.match(text.rstrip("\n").rsplit("\n", 1)[-1])
+        if match is None or not self._roots:
+            return text
+        name = match["name"]
+        try:
+            functions = reachable(*self._roots).functions
+        except Exception:  # never cost a job its result: the raw text is still right
+            return text
+        for function in functions:
+            if name in function.__globals__ and name in global_names(function.__code__):
+                return (
+                    f"{text.rstrip()}\n({name} is a global of this program now, but "
+                    f"was not when JobCluster() sent {function.__name__}: a "
+                    "computation takes the globals it uses as they are when the "
+                    f"cluster is created; set {name} before JobCluster(), or pass it "
+                    "to the jobs as an argument)\n"
+                )
+        return text
 
     def built(self) -> SourceMap:
         """The map, built now if no traceback needed it yet (a recovery journal
