@@ -5,10 +5,12 @@ One result per message; a result too large for one message of the client (or as 
 as the node streams a live result) goes in `ResultChunk` messages, cut as a live one is
 (`dispynb.protocol.chunks.split_entry`: its buffers, and its stdout and stderr when
 they are large), then its entry marked streamed, so the client assembles it in place.
-A spooled result is read from its file only when its turn comes, through a read-only
-map (page cache, not this process's heap), and the next one waits until the socket
-has taken most of it: the node holds about one chunk per recovering client in memory,
-whatever the number and size of the kept results.
+A spooled result is read from its file only when its turn comes, in a thread, into a
+copy only the node reaches (`nodeserver.spoolcheck.private_copy`: over 1 MiB a file
+with no name, sent through a read-only map of it, page cache rather than this
+process's heap), and the next one waits until the socket has taken most of it: the
+node holds about one chunk per recovering client in memory, whatever the number and
+size of the kept results.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dispynb.protocol.messages import (
 from dispynb.transport.connection import Connection
 from nodeserver.computation import STREAM_BYTES
 from nodeserver.keeper import FILE, PROVISIONAL, Kept, KeptResult, lost_entry
-from nodeserver.spool import job_of
+from nodeserver.spool import KeptUnavailable, job_of
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +109,10 @@ class KeptResultSender:
     async def _send(self, kept: Kept, result: KeptResult) -> None:
         """One result: whole in one message, or in chunks, then its entry."""
         try:
-            entry, buffers, kinds = kept.open(result)
+            if result.path is None:
+                entry, buffers, kinds = kept.open(result)
+            else:  # copied and checked (a large one takes a while): not on the loop
+                entry, buffers, kinds = await _in_thread(kept, result)
         except OSError as exc:
             logger.warning("a kept result is lost: %s", exc)
             job = job_of(result.path) if result.path is not None else None
@@ -164,3 +169,15 @@ class KeptResultSender:
         """Back-pressure: wait while the socket has not taken a chunk's worth."""
         if self.conn.unsent > self.chunk_bytes:
             await self.conn.flush()
+
+
+async def _in_thread(kept: Kept, result: KeptResult) -> Any:
+    """``kept.open(result)`` in a thread; `KeptUnavailable` if none can be had (the
+    node short of memory: the result is not lost)."""
+    try:
+        return await asyncio.to_thread(kept.open, result)
+    except RuntimeError as exc:  # "can't start new thread"
+        raise KeptUnavailable(
+            f"the node cannot read the results it kept now ({exc}); they stay kept: "
+            "call recover_jobs again later"
+        ) from None

@@ -52,6 +52,7 @@ from nodeserver.spoolcheck import (
     file_check,
     is_signed_name,
     meta_fields,
+    private_copy,
     signed_name,
 )
 
@@ -260,8 +261,9 @@ class ResultSpool:
         self, spool: SpoolDir, path: str
     ) -> tuple[list[Any], list[memoryview], str] | None:
         """A spooled result of ``spool`` as ``(entry, buffers, kinds)``, its buffers
-        views of the file mapped read-only (page cache, not this process's heap: a
-        result of any size costs no memory of its own to send); None (logged) if
+        views of a copy only the node reaches (`spoolcheck.private_copy`: over
+        1 MiB, a file with no name mapped read-only, page cache rather than this
+        process's heap); None (logged) if
         unreadable, or if it fails its check (`nodeserver.spoolcheck`). Raises
         `KeptUnavailable` if the node lacks the memory or descriptors to read it
         now (a mapping refused: reported lost, it was deleted with the others)."""
@@ -274,16 +276,18 @@ class ResultSpool:
                 size = os.fstat(fd).st_size
                 if size < len(MAGIC) + _HEADER_SIZE.size + CHECK_SIZE:
                     raise ValueError("not a spooled result")
-                mapped = mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+                # Checked and sent as copied: a job may change the file meanwhile.
+                copy = private_copy(fd, size, os.path.dirname(path))
             finally:
                 os.close(fd)
             try:
-                with memoryview(mapped) as whole:
+                with memoryview(copy) as whole:
                     if not checks(spool.key, name, whole):
                         raise _Unchecked("it changed since this node wrote it")
-                entry, sizes, kinds, offset = _parse_header(mapped, size - CHECK_SIZE)
+                entry, sizes, kinds, offset = _parse_header(copy, size - CHECK_SIZE)
             except BaseException:
-                mapped.close()  # nothing refers to it: its descriptor goes now
+                if isinstance(copy, mmap.mmap):
+                    copy.close()  # nothing refers to it: its descriptor goes now
                 raise
         except _Unchecked as exc:
             logger.warning(
@@ -307,7 +311,7 @@ class ResultSpool:
         except (ValueError, KeyError, TypeError) as exc:
             logger.warning("spooled result %s cannot be read: %s", path, str(exc))
             return None
-        data = memoryview(mapped)  # the map is closed with the last view of it
+        data = memoryview(copy)  # a map is closed with the last view of it
         buffers = []
         for part in sizes:
             buffers.append(data[offset : offset + part])
@@ -607,7 +611,9 @@ def _unpack_text(code: int, data: bytes) -> Utf8Text:
     return Utf8Text(data)
 
 
-def _parse_header(data: mmap.mmap, end: int) -> tuple[list[Any], list[int], str, int]:
+def _parse_header(
+    data: mmap.mmap | bytearray, end: int
+) -> tuple[list[Any], list[int], str, int]:
     """``(entry, buffer sizes, kinds, offset of the first buffer)`` of a spooled
     result's file, checked against ``end``, where its check starts; raises
     ValueError (or KeyError, TypeError) if it is not one."""

@@ -16,7 +16,9 @@ hold:
 - its bytes': the last `CHECK_SIZE` bytes are the MAC of the rest under a key of the
   file's name (`file_check`; HMAC, or GMAC for large files, as
   `dispynb.protocol.auth` signs messages), so a file changed, or copied from one
-  name to another, or from another computation's spool, fails.
+  name to another, or from another computation's spool, fails. The check is made
+  on a copy of the file only the node reaches, and that copy is sent
+  (`private_copy`): a job cannot change what is sent past the check.
 
 A job can still read and delete what its node keeps (anything of its user): the
 checks keep it from forging, not from seeing (`docs/security.md`).
@@ -24,8 +26,10 @@ checks keep it from forging, not from seeing (`docs/security.md`).
 
 from __future__ import annotations
 
+import errno
 import hmac
 import math
+import mmap
 import os
 import time
 from collections.abc import Sequence
@@ -101,3 +105,60 @@ def meta_fields(meta: Any, path: str) -> tuple[str, float, float | None]:
     if expires is not None:
         expires = min(float(expires), time.time() + MAX_KEEP)
     return peer_text(name) or os.path.basename(path), keep, expires
+
+
+#: Results up to this size are read into memory to be checked and sent; larger
+#: ones are copied to a file of the node's own first (`private_copy`).
+_READ_BYTES = 1 << 20
+#: Most bytes copied with one call where the kernel cannot copy between the files.
+_COPY_STEP = 1 << 20
+
+
+def private_copy(fd: int, size: int, directory: str) -> mmap.mmap | bytearray:
+    """The ``size`` bytes of file ``fd`` in a copy only this process reaches: in
+    its memory, or (over 1 MiB) a file with no name in ``directory`` (in memory, a
+    memfd, where there is no room or none can be made) mapped read-only.
+
+    The node's jobs can change the spooled file, or cut it short, at any time: a
+    result checked, then sent from a map of its file, was sent as a job rewrote it
+    meanwhile (its bytes reached the client past the check), and the pages a job
+    cut off failed the send (or, read by the node itself, would kill it: SIGBUS).
+    Raises OSError; ValueError if the file is cut short as it is copied."""
+    if size <= _READ_BYTES:
+        data = bytearray(size)
+        if os.preadv(fd, [data], 0) != size:
+            raise ValueError("the file was cut short as it was read")
+        return data
+    try:
+        return _mapped_copy(fd, size, os.open(directory, _UNNAMED, 0o600))
+    except OSError as exc:
+        if exc.errno not in _NO_UNNAMED_FILE:
+            raise
+    return _mapped_copy(fd, size, os.memfd_create("dispynb-kept", os.MFD_CLOEXEC))
+
+
+_UNNAMED = os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC
+#: Why no file with no name can be had there (or hold the copy): then memory.
+_NO_UNNAMED_FILE = frozenset(
+    {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOSPC, errno.EDQUOT}
+)
+
+
+def _mapped_copy(fd: int, size: int, copy: int) -> mmap.mmap:
+    """``size`` bytes of ``fd`` copied to ``copy`` (closed here), mapped."""
+    try:
+        done = 0
+        while done < size:
+            try:
+                step = os.copy_file_range(fd, copy, size - done, done, done)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS):
+                    raise
+                data = os.pread(fd, min(_COPY_STEP, size - done), done)
+                step = os.pwrite(copy, data, done) if data else 0
+            if step == 0:
+                raise ValueError("the file was cut short as it was copied")
+            done += step
+        return mmap.mmap(copy, size, access=mmap.ACCESS_READ)
+    finally:
+        os.close(copy)

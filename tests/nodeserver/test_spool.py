@@ -64,10 +64,11 @@ def test_results_round_trip_in_private_files_without_the_recovery_id(tmp_path: P
 
 
 def test_a_result_is_read_back_mapped_with_its_buffer_kinds(tmp_path: Path):
-    """A spooled result's buffers are views of its file (nothing read into memory)
-    and keep their kinds (a bytes buffer streams as one); a file of an older node
-    (format 1: no check) is not offered."""
-    spool = ResultSpool(str(tmp_path), 1 << 20)
+    """A spooled result's buffers are views of a copy only the node reaches (in
+    memory, or over 1 MiB a map of a file with no name) and keep their kinds (a
+    bytes buffer streams as one); a file of an older node (format 1: no check) is
+    not offered."""
+    spool = ResultSpool(str(tmp_path), 8 << 20)
     directory = spool.create(RID, "comp")
     two = [*entry(1)[:8], 2]  # its result in two buffers
     assert spool.write(directory, two, [memoryview(b"p"), memoryview(b"bb")], "b")
@@ -77,7 +78,20 @@ def test_a_result_is_read_back_mapped_with_its_buffer_kinds(tmp_path: Path):
     got_entry, buffers, kinds = opened
     assert got_entry == two and kinds == "b"
     assert [bytes(b) for b in buffers] == [b"p", b"bb"]
-    assert all(b.readonly and type(b.obj).__name__ == "mmap" for b in buffers)
+    # Read into memory (small): the file may change as it is sent.
+    assert all(type(b.obj) is bytearray for b in buffers)
+    large = [memoryview(b"L" * (2 << 20))]
+    assert spool.write(directory, [*entry(3)[:8], 1], large)
+    opened = spool.open(directory, directory.files[-1][0])
+    assert opened is not None
+    (copy,) = opened[1]
+    assert copy == large[0] and copy.readonly and type(copy.obj).__name__ == "mmap"
+    # A map of a copy of its own: what the file holds now is not what is sent.
+    with open(directory.files[-1][0], "r+b") as handle:
+        handle.seek(1000)
+        handle.write(b"changed")
+    assert copy == large[0]
+    del opened, copy
     header = msgpack.packb({"entry": entry(2), "sizes": [1]}, use_bin_type=True)
     older = Path(directory.path) / "r-older"
     older.write_bytes(b"DNBK0001" + struct.pack("<Q", len(header)) + header + b"x")
