@@ -48,13 +48,17 @@ class _Nodes(_ClusterState):
         """Use ``node`` (any node spec, or several) for this computation.
 
         A node not yet used is connected and set up; one taken out with
-        `deallocate_node` gets jobs again. Returns 0, or -1 for a bad spec (logged).
+        `deallocate_node` gets jobs again. Returns 0, or -1 for a bad spec or none
+        (logged), as dispy's.
         """
         self._require(base.NODE_MANAGEMENT, "allocate_node")
         try:
             specs = parse_node_specs(node)
         except ConfigurationError as exc:
             logger.warning("allocate_node: %s", exc)
+            return -1
+        if not specs:
+            logger.warning("allocate_node: no node given (%r): nothing allocated", node)
             return -1
         if self._closed or self._backend is None:
             logger.warning("allocate_node: the cluster is closed")

@@ -58,6 +58,16 @@ def test_deallocate_node_gets_no_jobs_until_allocated_again(two):
         assert pinned is not None and pinned() == "local-0"
 
 
+def test_allocate_node_without_a_node_returns_minus_one_as_dispys(two, caplog):
+    """dispy's allocate_node(None) or ([]) finds no node to allocate: -1. It
+    returned 0, having done nothing."""
+    with JobCluster(node_name, nodes=two) as cluster:
+        assert cluster.allocate_node(None) == -1
+        assert cluster.allocate_node([]) == -1
+        assert "allocate_node: no node given (None)" in caplog.text
+        assert cluster.allocate_node(two.node_specs()[0]) == 0
+
+
 def test_set_node_cpus_zero_then_back(two):
     with JobCluster(node_name, nodes=two) as cluster:
         node = by_name(all_ready(cluster), "local-1")
