@@ -16,6 +16,7 @@ last words there, which the node puts in the job's report (`take_output_files`).
 
 from __future__ import annotations
 
+import _thread
 import codecs
 import contextlib
 import ctypes
@@ -75,9 +76,14 @@ def _load_punch_hole() -> Callable[[int, int, int, int], int] | None:
     return fallocate
 
 
+#: Looked up once, in the node before it forks (as `_fflush`): in each worker the
+#: look-up wrote to pages it shared with its parent.
+_UTF8_DECODER = codecs.getincrementaldecoder("utf-8")
+
 #: ``FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE``.
 _PUNCH_HOLE = 0x02 | 0x01
 _punch_hole = _load_punch_hole()
+_fflush = _load_fflush()
 
 
 def _anonymous_file(directory: str) -> int:
@@ -161,7 +167,7 @@ class _Descriptor:
         self.file = file
         self.saved = os.dup(fd)  # the node's: the worker's own streams go there
         self.taken = 0
-        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.decoder = _UTF8_DECODER("replace")
         #: Held while taking: threads of a job printing at once take it once.
         self.lock = threading.Lock()
         os.dup2(self.file, fd)
@@ -247,7 +253,7 @@ class FdOutput:
         except OSError:
             self.stdout.close()
             raise
-        self._fflush = _load_fflush()
+        self._fflush = _fflush
         self._own = _OwnStreams(self.stdout.saved, self.stderr.saved)
         #: The running job's captures (`begin` to `end`), for `_Spiller`.
         self.captures: tuple[FdMerged, FdMerged] | None = None
@@ -325,7 +331,7 @@ class FdOutput:
         self.stderr.pass_on()
 
 
-class _Spiller(threading.Thread):
+class _Spiller:
     """Looks at the running job's files every `SPILL_EVERY` s (`_Descriptor.spill`),
     so that what a job writes below Python without a Python print in between takes
     `SPILL_AT` bytes of disk at most, not all it writes until it returns.
@@ -333,42 +339,69 @@ class _Spiller(threading.Thread):
     After a whole `SPILL_EVERY` in which no job began it parks (`parked`) until
     `FdOutput.begin` wakes it: an idle worker's thread does not wake at all, and one
     running jobs of microseconds wakes 1/`SPILL_EVERY` times a second, not per job
-    (woken at each, it found the job ended and parked again)."""
+    (woken at each, it found the job ended and parked again).
+
+    A bare ``_thread`` thread waiting on bare locks, not a `threading.Thread` with
+    Events: a worker is forked, and the first `threading.Thread` it starts writes
+    to about 80 pages (0.3 MiB) it shared with its parent (the threading module's
+    state, Conditions, first runs of its code); this costs a quarter of that. Only
+    the worker's own thread calls `wake` and `stop`, so each lock has one releaser.
+    """
 
     def __init__(self, output: FdOutput) -> None:
-        super().__init__(name="dispynb-output-spill", daemon=True)
         self._output = output
-        self._stopped = threading.Event()
-        self._wake = threading.Event()
+        # Each lock held means "not yet": released once by the worker's thread
+        # (`_stopped`, `_wake`) or by this one (`_started`, `_ended`).
+        self._stopped = _thread.allocate_lock()
+        self._wake = _thread.allocate_lock()
+        self._started = _thread.allocate_lock()
+        self._ended = _thread.allocate_lock()
+        for lock in (self._stopped, self._wake, self._started, self._ended):
+            lock.acquire()
         #: Waiting for a job to begin (read by `FdOutput.begin`).
         self.parked = False
-        self.start()
+        #: The thread's id in the kernel (``/proc/self/task/<id>``).
+        self.native_id = 0
+        _thread.start_new_thread(self._run, ())
+        self._started.acquire()  # native_id is set
 
-    def run(self) -> None:
+    def _run(self) -> None:
+        self.native_id = _thread.get_native_id()
+        self._started.release()
+        try:
+            self._loop()
+        finally:
+            self._ended.release()
+
+    def _loop(self) -> None:
         output = self._output
         seen = output.begun
-        while not self._stopped.wait(SPILL_EVERY):
+        while not self._stopped.acquire(timeout=SPILL_EVERY):
             if output.captures is not None:
                 with contextlib.suppress(OSError):  # closed as the worker ends
                     output.stdout.spill(output, 0)
                     output.stderr.spill(output, 1)
             elif output.begun == seen:
-                # Cleared before parked is set, and begun read again after: a job
-                # that begins in between sees parked, or is seen here.
-                self._wake.clear()
+                # A wake-up left from before is dropped before parked is set, and
+                # begun read again after: a job that begins in between sees parked,
+                # or is seen here.
+                self._wake.acquire(blocking=False)
                 self.parked = True
                 if output.begun == seen:
-                    self._wake.wait()
+                    self._wake.acquire()
                 self.parked = False
             seen = output.begun
 
     def wake(self) -> None:
-        self._wake.set()
+        if self._wake.locked():
+            self._wake.release()
 
     def stop(self) -> None:
-        self._stopped.set()
-        self._wake.set()
-        self.join()
+        if self._stopped.locked():
+            self._stopped.release()
+        self.wake()
+        self._ended.acquire()
+        self._ended.release()
 
 
 def _flush_streams() -> None:
@@ -433,17 +466,27 @@ class _OwnStreams:
 
 
 def _stream_handlers() -> list[logging.StreamHandler[TextIO]]:
-    loggers: list[logging.Logger] = [logging.getLogger()]
-    loggers += [
-        item
-        for item in logging.Logger.manager.loggerDict.values()
-        if isinstance(item, logging.Logger)
-    ]
+    """The process's stream handlers (but `logging.lastResort`, which writes to
+    whatever ``sys.stderr`` is), from the list logging keeps of every handler for
+    its shutdown: a look at each logger's handlers wrote to every logger's page
+    (reference counts), some 35 pages (0.14 MiB) each worker copied from the
+    process it was forked from. Every logger's, where logging keeps no such list."""
+    refs: list[Any] | None = getattr(logging, "_handlerList", None)
+    if refs is None:
+        loggers: list[logging.Logger] = [logging.getLogger()]
+        loggers += [
+            item
+            for item in logging.Logger.manager.loggerDict.values()
+            if isinstance(item, logging.Logger)
+        ]
+        found: list[Any] = [handler for log in loggers for handler in log.handlers]
+    else:
+        found = [ref() for ref in list(refs)]
     return [
         handler
-        for log in loggers
-        for handler in log.handlers
+        for handler in found
         if isinstance(handler, logging.StreamHandler)
+        and handler is not logging.lastResort
     ]
 
 
