@@ -303,8 +303,8 @@ class ResultSpool:
             if exc.errno in _SHORT:  # the file is whole: not to be taken for lost
                 raise KeptUnavailable(
                     f"the node cannot read the results it kept now ({exc.strerror}: "
-                    "short of memory or file descriptors); they stay kept: call "
-                    "recover_jobs again later"
+                    "short of memory, disk space or file descriptors); they stay "
+                    "kept: call recover_jobs again later"
                 ) from None
             logger.warning("spooled result %s cannot be read: %s", path, str(exc))
             return None
@@ -493,14 +493,17 @@ class ResultSpool:
             raise
 
 
-#: Errors of a node short of memory or descriptors (its limits, or the machine's):
-#: a result it cannot read for them is not lost.
-_SHORT = frozenset({errno.ENOMEM, errno.EMFILE, errno.ENFILE})
+#: Errors of a node short of memory, descriptors or disk space for a copy (its
+#: limits, or the machine's): a result it cannot read for them is not lost.
+_SHORT = frozenset(
+    {errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.EDQUOT}
+)
 
 
 class KeptUnavailable(DispynbError):
-    """The node cannot read a kept result now, for want of memory or descriptors
-    (`ResultSpool.open`): the results are not lost; the recovery is to stop."""
+    """The node cannot read a kept result now, for want of memory, descriptors or
+    disk space for its copy (`ResultSpool.open`): the results are not lost; the
+    recovery is to stop."""
 
 
 class _Unchecked(Exception):

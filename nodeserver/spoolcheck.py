@@ -112,12 +112,17 @@ def meta_fields(meta: Any, path: str) -> tuple[str, float, float | None]:
 _READ_BYTES = 1 << 20
 #: Most bytes copied with one call where the kernel cannot copy between the files.
 _COPY_STEP = 1 << 20
+#: Most bytes copied to memory (a memfd) where the disk has no room for the copy:
+#: a larger one is left for later (a node short of disk space for a result of
+#: gigabytes is not to take as much of its machine's memory).
+MEMORY_COPY = 64 << 20
 
 
 def private_copy(fd: int, size: int, directory: str) -> mmap.mmap | bytearray:
     """The ``size`` bytes of file ``fd`` in a copy only this process reaches: in
     its memory, or (over 1 MiB) a file with no name in ``directory`` (in memory, a
-    memfd, where there is no room or none can be made) mapped read-only.
+    memfd, where there is no room or none can be made, for `MEMORY_COPY` bytes at
+    most) mapped read-only.
 
     The node's jobs can change the spooled file, or cut it short, at any time: a
     result checked, then sent from a map of its file, was sent as a job rewrote it
@@ -132,7 +137,7 @@ def private_copy(fd: int, size: int, directory: str) -> mmap.mmap | bytearray:
     try:
         return _mapped_copy(fd, size, os.open(directory, _UNNAMED, 0o600))
     except OSError as exc:
-        if exc.errno not in _NO_UNNAMED_FILE:
+        if exc.errno not in _NO_UNNAMED_FILE or size > MEMORY_COPY:
             raise
     return _mapped_copy(fd, size, os.memfd_create("dispynb-kept", os.MFD_CLOEXEC))
 

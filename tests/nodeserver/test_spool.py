@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import re
@@ -18,8 +19,9 @@ import pytest
 from dispynb.protocol.messages import ABANDONED
 from dispynb.protocol.records import Utf8Text
 from nodeserver import keeper as keeper_module
+from nodeserver import spoolcheck
 from nodeserver.keeper import ResultKeeper
-from nodeserver.spool import MAGIC, ResultSpool
+from nodeserver.spool import MAGIC, KeptUnavailable, ResultSpool
 from nodeserver.spoolclaim import SpoolClaim, claim_spool
 from tests.nodeserver.test_spool_race import keep_a_computation
 
@@ -513,3 +515,33 @@ def test_results_held_in_memory_are_said_lost_when_the_node_stops(
         "(its disk refused them: [Errno 2] No such file or directory"
     ), said
     assert "are lost as the node stops" in said[0], said
+
+
+def test_a_large_result_without_room_for_its_copy_is_kept_not_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A result over 1 MiB is sent from a copy in a file with no name; with no room
+    on the disk for it, a copy in memory (within `spoolcheck.MEMORY_COPY`), else
+    `KeptUnavailable`: not lost (a result the node could not read was reported
+    lost, then deleted)."""
+    spool = ResultSpool(str(tmp_path), 8 << 20)
+    directory = spool.create(RID, "comp")
+    large = [memoryview(b"L" * (2 << 20))]
+    assert spool.write(directory, [*entry(1)[:8], 1], large)
+    path = directory.files[-1][0]
+    real_open = os.open
+
+    def disk_full(name: str, flags: int, *args: object) -> int:
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_open(name, flags, *args)
+
+    monkeypatch.setattr(os, "open", disk_full)
+    opened = spool.open(directory, path)  # in memory: 2 MiB is not much
+    assert opened is not None and opened[1][0] == large[0]
+    del opened
+    monkeypatch.setattr(spoolcheck, "MEMORY_COPY", 1 << 20)
+    with pytest.raises(KeptUnavailable, match="disk space"):
+        spool.open(directory, path)
+    monkeypatch.undo()
+    assert spool.open(directory, path) is not None  # still there, whole
