@@ -119,6 +119,7 @@ class _Clients(_ServerState):
         """A client went away: keep its computations that asked for recovery."""
         loop = asyncio.get_running_loop()
         self.files.release(session)  # files it sent that no computation claims
+        freed = False  # an exclusive computation of it no longer is
         for comp in session.computations.values():
             if comp.session is not session:
                 continue
@@ -144,6 +145,16 @@ class _Clients(_ServerState):
                     comp.name,
                     keep,
                 )
+                if comp.account.exclusive:
+                    # Nobody watches it now: kept for its recover_jobs, it must
+                    # not stop every other user's jobs for --keep_results.
+                    comp.account.exclusive = False
+                    logger.info(
+                        "%s: its client is gone: no longer exclusive, other users' "
+                        "jobs run",
+                        comp.name,
+                    )
+                    freed = True
                 comp.expiry = loop.call_later(keep, self._expire, comp)
                 self.leave_the_nodes(comp)
             else:
@@ -152,6 +163,8 @@ class _Clients(_ServerState):
                         comp_id=comp.comp_id, terminate=True, cancel_waiting=True
                     )
                 )
+        if freed:
+            self.schedule()  # the others' jobs that waited for it
 
     def leave_the_nodes(self, comp: SharedComputation) -> None:
         """``comp``'s client is gone and none of its jobs waits or runs: it is

@@ -9,6 +9,8 @@ runs, shared, and its client is warned with what to ask the administrator.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from dispynb.errors import ConfigurationError
 from dispynb.job import JobStatus
 from schedserver.cli import config_from_args, parse_args
 from tests.jobs import wait_until
-from tests.sharedsched.harness import SchedulerProcess, scheduler_cli
+from tests.sharedsched.harness import SchedulerProcess, scheduler_cli, start_client
 from tests.sharedsched.nodeuse import held
 
 pytestmark = pytest.mark.timeout(120)
@@ -126,6 +128,61 @@ def test_an_exclusive_cluster_of_a_user_named_runs_alone(
             assert [job() for job in later] == list(range(4, 8))
             assert min(job.start_time for job in later) >= alice_end - 0.05
         assert "runs exclusive: no other user's job starts" in scheduler.log_text()
+    finally:
+        scheduler.stop()
+
+
+#: A client (``ADDRESS CREDENTIAL JOURNAL``) with an exclusive cluster and a
+#: recover_file: one job, then it says so and waits to be killed.
+EXCLUSIVE_CLIENT = """
+import sys, time
+from dispynb import SharedJobCluster
+
+def one(n):
+    return n
+
+address, credential, journal = sys.argv[1], sys.argv[2], sys.argv[3]
+cluster = SharedJobCluster(
+    one, scheduler_host=address, secret_file=credential, recover_file=journal,
+    exclusive=True,
+)
+assert cluster.submit(7)() == 7
+print("done", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.slow
+def test_an_exclusive_cluster_whose_client_died_stops_nobody(
+    tmp_path: Path, nodes: LocalCluster, users: dict[str, Path]
+) -> None:
+    """Alice's exclusive cluster, its client killed (its results kept for her
+    recover_jobs, up to --keep_results: an hour): Bob's jobs run at once. Before,
+    they waited for that hour, the whole lab stopped by a notebook that died."""
+    scheduler = SchedulerProcess(
+        tmp_path, nodes.node_specs(), nodes.secret, ("--exclusive_users", "alice")
+    ).start()
+    try:
+        proc = start_client(
+            EXCLUSIVE_CLIENT, scheduler.address, str(users["alice"]),
+            str(tmp_path / "alice.journal"), cwd=tmp_path, name="alice",
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "done"
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        scheduler.wait_for_log("client gone")
+        with SharedJobCluster(
+            nap, scheduler_host=scheduler.address, secret_file=str(users["bob"])
+        ) as bob:
+            his = [bob.submit(i, 0.01) for i in range(4)]
+            assert bob.wait(timeout=WAIT), [job.status for job in his]
+            assert [job.result for job in his] == list(range(4))
+        assert "alice/one: its client is gone: no longer exclusive" in (
+            scheduler.log_text()
+        )
     finally:
         scheduler.stop()
 
