@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import logging
 import os
 import shutil
 import sys
@@ -91,6 +92,16 @@ def _kernels_on_unix_sockets(folder: str) -> None:
     nbclient.client.NotebookClient = UnixSocketClient  # type: ignore[misc]
 
 
+def _root_logger_at_warning() -> None:
+    """Configure the root logger first, at WARNING: accessible-pygments (a theme
+    dependency, imported when Sphinx looks up Pygments styles) calls
+    ``logging.basicConfig(level=INFO)`` on import, which then printed the INFO
+    records of every library, as nbclient's 'Executing notebook with kernel' for
+    each notebook (`logging.basicConfig` does nothing once the root logger has a
+    handler)."""
+    logging.basicConfig(level=logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -106,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     from sphinx.cmd.build import build_main
 
     _become_subreaper()
+    _root_logger_at_warning()
     sockets = tempfile.mkdtemp(prefix="dispynb-docs-")
     _kernels_on_unix_sockets(sockets)
     try:
