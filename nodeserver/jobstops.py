@@ -179,6 +179,17 @@ class _JobStops(_ComputationState):
             ):
                 head.cancelled = True
 
+    def terminate_running_now(self) -> None:
+        """Cancel the running jobs of a computation being closed (a second
+        ``close_node``, with ``terminate_pending``): they end ``Terminated`` as
+        cancelled ones do (`cancel`), and the close goes on once they ended."""
+        for worker in list(self._workers.values()):
+            head = worker.assigned[0] if worker.assigned else None
+            if head is not None and not (
+                head.reported or head.cancelled or head.dropped or head.moving
+            ):
+                self.cancel(head.key, head.attempt)
+
     def _drop_waiting(self, outcome: str, reason: str) -> None:
         """Report every job that has not started as ``outcome`` (never run).
 

@@ -85,6 +85,8 @@ class ClientSession(_SessionFiles, _SessionRecovery):
         super().__init__(conn, server, client_name)
         self._status_interval: float | None = None
         self._status_task: asyncio.Task[None] | None = None
+        #: Computations being closed, with the closes they answer when closed.
+        self._closing: dict[int, tuple[Computation, list[ComputationClose]]] = {}
         self._handlers: dict[type[Message], Callable[[Any, list[memoryview]], None]] = {
             ComputationSetup: self._on_setup,
             JobSubmit: self._on_submit,
@@ -519,6 +521,14 @@ class ClientSession(_SessionFiles, _SessionRecovery):
                 await self.conn.flush()
 
     def _on_close(self, message: ComputationClose, buffers: list[memoryview]) -> None:
+        closing = self._closing.get(message.comp_id)
+        if closing is not None:
+            # Closing already (a second close_node): answered as it ends; with
+            # terminate, its running jobs are cancelled now, as dispy's node does.
+            closing[1].append(message)
+            if message.terminate:
+                closing[0].terminate_running_now()
+            return
         self._stop_waiting_for_files(message.comp_id)
         computation = self._computations.pop(message.comp_id, None)
         self._forget_results(message.comp_id)
@@ -530,12 +540,18 @@ class ClientSession(_SessionFiles, _SessionRecovery):
             computation.cancel_waiting()
             if message.terminate:  # its running jobs end Terminated, as dispy's
                 computation.terminate_running()
+        self._closing[message.comp_id] = (computation, [])
         self._spawn(self._close(computation, message.terminate))
 
     async def _close(self, computation: Computation, terminate: bool) -> None:
-        await computation.close(terminate)
+        comp_id = computation.comp_id
+        try:
+            await computation.close(terminate)
+        finally:
+            _, more = self._closing.pop(comp_id)
         self.outbox.flush()
-        self.outbox.write(ComputationClosed(comp_id=computation.comp_id))
+        for _ in range(1 + len(more)):  # each close is answered
+            self.outbox.write(ComputationClosed(comp_id=comp_id))
 
     def _computation_died(self, comp_id: int, reason: str) -> None:
         computation = self._computations.pop(comp_id, None)

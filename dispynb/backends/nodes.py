@@ -660,7 +660,7 @@ class NodesBackend:
         # up again) in the same step, so that queued jobs keep waiting.
         self._released.discard(node_id)
         link = self.driver.nodes.get(node_id)
-        if link is not None and link.close_sent:
+        if link is not None and link.closes_sent:
             # close_node still under way: once the node has closed the computation,
             # set it up again (as resetup_node) instead of letting it leave; had it
             # got jobs now, it would refuse them ("not set up on this node").

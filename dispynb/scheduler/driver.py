@@ -238,6 +238,9 @@ class Driver(DriverNodes):
     def _on_closed(
         self, link: NodeLink, message: ComputationClosed, buffers: list[memoryview]
     ) -> _Stop | None:
+        if link.closes_sent > 1:  # the answer to an earlier close: wait for the last
+            link.closes_sent -= 1
+            return None
         if link.resetting:
             self._redo_setup(link)
             return None
@@ -278,7 +281,7 @@ class Driver(DriverNodes):
                 f"node {link.node_id} is ready with {message.workers} workers"
             )
         self._settle(link)
-        if link.releasing and not link.close_sent:
+        if link.releasing and not link.closes_sent:
             # close_node came while it was set up: closed at once, never used.
             self._send_close(link, terminate=False)
             return

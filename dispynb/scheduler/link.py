@@ -90,9 +90,12 @@ class NodeLink:
     #: Why it shuts down, as it said (`NodeStatus.leaving`); "" until it does.
     stopping: str = ""
     releasing: bool = False  # close_node: once closed it leaves, not to come back
-    #: A `ComputationClose` is on its way (close_node, resetup_node): its answer
-    #: does what ``releasing`` or ``resetting`` say then (the last call decides).
-    close_sent: bool = False
+    #: `ComputationClose` messages not answered yet (close_node, resetup_node):
+    #: the last answer does what ``releasing`` or ``resetting`` say then (the last
+    #: call decides).
+    closes_sent: int = 0
+    #: One of them terminates the running jobs (``terminate_pending``).
+    close_terminates: bool = False
     # Files to send (read off the loop) and the messages that must follow them,
     # in wire order; `pumping` while `Driver._pump` works through them.
     outbox: collections.deque[FileRef | tuple[Message, list[Buffer]]] = field(

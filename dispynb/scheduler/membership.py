@@ -268,7 +268,7 @@ class DriverNodes(DriverResults):
         unknown node. Jobs already there finish.
         """
         link = self.nodes.get(node_id)
-        if link is None or not link.ready or link.close_sent:
+        if link is None or not link.ready or link.closes_sent:
             return -1
         cpus = max(0, min(cpus, link.cpus))
         self._apply(self.state.handle(NodeJoined(node_id, cpus)))
@@ -288,12 +288,16 @@ class DriverNodes(DriverResults):
         link = self.nodes.get(node_id)
         if link is None:
             return False
-        if link.close_sent:
+        if link.closes_sent:
             # Closing already (close_node, allocate_node, close_node ... in a
-            # row): the last call decides what follows the node's answer. Sent
-            # again, the second answer closed the computation set up anew after
-            # the first, and the node was left neither set up nor released.
+            # row): the last call decides what follows the node's answer. (Each
+            # close sent is answered: the setup made anew after the first answer
+            # was closed by the second.)
             link.releasing, link.resetting = release, not release
+            if terminate and not link.close_terminates:
+                # Its running jobs were to finish: the node terminates them now,
+                # as dispy's does on a second close with terminate_pending.
+                self._send_close(link, terminate)
             return True
         if not link.ready:
             if not (release and link.setting_up):
@@ -311,7 +315,8 @@ class DriverNodes(DriverResults):
 
     def _send_close(self, link: NodeLink, terminate: bool) -> None:
         """Ask the node to close the computation; it cancels what has not started."""
-        link.close_sent = True
+        link.closes_sent += 1
+        link.close_terminates = link.close_terminates or terminate
         with contextlib.suppress(DispynbError):
             self._post(
                 link,
@@ -332,7 +337,7 @@ class DriverNodes(DriverResults):
 
     def _redo_setup(self, link: NodeLink) -> None:
         was_ready, link.ready = link.ready, False
-        link.close_sent = False
+        link.closes_sent, link.close_terminates = 0, False
         if was_ready:  # (not if closed as it became ready: `_on_ready`)
             self._apply(
                 self.state.handle(NodeLeft(link.node_id)), lost_reason="re-setup"

@@ -385,6 +385,22 @@ def test_close_node_terminate_pending_ends_running_jobs_terminated(two, tmp_path
     ]
 
 
+def test_close_node_again_with_terminate_pending_ends_the_running_job(two, tmp_path):
+    """close_node(node) lets its running job finish; called again with
+    terminate_pending before it has, the job is terminated, as dispy's node does
+    on a second close. The second call changed nothing: the job ran on."""
+    first, _ = two.node_specs()
+    with JobCluster(jobs.mark_and_hold, nodes=[first], secret=two.secret) as cluster:
+        job = cluster.submit(str(tmp_path / "m"), str(tmp_path / "never"), 60.0)
+        wait_for_path(tmp_path / "m")
+        node = by_name(cluster, "local-0")
+        assert cluster.close_node(node) == 0
+        assert cluster.close_node(node, terminate_pending=True) == 0
+        assert job.wait(timeout=WAIT)
+        assert (job.status, job()) == (DispyJob.Terminated, None)
+        wait_until(lambda: not cluster.status().nodes)  # released, as asked
+
+
 def test_resetup_node_keeps_the_node_and_its_job_counts(local1):
     def setup() -> int:
         return 0
