@@ -45,7 +45,10 @@ from dispynb.transport import localsockets
 #: directory leading sys.path; ``-P`` would drop the directory, which ``-m`` keeps
 #: (as the full path) and this keeps too, once dispynb's packages are imported.
 #: Stop signals are held (`dispynb.startup`) before the node's modules are
-#: imported, as ``dispynb-node`` does: a cluster closed as it starts stops cleanly.
+#: imported, as ``dispynb-node`` does: a cluster closed as it starts stops cleanly,
+#: and silently: its nodes' stderr is the notebook's, where Stop pressed during
+#: ``%dispy local`` printed a "stopped by SIGTERM while starting" line per node
+#: above the cell's own line saying it (the cluster says why its nodes stopped).
 _NODE_MAIN = """\
 import os, sys
 root = sys.argv.pop(1)
@@ -58,7 +61,7 @@ def node(held):
         sys.path[0] = os.getcwd()
     sys.argv[0] = "dispynb-node"
     return nodeserver.cli.main()
-sys.exit(run_held("dispynb-node", node))
+sys.exit(run_held("dispynb-node", node, say_stop=False))
 """
 
 #: Seconds a node gets to start listening.

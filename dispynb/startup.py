@@ -69,6 +69,8 @@ class StartupSignals:
 
     def __init__(self) -> None:
         self.received: signal.Signals | None = None
+        #: Whether a stop signal that ends start-up is said on stderr (`run_held`).
+        self.say_stop = True
         self._pid = os.getpid()
         self._previous: dict[signal.Signals, Any] = {}
         self._raise = True
@@ -206,21 +208,26 @@ def loop_handles_stop_signals(
     return give_back
 
 
-def run_held(prog: str, body: Callable[[StartupSignals], int]) -> int:
+def run_held(
+    prog: str, body: Callable[[StartupSignals], int], *, say_stop: bool = True
+) -> int:
     """``body(held)``'s exit status, stop signals held from now on (`StartupSignals`):
-    one that comes before ``body`` has its event loop's handlers ends it with a line
-    on stderr naming ``prog`` and status 0; on return the signals are as before."""
+    one that comes before ``body`` has its event loop's handlers ends it with status
+    0 and, if ``say_stop`` (here and in an outer `run_held`), a line on stderr
+    naming ``prog``; on return the signals are as before."""
     outer = _held[-1] if _held and _held[-1].holding else None
     held = outer or StartupSignals()  # ``python -m``'s, held before the imports
     if outer is None:
         held.hold()
+        held.say_stop = say_stop
     try:
         return body(held)
     except StopSignal as exc:
         from dispynb.daemon import to_journal  # not before a signal needs it
 
         held.rearm()
-        print(f"{'<5>' if to_journal() else ''}{prog}: {exc}", file=sys.stderr)
+        if say_stop and held.say_stop:
+            print(f"{'<5>' if to_journal() else ''}{prog}: {exc}", file=sys.stderr)
         return 0
     finally:
         if outer is None:
