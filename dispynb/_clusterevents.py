@@ -41,6 +41,7 @@ class _Events(_ClusterState):
         node.avail_cpus = max(info.offered, info.cpus)
         node.avail_info = info.avail
         self._nodes[info.node_id] = node
+        self._released_nodes.pop(info.node_id, None)  # listed as the new one
         self._node_cpus[info.node_id] = info.cpus
         self._avail_told[info.node_id] = time.monotonic()
         self._journal.node(info.via or info.node_id)
@@ -63,6 +64,7 @@ class _Events(_ClusterState):
             pass
         elif departure is Departure.RELEASED:
             logger.info("node %s released (close_node)", info.node_id)
+            self._released_nodes[info.node_id] = node
         elif self._nodes or not self._outstanding:
             logger.warning("node %s left: %s", info.node_id, reason)
         else:  # else the user's job() and wait() would just hang, saying nothing

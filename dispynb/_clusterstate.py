@@ -66,6 +66,7 @@ class _ClusterState:
     _node_cpus: dict[str, int]
     _deallocated: set[str]
     _resetting: dict[str, DispyNode]
+    _released_nodes: dict[str, DispyNode]
     _avail_told: dict[str, float]
     _executing: dict[int, DispyNode]
     _cancel_asked: set[int]

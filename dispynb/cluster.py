@@ -193,6 +193,9 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
         self._deallocated: set[str] = set()
         # Nodes being set up again (resetup_node), kept with their counts.
         self._resetting: dict[str, DispyNode] = {}
+        # Nodes close_node released, with their counts: print_status still lists
+        # them, as dispy's (whose cluster keeps a closed node).
+        self._released_nodes: dict[str, DispyNode] = {}
         # When cluster_status was last told a node's AvailInfo (`_Events.node_status`).
         self._avail_told: dict[str, float] = {}
         # Jobs executing now (the node reported their start), by the node counting them
@@ -353,7 +356,11 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
         self._update_traffic()
         if wall_time is None:
             wall_time = time.time() - self._start_time
-        nodes = list(self._nodes.values())
+        nodes = list(self._nodes.values()) + [
+            node
+            for node_id, node in self._released_nodes.items()
+            if node_id not in self._nodes
+        ]
         traffic = base.TRAFFIC in self._features
         print(format_status(nodes, wall_time, self._outstanding, traffic=traffic))
 

@@ -385,6 +385,28 @@ def test_close_node_terminate_pending_ends_running_jobs_terminated(two, tmp_path
     ]
 
 
+def test_print_status_still_counts_a_node_close_node_released(two, tmp_path, capsys):
+    """dispy's cluster keeps a node close_node closed: print_status lists it with
+    its jobs, the one it terminated too, and counts them in the total. The node
+    and its jobs dropped out of the table."""
+    first, _ = two.node_specs()
+    with JobCluster(jobs.mark_and_hold, nodes=[first], secret=two.secret) as cluster:
+        done = cluster.submit(str(tmp_path / "m0"), str(tmp_path))  # exists: returns
+        assert done.wait(timeout=WAIT) and done.status == DispyJob.Finished
+        held = cluster.submit(str(tmp_path / "m1"), str(tmp_path / "never"))
+        wait_for_path(tmp_path / "m1")
+        node = by_name(cluster, "local-0")
+        assert cluster.close_node(node, terminate_pending=True) == 0
+        assert held.wait(timeout=WAIT)
+        wait_until(lambda: not cluster.status().nodes)
+        capsys.readouterr()
+        cluster.print_status()
+        table = capsys.readouterr().out
+    row = next((line for line in table.splitlines() if "local-0" in line), None)
+    assert row is not None, table
+    assert int(row.split("|")[2]) == 2  # its jobs: the one done, the one terminated
+
+
 def test_close_node_again_with_terminate_pending_ends_the_running_job(two, tmp_path):
     """close_node(node) lets its running job finish; called again with
     terminate_pending before it has, the job is terminated, as dispy's node does
