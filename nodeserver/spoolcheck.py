@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import hmac
+import logging
 import math
 import mmap
 import os
@@ -45,6 +46,8 @@ CHECK_SIZE = MAC_SIZE
 #: asking for more (a client's keep_results of 1e300, or a job's file) made the
 #: node's start fail on a date no clock can show.
 MAX_KEEP = 10 * 365 * 86400.0
+
+logger = logging.getLogger(__name__)
 
 _LABEL = b"dispynb kept-result check v1"
 _NAME_TAG = 16  # bytes of a name's check (32 hex digits)
@@ -122,7 +125,8 @@ def private_copy(fd: int, size: int, directory: str) -> mmap.mmap | bytearray:
     """The ``size`` bytes of file ``fd`` in a copy only this process reaches: in
     its memory, or (over 1 MiB) a file with no name in ``directory`` (in memory, a
     memfd, where there is no room or none can be made, for `MEMORY_COPY` bytes at
-    most) mapped read-only.
+    most) mapped read-only. On a file system that makes no file without a name
+    (NFS), a larger one is the file itself, mapped (logged once).
 
     The node's jobs can change the spooled file, or cut it short, at any time: a
     result checked, then sent from a map of its file, was sent as a job rewrote it
@@ -137,9 +141,29 @@ def private_copy(fd: int, size: int, directory: str) -> mmap.mmap | bytearray:
     try:
         return _mapped_copy(fd, size, os.open(directory, _UNNAMED, 0o600))
     except OSError as exc:
-        if exc.errno not in _NO_UNNAMED_FILE or size > MEMORY_COPY:
+        if exc.errno not in _NO_UNNAMED_FILE:
             raise
-    return _mapped_copy(fd, size, os.memfd_create("dispynb-kept", os.MFD_CLOEXEC))
+        if size > MEMORY_COPY and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # for now: the result stays kept (`spool.KeptUnavailable`)
+    if size <= MEMORY_COPY:
+        return _mapped_copy(fd, size, os.memfd_create("dispynb-kept", os.MFD_CLOEXEC))
+    # A file system with no files without a name (NFS...): the file itself, as
+    # before, rather than gigabytes of memory; said once.
+    global _UNNAMED_WARNED
+    if not _UNNAMED_WARNED:
+        _UNNAMED_WARNED = True
+        logger.warning(
+            "the file system of %s makes no files without a name: kept results of "
+            "over %d MiB are sent from their own files, which the node's jobs could "
+            "change as they are sent; give the node a --dest-path on a local file "
+            "system (ext4, xfs, btrfs, tmpfs)",
+            directory,
+            MEMORY_COPY >> 20,
+        )
+    return mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+
+
+_UNNAMED_WARNED = False
 
 
 _UNNAMED = os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC

@@ -545,3 +545,31 @@ def test_a_large_result_without_room_for_its_copy_is_kept_not_lost(
         spool.open(directory, path)
     monkeypatch.undo()
     assert spool.open(directory, path) is not None  # still there, whole
+
+
+def test_a_large_result_on_a_file_system_without_unnamed_files_is_sent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a file system that makes no file without a name (NFS), a result over
+    `spoolcheck.MEMORY_COPY` is sent from its own file (as before the copies),
+    said once: not refused for ever as if the node were short of room."""
+    spool = ResultSpool(str(tmp_path), 8 << 20)
+    directory = spool.create(RID, "comp")
+    large = [memoryview(b"L" * (2 << 20))]
+    assert spool.write(directory, [*entry(1)[:8], 1], large)
+    real_open = os.open
+
+    def no_unnamed(name: str, flags: int, *args: object) -> int:
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        return real_open(name, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_unnamed)
+    monkeypatch.setattr(spoolcheck, "MEMORY_COPY", 1 << 20)
+    monkeypatch.setattr(spoolcheck, "_UNNAMED_WARNED", False)
+    for _ in range(2):
+        opened = spool.open(directory, directory.files[-1][0])
+        assert opened is not None and opened[1][0] == large[0]
+        del opened
+    said = [r.message for r in caplog.records if "no files without a name" in r.message]
+    assert len(said) == 1, said
