@@ -124,6 +124,7 @@ class NodeConfig:
             )
         if self.ipv4_multicast and self.discovery is None:
             self.discovery = True
+        discovery_asked = self.discovery is not None  # (for --ext-host's error)
         if self.discovery is None:
             self.discovery = not all(is_loopback(host) for host in self.hosts)
         if self.ipv4_multicast and not self.discovery:
@@ -136,7 +137,9 @@ class NodeConfig:
                 "discovery (with an IPv6 host) always uses multicast"
             )
         if self.ext_host is not None:
-            self.ext_host = _resolve_ext_host(self.ext_host, self.discovery)
+            self.ext_host = _resolve_ext_host(
+                self.ext_host, self.discovery, discovery_asked
+            )
         if self.max_message_size < PRE_AUTH_MAX_FRAME:
             raise ConfigurationError(
                 f"max message size must be at least {PRE_AUTH_MAX_FRAME} bytes"
@@ -184,8 +187,14 @@ class NodeConfig:
             check_strength(self.secret, f"for a node listening on {public[0]!r}")
 
 
-def _resolve_ext_host(ext_host: str, discovery: bool | None) -> str:
+def _resolve_ext_host(ext_host: str, discovery: bool | None, asked: bool) -> str:
     """``--ext-host`` as an IP address (a name is looked up now, once)."""
+    if not discovery and not asked:  # dispynode's -i 127.0.0.1 --ext_ip_addr X
+        raise ConfigurationError(
+            f"--ext-host {ext_host} is announced by discovery, which a node "
+            "listening only on loopback does not answer unless --discovery is "
+            "given: give --discovery (or leave --ext-host out)"
+        )
     if not discovery:
         raise ConfigurationError(
             f"--ext-host {ext_host} is announced by discovery: leave out "

@@ -500,8 +500,12 @@ def test_announced_ext_address_is_recorded_and_forgotten(
 
 
 def test_node_config_ext_host_needs_discovery_and_a_unicast_address() -> None:
-    with pytest.raises(ConfigurationError, match="--no-discovery"):
+    # On loopback only, discovery is off unless asked: the error said to leave
+    # out --no-discovery, which was not given.
+    with pytest.raises(ConfigurationError, match="unless --discovery is given"):
         NodeConfig(port=0, ext_host="10.2.0.9").validate()
+    with pytest.raises(ConfigurationError, match="leave out --no-discovery"):
+        NodeConfig(port=0, discovery=False, ext_host="10.2.0.9").validate()
     for bad in ("0.0.0.0", "239.255.61.59", "no-such-host.invalid"):
         with pytest.raises(ConfigurationError, match="--ext-host"):
             NodeConfig(port=0, discovery=True, ext_host=bad).validate()
