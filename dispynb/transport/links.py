@@ -194,7 +194,15 @@ class SocketLink:
         if not count:
             self._lose(None)
             return
-        self._sink.frames_received(decoder.filled(count))
+        try:
+            self._sink.frames_received(decoder.filled(count))
+        except Exception as exc:
+            # Not the peer's doing: a check of its frame could not run (a lazy
+            # import at the descriptor limit, memory). The link ends with the
+            # error; left readable, it failed at every read, its frame never done.
+            self.pause_reading()
+            self._lose(exc)
+            return
         if decoder.error is not None:
             self.pause_reading()
             self._sink.framing_failed(decoder.error)
