@@ -62,6 +62,11 @@ class ClusterMonitor:
         self._finished: deque[tuple[dict[str, Any], weakref.ref[DispyJob]]] = deque(
             maxlen=history
         )
+        #: Jobs it saw end Terminated by a cancel asked for while they ran (Cancel
+        #: in the lab panel or the web monitor, ``job.cancel()``): what the user
+        #: cancelled, not what failed (dispy's status for both is Terminated).
+        self.stopped = 0
+        self._cancel_asked = getattr(cluster, "_cancel_requested", None)
         # The events heard while the jobs submitted before are copied, applied after
         # them: another thread may be submitting (a cell's loop while the panel or
         # the web monitor attaches), and a job its event put first would precede
@@ -117,6 +122,10 @@ class ClusterMonitor:
             if node is not None:
                 self._where[key] = format_address(node.ip_addr, node.port)
             if job.status.is_final:
+                # Told before the cluster forgets the cancel (`_forget_cancel`).
+                asked = self._cancel_asked
+                if job.status is JobStatus.Terminated and asked and asked(job):
+                    self.stopped += 1
                 self._live.pop(key, None)
                 self._running.discard(key)
                 record = self._record(job, show_args=False)

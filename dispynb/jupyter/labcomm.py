@@ -203,7 +203,7 @@ class ClusterTracker:
         if monitor is None:  # never followed: its counts are the cluster's own
             monitor = ClusterMonitor(cluster, history=0)
         try:
-            final = _brief(monitor.snapshot(max_jobs=0), cluster)
+            final = _brief(monitor.snapshot(max_jobs=0), cluster, monitor.stopped)
         finally:
             monitor.close()
         if not final["counts"]["total"]:
@@ -224,7 +224,9 @@ class ClusterTracker:
             closed = list(self._closed)
         live = []
         for key, monitor in monitors:
-            snap = _brief(monitor.snapshot(max_jobs=0), monitor.cluster)
+            snap = _brief(
+                monitor.snapshot(max_jobs=0), monitor.cluster, monitor.stopped
+            )
             live.append(snap)
             lost = self._lost_nodes(key)
             if snap["nodes"]:
@@ -310,7 +312,7 @@ NODE_FIELDS = ("id", "name", "cpus", "busy", "jobs_done", "avail")
 AVAIL_FIELDS = ("cpu", "memory")
 
 
-def _brief(snapshot: dict[str, Any], cluster: Any) -> dict[str, Any]:
+def _brief(snapshot: dict[str, Any], cluster: Any, stopped: int = 0) -> dict[str, Any]:
     """A cluster's snapshot as the panel reads it: counts and nodes, no job list;
     named as the notebook names its run (``%%dispy --into NAME``), not after the
     function, which two cells may share, and a run's jobs counted as its cell counts
@@ -325,8 +327,12 @@ def _brief(snapshot: dict[str, Any], cluster: Any) -> dict[str, Any]:
         brief["name"] = run.name
         # The jobs the run cancelled while they ran end Terminated: the cell counts
         # them cancelled, not failed, and so does the panel.
+        stopped = run.stopped()
+    # A cluster of no run: those cancelled while they ran (the panel's Cancel),
+    # as its monitor saw them end (``stopped``), are cancelled too, not failed.
+    if stopped:
         counts = brief["counts"] = dict(brief["counts"])
-        stopped = min(run.stopped(), counts["terminated"])
+        stopped = min(stopped, counts["terminated"])
         counts["terminated"] -= stopped
         counts["cancelled"] += stopped
     brief["nodes"] = [_brief_node(node) for node in snapshot["nodes"]]

@@ -234,6 +234,8 @@ def test_probes_and_clusters_that_ran_nothing_are_never_shown(
 def test_cancel_ends_every_unfinished_job(
     local: LocalCluster, tmp_path: Path, link_of: Any
 ) -> None:
+    """The panel's Cancel on a plain JobCluster ends its jobs, and counts them all
+    cancelled: those it ended while they ran (Terminated) read 'failed' before."""
     gate = tmp_path / "never"
     with JobCluster(wait_then_return, nodes=local) as cluster:
         link, comm, _ = link_of(lambda: [cluster])
@@ -254,6 +256,8 @@ def test_cancel_ends_every_unfinished_job(
         )
         snap = next(c for c in ended["clusters"] if c["id"] == cluster.uid)
         assert snap["counts"]["running"] == snap["counts"]["pending"] == 0
+        assert snap["counts"]["cancelled"] == 5, snap["counts"]
+        assert {job.status for job in jobs} >= {JobStatus.Terminated}
 
 
 def test_cancel_of_a_runs_cluster_counts_its_jobs_cancelled_not_failed(
