@@ -19,6 +19,8 @@ from nodeserver.ipc import Done
 
 
 def was_interrupted(done: Done) -> bool:
+    """Whether the job of ``done`` failed on a KeyboardInterrupt (its traceback
+    names one): a SIGINT meant for the job before it may have hit it."""
     exception: Any = done.exception or ""
     if type(exception) is memoryview:  # a large one (`texts_after`): seldom here
         exception = bytes(exception)

@@ -145,7 +145,7 @@ def friendly_errors(
             logging.getLogger(record.name).handle(record)
 
 
-#: A node's advice on a module it could not import (nodeserver/compute.py), which
+#: A node's advice on a module it could not import (nodeserver/loading.py), which
 #: a cell gives in its own words when the module is the person's.
 _NODE_MODULE_ADVICE = (
     " (is a module it needs missing on the node? install it there, or send it "
