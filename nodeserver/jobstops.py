@@ -172,23 +172,27 @@ class _JobStops(_ComputationState):
         with ``terminate_pending``): as `close` kills their workers, each is
         reported ``Terminated``, as dispy's node reports them, not lost with the
         computation."""
-        for worker in self._workers.values():
-            head = worker.assigned[0] if worker.assigned else None
-            if head is not None and not (
-                head.reported or head.cancelled or head.dropped or head.moving
-            ):
-                head.cancelled = True
+        for head in self._running_heads():
+            head.cancelled = True
 
     def terminate_running_now(self) -> None:
         """Cancel the running jobs of a computation being closed (a second
         ``close_node``, with ``terminate_pending``): they end ``Terminated`` as
         cancelled ones do (`cancel`), and the close goes on once they ended."""
-        for worker in list(self._workers.values()):
-            head = worker.assigned[0] if worker.assigned else None
-            if head is not None and not (
-                head.reported or head.cancelled or head.dropped or head.moving
-            ):
-                self.cancel(head.key, head.attempt)
+        for head in self._running_heads():
+            self.cancel(head.key, head.attempt)
+
+    def _running_heads(self) -> list[NodeJob]:
+        """The job each worker runs that nothing else ends already (reported,
+        cancelled, dropped or moving); a list, as `cancel` changes the workers."""
+        heads = (
+            worker.assigned[0] for worker in self._workers.values() if worker.assigned
+        )
+        return [
+            head
+            for head in heads
+            if not (head.reported or head.cancelled or head.dropped or head.moving)
+        ]
 
     def _drop_waiting(self, outcome: str, reason: str) -> None:
         """Report every job that has not started as ``outcome`` (never run).
