@@ -416,11 +416,7 @@ class KeptMessages:
                 "(--max_kept); collect them sooner, or have it raised"
             )
         else:
-            reason = (
-                f"its result was not kept for {self.whose}: the scheduler's disk "
-                f"is full ({disk.strerror or disk}); have room made under its "
-                "--dest_path_prefix, or collect results sooner"
-            )
+            reason = f"its result was not kept for {self.whose}: {_unwritten(disk)}"
         if isinstance(message, ResultChunk):
             stream = (message.key, message.attempt)
             if stream not in self._dropped_streams:  # the rest of one follows it
@@ -483,7 +479,7 @@ class KeptMessages:
                 what,
                 self.size / 2**20,
             )
-        else:
+        elif disk.errno in _NO_ROOM:
             logger.warning(
                 "%s: %s was not kept for its client: the disk under %s "
                 "(--dest_path_prefix) is full (%s); its queued jobs wait for the "
@@ -493,6 +489,42 @@ class KeptMessages:
                 self.store.prefix,
                 disk.strerror or disk,
             )
+        else:
+            logger.warning(
+                "%s: %s was not kept for its client: %s; its queued jobs wait for "
+                "the client",
+                self.name,
+                what,
+                _unwritten(disk, self.store.prefix),
+            )
+
+
+#: Errors of a write that room on the disk may cure.
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def _unwritten(exc: OSError, prefix: str | None = None) -> str:
+    """Why the scheduler could not write what it keeps to its spill directory (under
+    ``prefix``, if named), and what cures it: a full disk is not the only cause."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in _NO_ROOM:
+        return (
+            f"the scheduler's disk is full ({reason}); have room made under its "
+            "--dest_path_prefix, or collect results sooner"
+        )
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        return (
+            f"the scheduler is out of file descriptors ({reason}); have its limit "
+            "raised (LimitNOFILE=, ulimit -n), or collect results sooner"
+        )
+    if exc.errno == errno.EFBIG:
+        return (
+            f"the scheduler may not write a file that large ({reason}: its file "
+            "size limit, ulimit -f); have that limit raised, or collect results "
+            "sooner"
+        )
+    where = f"under {prefix} (--dest_path_prefix)" if prefix else "to its disk"
+    return f"the scheduler cannot write {where}: {reason}"
 
 
 __all__ = ["KeptMessages", "SpillStore"]
