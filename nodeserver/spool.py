@@ -263,10 +263,12 @@ class ResultSpool:
         """A spooled result of ``spool`` as ``(entry, buffers, kinds)``, its buffers
         views of a copy only the node reaches (`spoolcheck.private_copy`: over
         1 MiB, a file with no name mapped read-only, page cache rather than this
-        process's heap); None (logged) if
-        unreadable, or if it fails its check (`nodeserver.spoolcheck`). Raises
-        `KeptUnavailable` if the node lacks the memory or descriptors to read it
-        now (a mapping refused: reported lost, it was deleted with the others)."""
+        process's heap; on a file system with no such files, over
+        `spoolcheck.MEMORY_COPY`, the file itself); None (logged) if unreadable,
+        or if it fails its check (`nodeserver.spoolcheck`). Raises
+        `KeptUnavailable` if the node lacks the memory, descriptors or disk space
+        to read it now (the result is whole: reported lost, it was deleted with
+        the others)."""
         name = os.path.basename(path)
         try:
             if spool.key is None or not is_signed_name(spool.key, name):
