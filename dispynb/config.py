@@ -1,8 +1,9 @@
 """dispy's module-level settings (``dispy.config``), for programs that read or set them.
 
 dispy keeps its ports and timeouts as globals of ``dispy.config``: programs print them,
-or raise ``MsgTimeout`` for slow links (``dispy.config.MsgTimeout = 60``). dispynb
-keeps the names; what each one means here:
+or raise ``MsgTimeout`` for slow links (``dispy.MsgTimeout = 60``, which sets this
+module's, or ``dispy.config.MsgTimeout = 60``). dispynb keeps the names; what each
+one means here:
 
 DispyPort
     dispy's base port; a dispynb node listens on ``DispyPort + 1`` = `NodePort` by
