@@ -368,9 +368,14 @@ class Discovered:
         self._nodes: dict[str, dict[str, Any]] = {}
         self.running = 0
         self.version = 0
+        #: A discovery has answered (the panel then says no node answered, not
+        #: "press Discover", of an empty list).
+        self.searched = False
 
     def add(self, nodes: list[dict[str, Any]]) -> None:
+        """Keep the nodes a discovery found (none, maybe)."""
         with self._lock:
+            self.searched = True
             for node in nodes:
                 self._nodes[f"{node['ip_addr']}:{node['port']}"] = node
             self.version += 1
@@ -503,6 +508,7 @@ class LabLink:
             "clusters": self._tracker.snapshots(),
             "discovered": self._discovered.nodes(),
             "discovering": self._discovered.running > 0,
+            "searched": self._discovered.searched,
             "session": self._session(),
         }
 

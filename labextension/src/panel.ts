@@ -307,7 +307,10 @@ export class DispynbPanel extends Widget {
         : '';
     this._session.hidden = !this._session.textContent;
     this._renderClusters(ready ? link!.state!.clusters : []);
-    this._renderDiscovered(ready ? link!.state!.discovered : []);
+    this._renderDiscovered(
+      ready ? link!.state!.discovered : [],
+      ready && !!link!.state!.searched
+    );
     this._discoverButton.textContent = link?.state?.discovering ? 'Discovering…' : 'Discover';
   }
 
@@ -342,7 +345,12 @@ export class DispynbPanel extends Widget {
     }
   }
 
-  private _renderDiscovered(nodes: IDiscovered[]): void {
+  private _renderDiscovered(nodes: IDiscovered[], searched: boolean): void {
+    // After a discovery no node answered: not 'press Discover' again, but what to
+    // try (a node bound to 127.0.0.1 answers pings sent there only).
+    const empty = searched
+      ? "no node answered: type the nodes' addresses above"
+      : 'none yet: press Discover';
     this._discovered.replaceChildren(
       nodes.length
         ? table(
@@ -350,7 +358,7 @@ export class DispynbPanel extends Widget {
             ['node', 'address', 'CPUs'],
             nodes.map(n => [n.name || '?', nodeSpec(n), String(n.cpus)])
           )
-        : el('div', 'dispynb-empty', 'none yet: press Discover')
+        : el('div', 'dispynb-empty', empty)
     );
   }
 

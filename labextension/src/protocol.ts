@@ -86,6 +86,8 @@ export interface IStateMsg {
   clusters: ICluster[];
   discovered: IDiscovered[];
   discovering: boolean;
+  /** A discovery has answered in this kernel (an empty list: none answered). */
+  searched: boolean;
   session: ISession;
 }
 

@@ -154,6 +154,13 @@ def test_lab_panel(lab: Lab) -> None:  # collected only in the namespace: confte
         # Insert connect code: local nodes while none was discovered ...
         insert_and_check(page, "%dispy local")
 
+        # ... Discover with no address: a broadcast, which the node bound to
+        # 127.0.0.1 does not answer; the list says so, not 'press Discover' again ...
+        discovered = page.locator(f"{PANEL} .dispynb-discovered")
+        assert discovered.inner_text() == "none yet: press Discover"
+        page.locator(f"{PANEL} .dispynb-discover").click()
+        message.filter(has_text="discovery found 0 nodes").wait_for()
+        discovered.filter(has_text="no node answered").wait_for()
         # ... Discover at an address: the node answers; then code that connects to it.
         page.locator(f"{PANEL} .dispynb-addresses").fill("127.0.0.1")
         page.locator(f"{PANEL} .dispynb-discover").click()
