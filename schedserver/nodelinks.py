@@ -274,10 +274,10 @@ class _NodeLinks(_ServerState):
             if out_of_descriptors(exc):
                 reason = _short_of_descriptors(exc)
                 # Said once a run to the operator: every client would say it again.
-                (logger.debug if self._short_said else logger.warning)(
+                (logger.debug if self._descriptors_warned else logger.warning)(
                     "%s: node %s: %s", comp.name, node.name, reason
                 )
-                self._short_said = True
+                self._descriptors_warned = True
             else:
                 reason = describe_error(exc)
             comp.node_lost(upstream, reason)

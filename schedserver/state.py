@@ -97,7 +97,7 @@ class _ServerState:
         #: Why the users file cannot be read now, as last warned ("": it can).
         self._users_trouble = ""
         #: A computation could not reach a node for want of descriptors (warned).
-        self._short_said = False
+        self._descriptors_warned = False
         self.nodes = [NodeState(host, port) for host, port in config.nodes]
         self.sessions: set[SchedulerSession] = set()
         self.computations: list[SharedComputation] = []
