@@ -253,9 +253,15 @@ class FileStore:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             kind = DiskFull if exc.errno in _NO_ROOM else CannotStore
+            why = exc.strerror or str(exc)
+            if exc.errno == errno.EFBIG:  # not the disk: the process's own limit
+                why += (
+                    " (the node's file size limit, ulimit -f: have it raised, or "
+                    "send smaller files)"
+                )
             raise kind(
                 f"the node cannot store a file of {len(data)} bytes in {self.root}: "
-                f"{exc.strerror or exc}"
+                f"{why}"
             ) from None
 
     def make_room(self, size: int) -> bool:
