@@ -57,11 +57,12 @@ class DriverResults(DriverOutbox):
 
     def _closed_unstarted(self, link: NodeLink, key: int) -> bool:
         """Whether a job the node reports cancelled was cancelled only because
-        `close_node` released the node before the job started there: a job merely
-        sent ahead, neither pinned to the node nor cancelled by the user. As in
-        dispy, where a node holds only running jobs, it then goes back to the queue
-        (a launcher's scale-down drains nodes this way)."""
-        return link.releasing and self.state.returnable(key)
+        `close_node` released the node (or `resetup_node` closed the computation
+        there) before the job started there: a job merely sent ahead, neither
+        pinned to the node nor cancelled by the user. As in dispy, where a node
+        holds only running jobs, it then goes back to the queue (a launcher's
+        scale-down drains nodes this way); after resetup_node it ended Cancelled."""
+        return (link.releasing or link.resetting) and self.state.returnable(key)
 
     def _on_results(
         self, link: NodeLink, message: JobResults, buffers: list[memoryview]
@@ -118,7 +119,12 @@ class DriverResults(DriverOutbox):
                 in_memory = shm.reference_name(result_buffers[0])
                 read.append(in_memory)
             if outcome == CANCELLED and self._closed_unstarted(link, key):
-                outcome = RETURNED  # close_node: a job sent ahead runs elsewhere
+                # close_node, resetup_node: a job sent ahead runs elsewhere, or
+                # there once set up again (its CPUs were taken back already).
+                instructions.extend(
+                    handle(JobReturned(link.node_id, key, attempt), dispatch=False)
+                )
+                continue
             if outcome == RETURNED:
                 # The node shuts down: no more jobs for it; this one runs elsewhere.
                 if not link.leaving:

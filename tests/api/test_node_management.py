@@ -423,6 +423,28 @@ def test_close_node_again_with_terminate_pending_ends_the_running_job(two, tmp_p
         wait_until(lambda: not cluster.status().nodes)  # released, as asked
 
 
+def test_resetup_node_runs_the_jobs_sent_ahead_to_the_node_after_its_setup(
+    two, tmp_path
+):
+    """A job sent ahead to the node (waiting there behind the running one) runs
+    once resetup_node has set the node up again, as in dispy, where it waits in
+    the client's queue. It ended Cancelled, 'the node was closed for the
+    computation (close_node)'."""
+    first, _ = two.node_specs()
+    release = str(tmp_path / "release")
+    with JobCluster(jobs.mark_and_hold, nodes=[first], secret=two.secret) as cluster:
+        node = by_name(cluster, "local-0")
+        running = cluster.submit(str(tmp_path / "first"), release)
+        wait_for_path(tmp_path / "first")
+        queued = cluster.submit(str(tmp_path / "second"), release)
+        wait_until(lambda: jobs.jobs_held(cluster, node) == 2)  # sent to the node
+        assert cluster.resetup_node(node) == 0
+        open(release, "w").close()
+        assert cluster.wait(timeout=WAIT)
+        assert [running.status, queued.status] == [DispyJob.Finished] * 2
+        assert (tmp_path / "second").exists()
+
+
 def test_resetup_node_keeps_the_node_and_its_job_counts(local1):
     def setup() -> int:
         return 0
