@@ -135,6 +135,8 @@ class _Jobs(_ClusterState):
         backend = self._backend
         if self._closed or backend is None:
             raise ClusterError("this cluster is closed: create a new JobCluster")
+        if (rebound := self._globals.changed()) is not None:
+            logger.warning("%s", rebound)
         job_deps = None
         depends = kwargs.pop("dispy_job_depends", None)
         if depends:

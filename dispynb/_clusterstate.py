@@ -17,6 +17,7 @@ from dispynb._loop import LoopRunner
 from dispynb.backends import base
 from dispynb.backends.base import Backend, Engine
 from dispynb.clusterjournal import ClusterJournal
+from dispynb.globalwatch import GlobalWatch
 from dispynb.job import DispyJob
 from dispynb.node import DispyNode, split_address
 from dispynb.options import ClusterOptions
@@ -78,6 +79,7 @@ class _ClusterState:
     _closed: bool
     _backend: Backend | None
     _sources: LazySourceMap
+    _globals: GlobalWatch
     end_time: float | None
     cpu_time: float
     _callbacks: CallbackDispatcher

@@ -40,6 +40,7 @@ from dispynb.errors import (
     SerializationError,
     SetupError,
 )
+from dispynb.globalwatch import GlobalWatch
 from dispynb.job import DispyJob
 from dispynb.log import set_level
 from dispynb.node import DispyNode
@@ -237,6 +238,9 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
             journal_jobs=self._journal.jobs,
             sources=self._sources,
         )
+        # What the computation's globals are as it is sent: submit warns of one
+        # the program rebinds later (its jobs would not see it).
+        self._globals = GlobalWatch(opts.computation, opts.setup, opts.cleanup)
         try:
             self._backend = self.engine.open(self, config)
         except BaseException as exc:

@@ -14,6 +14,16 @@ from tests.api.test_script_tracebacks import _run_script
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
+
+def run(local: LocalCluster, tmp_path: Path, script: str) -> tuple[str, str]:
+    """Save ``script`` as script.py and run it on ``local``: its stdout and stderr,
+    once it succeeded."""
+    (tmp_path / "script.py").write_text(script)
+    proc = _run_script(local, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout, proc.stderr
+
+
 SCRIPT = """\
 import dispynb as dispy
 from os import environ
@@ -36,11 +46,9 @@ if __name__ == "__main__":
 def test_a_global_set_after_jobcluster_is_named_with_the_fix(
     local: LocalCluster, tmp_path: Path
 ):
-    (tmp_path / "script.py").write_text(SCRIPT.format(name="SCALE", late="SCALE = 10"))
-    proc = _run_script(local, tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.rstrip("\n").splitlines()
-    assert lines[-2] == "NameError: name 'SCALE' is not defined", proc.stdout
+    out, _ = run(local, tmp_path, SCRIPT.format(name="SCALE", late="SCALE = 10"))
+    lines = out.rstrip("\n").splitlines()
+    assert lines[-2] == "NameError: name 'SCALE' is not defined", out
     advice = lines[-1]
     assert "SCALE is a global of this program now" in advice, advice
     assert "when JobCluster() sent compute" in advice, advice
@@ -51,8 +59,71 @@ def test_a_global_set_after_jobcluster_is_named_with_the_fix(
 def test_a_name_the_program_never_defines_gets_no_advice(
     local: LocalCluster, tmp_path: Path
 ):
-    (tmp_path / "script.py").write_text(SCRIPT.format(name="NOWHERE", late="pass"))
-    proc = _run_script(local, tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    last = proc.stdout.rstrip("\n").splitlines()[-1]
-    assert last == "NameError: name 'NOWHERE' is not defined", proc.stdout
+    out, err = run(local, tmp_path, SCRIPT.format(name="NOWHERE", late="pass"))
+    last = out.rstrip("\n").splitlines()[-1]
+    assert last == "NameError: name 'NOWHERE' is not defined", out
+    assert "NOWHERE" not in err, err  # never defined here: nothing to warn of
+
+
+REBOUND = """\
+import dispynb as dispy
+from os import environ
+
+SCALE = 1
+
+
+def compute(n):
+    return n * SCALE
+
+
+if __name__ == "__main__":
+    cluster = dispy.JobCluster(compute, nodes=environ["NODES"].split(","))
+    jobs = []
+    for SCALE in (2, 3):  # the jobs still see SCALE = 1
+        jobs.append(cluster.submit(4))
+    print([job() for job in jobs])
+    cluster.close()
+"""
+
+
+def test_a_global_rebound_after_jobcluster_is_warned_of_once_at_submit(
+    local: LocalCluster, tmp_path: Path
+):
+    out, err = run(local, tmp_path, REBOUND)
+    assert out == "[4, 4]\n"  # what the warning is about
+    warned = [line for line in err.splitlines() if "SCALE" in line]
+    assert len(warned) == 1, err
+    assert "compute reads the global SCALE, which had another value" in warned[0]
+    assert "pass it to submit as an argument" in warned[0]
+
+
+SETUP_GLOBAL = """\
+import dispynb as dispy
+from os import environ
+
+
+def setup():
+    global data
+    data = [1, 2, 3]
+    return 0
+
+
+def compute(n):
+    return data[n]
+
+
+if __name__ == "__main__":
+    cluster = dispy.JobCluster(compute, setup=setup, nodes=environ["NODES"].split(","))
+    data = "the client's own, unrelated"
+    print(cluster.submit(1)())
+    cluster.close()
+"""
+
+
+def test_a_global_that_setup_sets_on_the_node_is_not_warned_of(
+    local: LocalCluster, tmp_path: Path
+):
+    # dispy's node_setup idiom: setup makes the global the jobs read, on the node.
+    out, err = run(local, tmp_path, SETUP_GLOBAL)
+    assert out == "2\n"
+    assert "data" not in err, err
