@@ -83,12 +83,14 @@ class GlobalWatch:
             if _same(now, then):
                 continue
             self._warned = True
-            was = "was not defined" if then is _MISSING else "had another value"
+            if then is _MISSING:
+                was, jobs = "was not defined", "do not have it (NameError)"
+            else:
+                was, jobs = "had another value", "see the value it had then"
             return (
                 f"{function} reads the global {name}, which {was} when JobCluster() "
-                f"sent {function}: its jobs see {name} as it was then, not as it is "
-                f"now; set {name} before creating the cluster, or pass it to submit "
-                "as an argument"
+                f"sent {function}: its jobs {jobs}; set {name} before creating the "
+                "cluster, or pass it to submit as an argument"
             )
         return None
 

@@ -46,7 +46,10 @@ if __name__ == "__main__":
 def test_a_global_set_after_jobcluster_is_named_with_the_fix(
     local: LocalCluster, tmp_path: Path
 ):
-    out, _ = run(local, tmp_path, SCRIPT.format(name="SCALE", late="SCALE = 10"))
+    out, err = run(local, tmp_path, SCRIPT.format(name="SCALE", late="SCALE = 10"))
+    # submit warned before: a warning that the jobs fail, not of a stale value.
+    assert "SCALE, which was not defined when JobCluster() sent compute" in err, err
+    assert "its jobs do not have it (NameError)" in err, err
     lines = out.rstrip("\n").splitlines()
     assert lines[-2] == "NameError: name 'SCALE' is not defined", out
     advice = lines[-1]
