@@ -116,21 +116,24 @@ class ClusterMonitor:
 
     def _apply(self, status: int, node: DispyNode | None, job: DispyJob | None) -> None:
         """Follow a job's event (by its status now: a later event may be heard
-        first, from another thread)."""
+        first, from another thread). Its end is recorded at its own final event,
+        heard once: an earlier event heard after the end only drops it from the
+        live jobs (it was recorded twice, and counted twice as stopped)."""
         key = job._key if job is not None else None
         if job is not None and key is not None:
             if node is not None:
                 self._where[key] = format_address(node.ip_addr, node.port)
             if job.status.is_final:
-                # Told before the cluster forgets the cancel (`_forget_cancel`).
-                asked = self._cancel_asked
-                if job.status is JobStatus.Terminated and asked and asked(job):
-                    self.stopped += 1
                 self._live.pop(key, None)
                 self._running.discard(key)
-                record = self._record(job, show_args=False)
+                if JobStatus(status).is_final:
+                    # Told before the cluster forgets the cancel (`_forget_cancel`).
+                    asked = self._cancel_asked
+                    if job.status is JobStatus.Terminated and asked and asked(job):
+                        self.stopped += 1
+                    record = self._record(job, show_args=False)
+                    self._finished.append((record, weakref.ref(job)))
                 self._where.pop(key, None)
-                self._finished.append((record, weakref.ref(job)))
             else:
                 self._live[key] = job
                 if job.status in _RUNNING:

@@ -254,3 +254,24 @@ def test_a_monitor_attached_while_a_thread_submits_lists_the_first_queued(
         assert monitor.cancel_all() == 31
         assert cluster.wait(WAIT)
         monitor.close()
+
+
+def test_an_event_heard_after_its_jobs_end_records_the_end_once(
+    local1: LocalCluster,
+) -> None:
+    """A job's Running heard after its Finished (events come from several
+    threads; those held while a monitor attaches are applied late): the job
+    ended once in the monitor's history and its counts (before: two rows, and a
+    cancelled job counted twice as stopped)."""
+    with JobCluster(square, nodes=local1) as cluster:
+        monitor = ClusterMonitor(cluster)
+        job = cluster.submit(3)
+        assert job() == 9
+        wait_until(lambda: len(monitor.snapshot()["jobs"]) == 1)
+        listener = monitor._on_event  # as the cluster calls it, late
+        listener(int(JobStatus.Running), None, job)
+        snapshot = monitor.snapshot()
+        assert [row["key"] for row in snapshot["jobs"]] == [job._key]
+        assert snapshot["counts"]["running"] == snapshot["counts"]["pending"] == 0
+        assert snapshot["counts"]["finished"] == 1
+        monitor.close()
