@@ -25,6 +25,8 @@ import array
 import asyncio
 import collections
 import contextlib
+import errno
+import resource
 import socket
 import weakref
 from collections.abc import Callable, Sequence
@@ -143,6 +145,21 @@ def set_nodelay(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def unchecked(exc: Exception) -> str:
+    """Why a frame that arrived could not be checked (``exc``: this process's own
+    trouble, not the peer's)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        limit = "none" if soft == resource.RLIM_INFINITY else soft
+        whose = "system" if exc.errno == errno.ENFILE else f"process (limit {limit})"
+        return (
+            f"a message could not be checked: the receiving {whose} is out of "
+            f"file descriptors ({exc.strerror}); raise its limit (ulimit -n, "
+            "LimitNOFILE=)"
+        )
+    return f"a message could not be checked: {type(exc).__name__}: {exc}"
+
+
 class SocketLink:
     """A non-blocking stream socket driven by ``add_reader``/``add_writer``."""
 
@@ -198,10 +215,11 @@ class SocketLink:
             self._sink.frames_received(decoder.filled(count))
         except Exception as exc:
             # Not the peer's doing: a check of its frame could not run (a lazy
-            # import at the descriptor limit, memory). The link ends with the
-            # error; left readable, it failed at every read, its frame never done.
+            # import at the descriptor limit, memory). Left readable, it failed at
+            # every read, its frame never done: the stream is unusable now, as
+            # after a frame that cannot be taken, and the peer may be told why.
             self.pause_reading()
-            self._lose(exc)
+            self._sink.framing_failed(FramingError(unchecked(exc)))
             return
         if decoder.error is not None:
             self.pause_reading()
