@@ -473,6 +473,8 @@ class _NodeLinks(_ServerState):
         if not all(u.closed or u.conn is None for u in comp.upstream.values()):
             return
         comp.closed = True
+        if comp.account.exclusive:  # its start was logged: an operator sees both
+            logger.info("%s closed: other users' jobs run again", comp.name)
         if comp in self.computations:
             self.computations.remove(comp)
         self.fair.ended(comp.account, comp.account.in_flight)

@@ -127,7 +127,9 @@ def test_an_exclusive_cluster_of_a_user_named_runs_alone(
             # ... and bob's later jobs waited until alice had closed
             assert [job() for job in later] == list(range(4, 8))
             assert min(job.start_time for job in later) >= alice_end - 0.05
-        assert "runs exclusive: no other user's job starts" in scheduler.log_text()
+        log = scheduler.log_text()
+        assert "alice/nap runs exclusive: no other user's job starts" in log
+        assert "alice/nap closed: other users' jobs run again" in log
     finally:
         scheduler.stop()
 
