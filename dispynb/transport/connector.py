@@ -220,8 +220,18 @@ async def _connect_once(
                 f"cannot connect to {peer}: cannot resolve host name {host!r} "
                 f"({exc.strerror}): check its spelling, or give its IP address"
             ) from exc
+        reason = str(exc)
+        if isinstance(exc, ConnectionRefusedError):
+            # The errno's text repeats the address: say what it means, and (for a
+            # node) how to name one that runs on another port.
+            named = peer.rsplit(":", 1)[0]  # the host, in brackets for IPv6
+            other = f"; a node started with --port N is named '{named}:N'"
+            reason = (
+                f"nothing listens on port {port} there (connection refused"
+                f"{other if server == 'dispynb-node' else ''})"
+            )
         raise ConnectionClosedError(
-            f"cannot connect to {peer}: {exc}; is {server} running there?"
+            f"cannot connect to {peer}: {reason}; is {server} running there?"
         ) from exc
     try:
         async with asyncio.timeout(handshake_timeout):
