@@ -399,21 +399,28 @@ def _retrieve(request: asyncio.Future[int | None]) -> None:
         logger.debug("zygote request failed: %s", request.exception())
 
 
-def _import_what_the_node_imports_later() -> None:
+def _import_what_is_imported_later() -> None:
     """Import now, before the zygote's fork, what the node server imported only once
-    serving: the ``idna`` codec (``getaddrinfo`` of a host name given as text:
-    ``encodings.idna``, ``stringprep``, ``unicodedata``) and the threads of the
-    event loop's default executor (asyncio's ``getaddrinfo`` runs in one).
+    serving, the zygote once forked and each computation process as it loaded its
+    computation: the ``idna`` codec (``getaddrinfo`` of a host name given as text:
+    ``encodings.idna``, ``stringprep``, ``unicodedata``), the threads of the event
+    loop's default executor (asyncio's ``getaddrinfo`` runs in one), the zygote's
+    `dispynb.memscrub` (`forget_noted_secrets`) and the modules dispy's names give
+    every computation (`dispynb.jobenv.implicit_modules`: ``multiprocessing``).
 
     A module imported after the fork is not shared, and worse: its objects fill the
-    free slots of memory pools the node shares with the zygote, so the node copies
-    those pages and the zygote keeps the originals alone. These four cost 0.8 MiB of
-    node and zygote USS at rest, and 0.6 after W1 (issue 17 item 6).
+    free slots of memory pools the process shares with the others, so it copies
+    those pages and the one it was forked from keeps the originals alone: 1.4 MiB
+    of PSS at rest and 1.8 after W1 in all (issue 17 item 6).
     """
     import codecs
     import concurrent.futures.thread  # noqa: F401 - for what it imports
 
+    import dispynb.memscrub  # noqa: F401
+    from dispynb.jobenv import implicit_modules
+
     codecs.lookup("idna")  # imports it, and caches the lookup here too
+    implicit_modules()
 
 
 def start_zygote(log_level: str | None = None) -> ZygoteLauncher | None:
@@ -433,7 +440,7 @@ def start_zygote(log_level: str | None = None) -> ZygoteLauncher | None:
     import nodeserver.compute  # noqa: F401 - imported once here, shared by all
     from nodeserver.rehearsal import rehearse
 
-    _import_what_the_node_imports_later()
+    _import_what_is_imported_later()
 
     rehearse()  # the job path's first writes, made once for every worker
     node, zygote = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -584,6 +591,11 @@ def _become_computation(
             import random
 
             random.seed()
+        if "multiprocessing" in sys.modules:  # imported before the zygote's fork
+            import multiprocessing
+
+            # Its key for connections between processes is each computation's own.
+            multiprocessing.current_process().authkey = os.urandom(32)
 
         argv = ["--control-fd", str(control), *options]
         sys.argv = [compute.__file__, *argv]
