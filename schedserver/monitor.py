@@ -85,6 +85,8 @@ def snapshot(server: SchedulerServer, max_jobs: int = MAX_JOBS) -> dict[str, Any
                 "cpu_share": running / total if total else 0.0,
                 "max_cpus": config.max_cpus,
                 "max_queued": config.max_queued,
+                # --exclusive_users: its exclusive=True holds (else runs shared)
+                "exclusive": not server.fair.exclusive_refusal(name),
             }
         )
     return {

@@ -84,7 +84,11 @@ function render(snap) {
     cell(row, cpuAvail(node.avail), "num");
   });
   fill(document.querySelector("#users tbody"), snap.users, (row, user) => {
-    cell(row, user.name + (user.revoked ? " (revoked)" : ""));
+    cell(
+      row,
+      user.name +
+        (user.revoked ? " (revoked)" : user.exclusive ? " (may run exclusive)" : ""),
+    );
     cell(row, user.sessions.join(", "));
     cell(row, user.computations, "num");
     cell(row, user.queued, "num");

@@ -493,6 +493,12 @@ def test_the_api_shows_each_computations_node_limits_and_closed_nodes(
         assert bob["nodes_declined"] == [ids[second]], bob
         assert (bob["limits"], bob["nodes_closed"]) == ({}, []), bob
         assert (bob["exclusive"], bob["exclusive_declined"]) == (False, False)
+        users = client.get("/api/scheduler").json()["users"]
+        # --exclusive_users not given: nobody may (see test_exclusive.py)
+        assert [(u["name"], u["exclusive"]) for u in users] == [
+            ("alice", False),
+            ("bob", False),
+        ]
 
 
 @pytest.mark.browser
@@ -527,3 +533,15 @@ def test_the_page_shows_each_computations_node_limits_and_closed_nodes(
             ]
         )
         assert not problems, problems
+
+
+def test_the_api_says_which_users_may_run_exclusive_clusters(
+    tmp_path: Path, nodes: LocalCluster, users: dict[str, Path]
+) -> None:
+    """``--exclusive_users alice``: the operator sees it per user."""
+    with monitor(tmp_path, nodes, "--exclusive_users", "alice") as (_, client):
+        snap = client.get("/api/scheduler").json()
+    assert [(u["name"], u["exclusive"]) for u in snap["users"]] == [
+        ("alice", True),
+        ("bob", False),
+    ]
