@@ -263,8 +263,8 @@ class ResultSpool:
         """A spooled result of ``spool`` as ``(entry, buffers, kinds)``, its buffers
         views of a copy only the node reaches (`spoolcheck.private_copy`: over
         1 MiB, a file with no name mapped read-only, page cache rather than this
-        process's heap; on a file system with no such files, over
-        `spoolcheck.MEMORY_COPY`, the file itself); None (logged) if unreadable,
+        process's heap; never a map of the file itself, which its jobs can cut
+        short: SIGBUS); None (logged) if unreadable, or cut short as it is read,
         or if it fails its check (`nodeserver.spoolcheck`). Raises
         `KeptUnavailable` if the node lacks the memory, descriptors or disk space
         to read it now (the result is whole: reported lost, it was deleted with

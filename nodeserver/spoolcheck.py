@@ -32,6 +32,7 @@ import logging
 import math
 import mmap
 import os
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -123,44 +124,50 @@ MEMORY_COPY = 64 << 20
 
 def private_copy(fd: int, size: int, directory: str) -> mmap.mmap | bytearray:
     """The ``size`` bytes of file ``fd`` in a copy only this process reaches: in
-    its memory, or (over 1 MiB) a file with no name in ``directory`` (in memory, a
+    its memory, or (over 1 MiB) a file with no name in ``directory`` (or, on a file
+    system that makes none, NFS, in the node's temporary directory; in memory, a
     memfd, where there is no room or none can be made, for `MEMORY_COPY` bytes at
-    most) mapped read-only. On a file system that makes no file without a name
-    (NFS), a larger one is the file itself, mapped (logged once).
+    most, or any size where no file system here makes files without a name: said
+    once) mapped read-only.
 
     The node's jobs can change the spooled file, or cut it short, at any time: a
     result checked, then sent from a map of its file, was sent as a job rewrote it
-    meanwhile (its bytes reached the client past the check), and the pages a job
-    cut off failed the send (or, read by the node itself, would kill it: SIGBUS).
-    Raises OSError; ValueError if the file is cut short as it is copied."""
+    meanwhile (its bytes reached the client past the check), and a job that cut the
+    file short as the node read the map killed the node (SIGBUS): never a map of a
+    file the jobs can reach. Raises OSError; ValueError if the file is cut short as
+    it is copied."""
     if size <= _READ_BYTES:
         data = bytearray(size)
         if os.preadv(fd, [data], 0) != size:
             raise ValueError("the file was cut short as it was read")
         return data
-    try:
-        return _mapped_copy(fd, size, os.open(directory, _UNNAMED, 0o600))
-    except OSError as exc:
-        if exc.errno not in _NO_UNNAMED_FILE:
-            raise
-        if size > MEMORY_COPY and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise  # for now: the result stays kept (`spool.KeptUnavailable`)
-    if size <= MEMORY_COPY:
-        return _mapped_copy(fd, size, os.memfd_create("dispynb-kept", os.MFD_CLOEXEC))
-    # A file system with no files without a name (NFS...): the file itself, as
-    # before, rather than gigabytes of memory; said once.
-    global _UNNAMED_WARNED
-    if not _UNNAMED_WARNED:
-        _UNNAMED_WARNED = True
-        logger.warning(
-            "the file system of %s makes no files without a name: kept results of "
-            "over %d MiB are sent from their own files, which the node's jobs could "
-            "change as they are sent; give the node a --dest-path on a local file "
-            "system (ext4, xfs, btrfs, tmpfs)",
-            directory,
-            MEMORY_COPY >> 20,
-        )
-    return mmap.mmap(fd, size, access=mmap.ACCESS_READ)
+    refused: OSError | None = None
+    for where in dict.fromkeys((directory, tempfile.gettempdir())):
+        try:
+            return _mapped_copy(fd, size, os.open(where, _UNNAMED, 0o600))
+        except OSError as exc:
+            if exc.errno not in _NO_UNNAMED_FILE:
+                raise
+            refused = exc
+    assert refused is not None
+    if size > MEMORY_COPY:
+        if refused.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise refused  # for now: the result stays kept (`spool.KeptUnavailable`)
+        # No file system here makes files without a name: memory, said once (a
+        # map of the file itself let a job kill the node).
+        global _UNNAMED_WARNED
+        if not _UNNAMED_WARNED:
+            _UNNAMED_WARNED = True
+            logger.warning(
+                "neither the file system of %s nor the temporary directory %s makes "
+                "files without a name: kept results of over %d MiB are copied to "
+                "memory to be checked and sent; give the node a --dest-path (or "
+                "TMPDIR) on a local file system (ext4, xfs, btrfs, tmpfs)",
+                directory,
+                tempfile.gettempdir(),
+                MEMORY_COPY >> 20,
+            )
+    return _mapped_copy(fd, size, os.memfd_create("dispynb-kept", os.MFD_CLOEXEC))
 
 
 _UNNAMED_WARNED = False

@@ -9,6 +9,8 @@ import os
 import re
 import stat
 import struct
+import subprocess
+import sys
 import time
 import tracemalloc
 from pathlib import Path
@@ -550,9 +552,10 @@ def test_a_large_result_without_room_for_its_copy_is_kept_not_lost(
 def test_a_large_result_on_a_file_system_without_unnamed_files_is_sent(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """On a file system that makes no file without a name (NFS), a result over
-    `spoolcheck.MEMORY_COPY` is sent from its own file (as before the copies),
-    said once: not refused for ever as if the node were short of room."""
+    """Where no file system makes a file without a name (NFS), a result over
+    `spoolcheck.MEMORY_COPY` is sent from a copy in memory, said once: neither
+    refused for ever as if the node were short of room, nor sent from a map of its
+    own file (`test_a_job_cutting_a_large_kept_file_short_never_kills_the_node`)."""
     spool = ResultSpool(str(tmp_path), 8 << 20)
     directory = spool.create(RID, "comp")
     large = [memoryview(b"L" * (2 << 20))]
@@ -570,6 +573,75 @@ def test_a_large_result_on_a_file_system_without_unnamed_files_is_sent(
     for _ in range(2):
         opened = spool.open(directory, directory.files[-1][0])
         assert opened is not None and opened[1][0] == large[0]
+        with open(directory.files[-1][0], "r+b") as handle:
+            handle.seek(1000)
+            handle.write(b"changed")  # not what is sent: a copy
+        assert opened[1][0] == large[0]
+        with open(directory.files[-1][0], "r+b") as handle:
+            handle.seek(1000)
+            handle.write(b"L" * 7)
         del opened
-    said = [r.message for r in caplog.records if "no files without a name" in r.message]
+    said = [r.message for r in caplog.records if "files without a name" in r.message]
     assert len(said) == 1, said
+    assert "copied to memory" in said[0], said
+
+
+#: A node's spool read where no file system makes files without a name (O_TMPFILE
+#: refused as NFS refuses it: an `os.open` that says so, as no such file system
+#: can be mounted here), a job cutting a large kept file short as the node checks
+#: it, and another cutting one short before it is read. Prints what each read gave.
+CUT_SHORT = """
+import errno, os, sys
+from nodeserver import spool as spool_module, spoolcheck
+from nodeserver.spool import ResultSpool
+
+real_open = os.open
+def no_unnamed(name, flags, *args):
+    if flags & os.O_TMPFILE == os.O_TMPFILE:
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+    return real_open(name, flags, *args)
+os.open = no_unnamed
+spoolcheck.MEMORY_COPY = 1 << 20
+real_copy = spool_module.private_copy
+def cut(after):
+    def copy(fd, size, directory):
+        if not after:
+            os.truncate(f"/proc/self/fd/{fd}", 4096)
+        made = real_copy(fd, size, directory)
+        if after:
+            # the job's, as the node checks the result:
+            os.truncate(f"/proc/self/fd/{fd}", 4096)
+        return made
+    return copy
+spool = ResultSpool(sys.argv[1], 64 << 20)
+directory = spool.create("5f3c0a9e1b2d4c6e8f00112233445566", "comp")
+entry = [1, 1, "finished", 0.5, 1.5, "out", "", None, 1]
+for after in (True, False):
+    assert spool.write(directory, entry, [memoryview(b"L" * (8 << 20))])
+    spool_module.private_copy = cut(after)
+    opened = spool.open(directory, directory.files[-1][0])
+    print(None if opened is None else bytes(opened[1][0]) == b"L" * (8 << 20),
+          flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_job_cutting_a_large_kept_file_short_never_kills_the_node(
+    tmp_path: Path,
+) -> None:
+    """Where no file system makes files without a name (NFS), a kept result over
+    `spoolcheck.MEMORY_COPY` was checked and sent from a map of its own file: a job
+    (the node's user) that cut the file short as the node read the map killed the
+    node (SIGBUS). Now the node reads a copy of its own: one cut short after the
+    copy is sent whole, one cut short before is lost, saying why, and the node
+    lives on."""
+    done = subprocess.run(
+        [sys.executable, "-c", CUT_SHORT, str(tmp_path / ".kept")],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
+    )
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.split() == ["True", "None"], done.stdout
+    assert "cut short" in done.stderr, done.stderr[-2000:]
