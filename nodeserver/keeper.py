@@ -224,6 +224,11 @@ class Kept:
     #: (`memory_cap`).
     memory_bytes: int = 0
     memory_cap: int = PENDING_NODE_BYTES
+    #: Its computation's name, as its client named it (kept once the computation
+    #: is gone: what the node's log calls it).
+    name: str = ""
+    #: Without a spool: why, and what gives it one (`_report_lost_from_memory`).
+    no_spool: str = ""
 
     def open(self, result: KeptResult) -> tuple[list[Any], list[memoryview], str]:
         """``(entry, buffers, kinds)`` of a kept result: a spooled one's buffers map
@@ -298,8 +303,14 @@ class ResultKeeper:
         if replaced is not None:  # the same id again: the first is not recoverable
             self._forget(replaced)
             self._end_replaced(replaced)
-        kept = Kept(computation, budget=self._budget)
-        if self._spool is not None:
+        kept = Kept(computation, budget=self._budget, name=computation.name)
+        if self._spool is None:
+            kept.no_spool = (
+                "the node has no spool for them: it found none it could claim in "
+                "its --dest-path (another node holds it, said as it started); give "
+                "each node a --dest-path of its own it can write to"
+            )
+        else:
             kept.memory_cap = memory_cap(self._spool.max_bytes)
             try:
                 kept.spool = self._spool.create(recovery_id, computation.name)
@@ -309,6 +320,10 @@ class ResultKeeper:
                     "cannot spool results of %s (%s): kept in memory",
                     computation.name,
                     exc,
+                )
+                kept.no_spool = (
+                    f"its spool could not be made: {exc}; free space in the node's "
+                    "--dest-path, or let the node write there"
                 )
         self._kept[self._key(recovery_id)] = kept
         return kept
@@ -668,29 +683,29 @@ class ResultKeeper:
 def _report_lost_from_memory(kept: Kept) -> None:
     """Log what ``kept`` held in memory for its client's recovery (the disk refused
     it, or the node has no spool): the node stops, so it is lost. The line about
-    the results the disk refused only counted them, as if they were safe."""
+    the results the disk refused only counted them, as if they were safe; it named
+    a computation gone with its jobs "?", and advised on the disk whatever the
+    cause."""
     if kept.dropped or not kept.results:
         return
     files = sum(1 for r in kept.results if r.entry and r.entry[0] == FILE)
     what = counted(len(kept.results) - files, "result")
     if files:
         what += f" and {counted(files, 'file')} its jobs sent"
-    name = kept.spool.name if kept.spool is not None else "?"
-    if kept.computation is not None:
-        name = kept.computation.name
-    why = (
-        "the node has no spool for them"
-        if kept.spool is None or kept.owner is None
-        else f"its disk refused them: {kept.spool.failure or 'see above'}"
-    )
+    if kept.spool is None or kept.owner is None:
+        why = kept.no_spool or "the node has no spool for them"
+    else:
+        why = (
+            f"its disk refused them: {kept.spool.failure or 'see above'}; free "
+            "space in the node's --dest-path, or let the node write there"
+        )
     logger.warning(
-        "computation %s: %s held in memory for its client's recover_jobs (%s) "
-        "%s lost as the node stops: free space in its --dest-path, or raise "
-        "--kept-results-size",
-        name,
+        "computation %s: %s held in memory for its client's recover_jobs %s lost "
+        "as the node stops (%s)",
+        kept.name or (kept.spool.name if kept.spool is not None else "unnamed"),
         what,
-        why,
         "is" if len(kept.results) == 1 else "are",
+        why,
     )
 
 

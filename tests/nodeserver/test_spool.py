@@ -514,9 +514,40 @@ def test_results_held_in_memory_are_said_lost_when_the_node_stops(
     assert len(said) == 1, said
     assert said[0].startswith(
         "computation comp: 3 results held in memory for its client's recover_jobs "
-        "(its disk refused them: [Errno 2] No such file or directory"
+        "are lost as the node stops (its disk refused them: [Errno 2] No such file "
+        "or directory"
     ), said
-    assert "are lost as the node stops" in said[0], said
+    assert said[0].endswith(
+        "free space in the node's --dest-path, or let the node write there)"
+    ), said
+
+
+def test_results_held_without_a_spool_are_said_lost_by_name_and_why(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A node with no spool (none it could claim in its --dest-path) holds the
+    results of a computation whose client went away in memory; its stop loses them.
+    Its jobs over, the line called it "computation ?", and advised freeing disk
+    space or raising --kept-results-size, which neither gives it a spool."""
+    caplog.set_level(logging.INFO, logger="nodeserver")
+
+    async def main() -> None:
+        keeper = ResultKeeper(None)
+        kept = keeper.register(RID, FakeComputation())  # type: ignore[arg-type]
+        for key in range(2):
+            ResultKeeper.record(kept, *result(key))
+        assert len(kept.results) == 2  # held in memory
+        kept.computation = None  # its jobs ended (`ResultKeeper._finish`)
+        await keeper.close()
+
+    asyncio.run(main())
+    (said,) = [r.getMessage() for r in caplog.records if "lost" in r.message]
+    assert said.startswith(
+        "computation comp: 2 results held in memory for its client's recover_jobs "
+        "are lost as the node stops (the node has no spool for them: it found none "
+        "it could claim in its --dest-path"
+    ), said
+    assert "--dest-path of its own" in said and "kept-results-size" not in said, said
 
 
 def test_a_large_result_without_room_for_its_copy_is_kept_not_lost(
