@@ -132,6 +132,9 @@ class ProgressLine:
         self._last_draw: float = -math.inf
         self._drawn: int = -1  # jobs shown by the last draw
         self._closed: bool = False
+        # Redrawn in place on a terminal only: in a log, each redraw would be text.
+        isatty = getattr(self.stream, "isatty", None)
+        self._live: bool = bool(isatty and isatty())
 
     def start(self) -> None:
         """Start the clock used for the rate; call just before submitting."""
@@ -171,6 +174,8 @@ class ProgressLine:
         if self._closed:
             return
         done = len(self._seen)
+        if done < self.total and not self._live:
+            return  # a file or a pipe: its one line is the final count (close)
         filled = self.width * done // max(self.total, 1)
         rate = (done - self._cancelled) / max(now - self._started, 1e-9)
         failed = f"  {self._failed} failed" if self._failed else ""

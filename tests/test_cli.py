@@ -185,3 +185,37 @@ def test_python_m_dispynb_is_the_dispynb_command(tmp_path: Path) -> None:
     demo = dispynb("demo", "--nodes", "1", "--jobs", "4", "--samples", "1000")
     assert demo.returncode == 0, demo.stderr
     assert "4/4 jobs" in demo.stderr and "pi ~= " in demo.stdout
+
+
+def test_progress_line_into_a_file_writes_only_its_final_count() -> None:
+    """``dispynb demo > log`` (CI, a pipe): redrawing in place with ``\\r`` filled
+    the file with every intermediate count on one line; it gets the last only."""
+    stream = io.StringIO()  # no terminal
+    progress = ProgressLine(40, stream=stream, interval=0.0)
+    progress.start()
+    for i in range(40):
+        progress.job_status(SimpleNamespace(id=i, status=11))
+    progress.close()
+    assert re.fullmatch(r"\r\[#{30}\] 40/40 jobs  \d+\.\d jobs/s\n", stream.getvalue())
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_line_on_a_terminal_is_redrawn_as_jobs_end() -> None:
+    stream = _Terminal()
+    progress = ProgressLine(4, stream=stream, interval=0.0)
+    progress.start()
+    for i in range(4):
+        progress.job_status(SimpleNamespace(id=i, status=11))
+    progress.close()
+    frames = stream.getvalue().split("\r")[1:]
+    assert [frame.split(" jobs")[0][-3:] for frame in frames] == [
+        "0/4",
+        "1/4",
+        "2/4",
+        "3/4",
+        "4/4",
+    ], frames
