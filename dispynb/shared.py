@@ -70,8 +70,9 @@ class SharedJobCluster(JobCluster):
         scheduler_node: str | None = None,
         **options: Any,
     ) -> None:
-        #: Nodes behind the scheduler this cluster closed (`close_node`), by id,
-        #: until `allocate_node` names them.
+        #: Nodes behind the scheduler this cluster closed (`close_node`), by id:
+        #: `allocate_node` and `close_node` find them by any of their names, also
+        #: while a close or a setup again is under way (not in its nodes then).
         self._closed_behind: dict[str, DispyNode] = {}
         if scheduler_node is not None:
             # dispy's name for it up to 4.10 (and in its documentation since).
@@ -174,7 +175,6 @@ class SharedJobCluster(JobCluster):
         except ClusterError as exc:
             logger.warning("allocate_node: %s", exc)
             return -1
-        self._closed_behind.pop(node_id, None)
         self._deallocated.discard(node_id)
         if used > 0:  # all its CPUs again (a closed one comes back set up anew)
             self._used_cpus(node_id, used)
@@ -214,7 +214,10 @@ class SharedJobCluster(JobCluster):
         if not self._shared():
             return super().close_node(node, terminate_pending)
         try:
-            node_id = self._behind(node)
+            # (one closed, even allocated again, may not be back yet: still named)
+            node_id = self._node_id(node, among=self._closed_behind) or self._behind(
+                node
+            )
             known = self._nodes.get(node_id)
             self._manage(
                 node_id, "close_node", "close", terminate=bool(terminate_pending)

@@ -422,6 +422,18 @@ class SharedComputation(_NodeSide, _SentFiles):
                 self._log_change("allocated node %s again", node)
                 self.server.set_up_again(self, node)
                 return "", 0
+            if self._turning(node) is not None:  # set up (again) once closed
+                return "", 0
+        elif action == "close":
+            turning = self._turning(node)
+            if turning is not None:
+                # The last call decides: a close under way goes on (not to be
+                # followed by a setup again), a setup under way is closed; with
+                # terminate, the node (closing already) ends the jobs it let run.
+                send = message.terminate or not turning.closing
+                self._close_on(turning, message.terminate, send=send)
+                self._log_change("closed node %s", node)
+                return "", 0
         why = self._unmanaged(node)
         if why:
             return why, 0
@@ -521,7 +533,24 @@ class SharedComputation(_NodeSide, _SentFiles):
             )
         return ""
 
-    def _close_on(self, upstream: Upstream, terminate: bool) -> None:
+    def _turning(self, node: str) -> Upstream | None:
+        """Its link to ``node`` if a close or a setup (again) is under way there
+        (``close_node`` and ``allocate_node`` in quick turns): None if the node is
+        in use, left, or shuts down."""
+        upstream = self.upstream.get(node)
+        if (
+            upstream is None
+            or upstream.ended
+            or upstream.task is None
+            or upstream.task.done()
+            or not upstream.node.alive
+            or upstream.node.leaving
+            or (upstream.ready and not upstream.closing)
+        ):
+            return None
+        return upstream
+
+    def _close_on(self, upstream: Upstream, terminate: bool, send: bool = True) -> None:
         """Its client's ``close_node``: close it on ``upstream``'s node (its cleanup
         runs there), not to be set up there again until ``allocate_node``. Its
         jobs running there finish (or are terminated); those pinned there that have
@@ -546,12 +575,13 @@ class SharedComputation(_NodeSide, _SentFiles):
                     )
                 )
             self.end_jobs(cancelled)
-        self.server.write(
-            upstream,
-            ComputationClose(
-                comp_id=self.comp_id, terminate=terminate, cancel_waiting=True
-            ),
-        )
+        if send:  # (not if sent already, unless to terminate)
+            self.server.write(
+                upstream,
+                ComputationClose(
+                    comp_id=self.comp_id, terminate=terminate, cancel_waiting=True
+                ),
+            )
 
     def take(self, node: str) -> QueuedJob:
         """The next queued job that may run on ``node`` (one `Account.takes` says

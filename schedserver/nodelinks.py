@@ -302,6 +302,12 @@ class _NodeLinks(_ServerState):
         )
         try:
             conn.write(setup, comp.bundle)
+            if upstream.closing:  # close_node came while it connected: once set up
+                conn.write(
+                    ComputationClose(
+                        comp_id=comp.comp_id, terminate=False, cancel_waiting=True
+                    )
+                )
             await conn.dispatch(
                 functools.partial(self._from_node, comp, upstream),
                 early=functools.partial(comp.pass_on, upstream),

@@ -23,6 +23,7 @@ the operator's.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import threading
@@ -134,8 +135,12 @@ class SchedulerBackend(NodesBackend):
         self._reported_at = 0.0
         self._reported = threading.Condition()
         #: Nodes this cluster closed (``close_node``): leaving the reports, they
-        #: are released, not lost.
+        #: are released, not lost; also after an ``allocate_node``, until they
+        #: join a report again (set up anew), as the close under way ends.
         self._released_behind: set[str] = set()
+        #: Closes asked of the scheduler and not answered yet, by node: a report
+        #: it sent before it closed one may still show the node joined.
+        self._closes_asked: collections.Counter[str] = collections.Counter()
         #: `SchedulerEngine.allocations`; what they gave each node behind the
         #: scheduler (its CPUs for this cluster), and the nodes they declined.
         self.allocations: list[NodeAllocate] = []
@@ -210,6 +215,8 @@ class SchedulerBackend(NodesBackend):
                 continue
             avail = _avail_info(entry.avail)
             known = self._behind.get(entry.node_id)
+            if known is None and not self._closes_asked[entry.node_id]:
+                self._released_behind.discard(entry.node_id)  # set up anew
             allotted = self._allotted.get(entry.node_id)
             platform = platforms.get(entry.node_id)
             if not isinstance(platform, str):  # an older scheduler's, or garbage
@@ -466,13 +473,18 @@ class SchedulerBackend(NodesBackend):
             )
         if action == "close":  # it leaves the reports: released, not lost
             self._released_behind.add(node_id)
+            self._closes_asked[node_id] += 1
         elif action == "allocate":
-            self._released_behind.discard(node_id)
+            # (still released as a close under way ends: it joins again after)
             self._named.add(node_id)
             self._declined.discard(node_id)
-        error, used = await self.driver.manage_node(
-            link, node_id, action, cpus, terminate
-        )
+        try:
+            error, used = await self.driver.manage_node(
+                link, node_id, action, cpus, terminate
+            )
+        finally:
+            if action == "close":
+                self._closes_asked -= collections.Counter([node_id])
         if error and action == "close":
             self._released_behind.discard(node_id)
         return error, used
