@@ -184,7 +184,8 @@ class SharedComputation(_NodeSide, _SentFiles):
         #: and chunks sized for the client that set it up are cut to it.
         self.client_limit: int | None = None
         self.expiry: asyncio.TimerHandle | None = None
-        #: ``send_file`` requests: request -> [nodes yet to answer, errors].
+        #: ``send_file`` requests: request -> [names of the nodes yet to answer,
+        #: the first error].
         self.placements: dict[int, list[Any]] = {}
         #: Files jobs sent that wait for the client's answer: request -> the node,
         #: the job, the node's number for the file, and whether it was kept for

@@ -109,7 +109,7 @@ class _FileRelay(_ServerState):
                 )
             )
             return
-        comp.placements[message.request] = [len(ready), ""]
+        comp.placements[message.request] = [{u.node.name for u in ready}, ""]
         data = self.files.get(message.digest)
         for upstream in ready:
             if data is not None:

@@ -422,7 +422,7 @@ class _NodeLinks(_ServerState):
         elif isinstance(message, FilesMissing):
             self._give_files(comp, upstream, message.digests)
         elif isinstance(message, FilePlaced):
-            comp.placed(message)
+            comp.placed(upstream, message)
         elif isinstance(message, ComputationReady):
             upstream.ready = True
             comp.account.nodes.add(upstream.node.name)

@@ -71,7 +71,7 @@ class _NodeSide(_JobFiles):
     recovering: bool
     replaying: bool
     client_limit: int | None
-    placements: dict[int, list[Any]]
+    placements: dict[int, list[Any]]  # request -> [nodes yet to answer, error]
     node_done: dict[str, list[float]]
     _reported: list[list[Any]] | None
     _left: dict[str, str]
@@ -342,20 +342,22 @@ class _NodeSide(_JobFiles):
                 )
             )
 
-    def placed(self, message: FilePlaced) -> None:
-        """A node answered a ``send_file``: the client hears once all have."""
-        waiting = self.placements.get(message.request)
-        if waiting is None:
+    def placed(self, upstream: Upstream, message: FilePlaced) -> None:
+        """``upstream``'s node answered a ``send_file``: the client hears once
+        every node it was sent to has (or was lost)."""
+        self._placed_on(upstream.node.name, message.request, message.error)
+
+    def _placed_on(self, node: str, request: int, error: str) -> None:
+        waiting = self.placements.get(request)
+        if waiting is None or node not in waiting[0]:
             return
-        waiting[0] -= 1
-        if message.error and not waiting[1]:
-            waiting[1] = message.error
-        if waiting[0] <= 0:
-            del self.placements[message.request]
+        waiting[0].discard(node)
+        if error and not waiting[1]:
+            waiting[1] = error
+        if not waiting[0]:
+            del self.placements[request]
             self.to_client(
-                FilePlaced(
-                    comp_id=self.comp_id, request=message.request, error=waiting[1]
-                )
+                FilePlaced(comp_id=self.comp_id, request=request, error=waiting[1])
             )
 
     def node_lost(self, upstream: Upstream, reason: str) -> None:
@@ -364,6 +366,10 @@ class _NodeSide(_JobFiles):
         upstream.conn = None
         upstream.ready = False
         upstream.ended = True
+        # A send_file it had not answered: its client waited its whole timeout
+        # for it. Not an error: the file is on every node the computation has.
+        for request in list(self.placements):
+            self._placed_on(upstream.node.name, request, "")
         self.account.nodes.discard(upstream.node.name)
         # Its client forgets it took the node out or limited it (the node left):
         # all of it in use when it is set up again, for both.
