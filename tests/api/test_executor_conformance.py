@@ -251,15 +251,17 @@ def gate(tmp_path) -> Iterator[str]:
 
 def _submit_behind_two(executor, gate: str) -> tuple[list[cf.Future], cf.Future]:
     """Two calls running in the workers, one until the file ``gate0`` exists,
-    the other until ``gate1`` does; three waiting for a worker (the pool's queue
-    is then full, so the next call stays pending there); a last one behind them
-    (its ``cancel()`` returns True): the first two calls, and the last."""
+    the other until ``gate1`` does; four waiting for a worker (three fill the
+    pool's queue; the fourth is the one its manager thread moves in when the
+    first call ends, which a loaded machine may let it do before it reports that
+    call's end); a last one behind them, still pending when the first ends (its
+    ``cancel()`` returns True): the first two calls, and the last."""
     first = [
         executor.submit(gated, i, f"{gate}{i}", f"{gate}{i}.started") for i in range(2)
     ]
     for i in range(2):
         wait_for_path(f"{gate}{i}.started")
-    for i in range(3):
+    for i in range(4):
         executor.submit(gated, 2 + i, f"{gate}1")
     return first, executor.submit(gated, 9, f"{gate}1")
 
