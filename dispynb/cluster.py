@@ -415,9 +415,9 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
         longer. Jobs still not done then are abandoned, named in one warning."""
         if self._closed:
             return
-        if self._backend is not None:
-            keys = [key for key, job in list(self._jobs.items()) if not job.done()]
-            self._backend.cancel(keys)
+        # As a cancel the caller asked for (`_cancel_all`): a job it terminates is
+        # no failure for monitors and the lab panel (a Stop in a with-block).
+        self._cancel_all(list(self._jobs.values()))
         if not self.wait(wait):
             self._warn_abandoned(wait)
         self._shutdown(terminate=True)

@@ -275,3 +275,20 @@ def test_an_event_heard_after_its_jobs_end_records_the_end_once(
         assert snapshot["counts"]["running"] == snapshot["counts"]["pending"] == 0
         assert snapshot["counts"]["finished"] == 1
         monitor.close()
+
+
+def test_jobs_close_terminate_ends_are_stopped_not_failed(
+    local1: LocalCluster, tmp_path: Path
+) -> None:
+    """``close(terminate=True)`` (and a Stop inside ``with JobCluster(...)``, whose
+    exit calls it) ends the running jobs as asked: the monitor counts them stopped
+    by the user, as a Cancel's (before: failed, in the lab panel's card)."""
+    marker = str(tmp_path / "started")
+    cluster = JobCluster(mark_and_sleep, nodes=local1)
+    monitor = ClusterMonitor(cluster)
+    job = cluster.submit(marker, 30)
+    wait_for_path(marker)
+    cluster.close(terminate=True)
+    assert job.status is JobStatus.Terminated
+    assert monitor.stopped == 1
+    monitor.close()
