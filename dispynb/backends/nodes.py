@@ -16,20 +16,26 @@ import asyncio
 import itertools
 import logging
 import os
-import socket
-import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
-from dispynb import config as dispy_config
 from dispynb._loop import Coalescer
 from dispynb.backends import base
+from dispynb.backends._nodesettings import (
+    PYTHON,
+    avail_info,
+    check_python,
+    client_name,
+    compiled_code,
+    configured_port,
+    result_cap,
+)
 from dispynb.backends.base import ClusterConfig, Departure, JobEvents, NodeInfo
 from dispynb.backends.finder import NodeFinder
 from dispynb.backends.jobfiles import save_job_file, unsaved_file
 from dispynb.captures import check_shippable
-from dispynb.defaults import MAX_MESSAGE_SIZE, NODE_PORT
+from dispynb.defaults import MAX_MESSAGE_SIZE
 from dispynb.depends import FileRef, collect
 from dispynb.errors import (
     AuthenticationError,
@@ -41,9 +47,7 @@ from dispynb.errors import (
     SetupError,
     TransportError,
 )
-from dispynb.netoptions import _check_port
 from dispynb.node import DispyNodeAvailInfo, NodeAllocate, is_wildcard, parse_node_specs
-from dispynb.options import ClusterOptions
 from dispynb.programs import read_program
 from dispynb.protocol import serialize
 from dispynb.protocol.framing import Buffer, buffers_size
@@ -118,7 +122,7 @@ class NodesBackend:
         opts = self._options = config.options
         # The port of nodes named without one: dispy's node_port (up to 4.10), or
         # its dispy_port, which pairs with the node's -p (or dispy.config's).
-        self._node_port = opts.node_port or opts.dispy_port or _configured_port()
+        self._node_port = opts.node_port or opts.dispy_port or configured_port()
         self._program: ProgramFile | None = None
         if isinstance(opts.computation, str):
             self._program = read_program(opts.computation)
@@ -165,13 +169,13 @@ class NodesBackend:
                 recovery_id=config.recovery_id,
                 keep_results=RECOVERY_KEEP if config.recovery_id else 0.0,
                 keep_sent=config.journal_jobs,
-                client_name=_client_name(),
+                client_name=client_name(),
                 max_output=opts.max_output_size,  # type: ignore[arg-type]
-                max_result=_result_cap(opts),
+                max_result=result_cap(opts),
                 max_pids=opts.max_pids,
                 fresh_process=opts.fresh_process,
                 # Nodes (a scheduler's too) on another version refuse compiled code.
-                python=_PYTHON if _compiled_code(opts, config.depends.names) else "",
+                python=PYTHON if compiled_code(opts, config.depends.names) else "",
                 result_types=None
                 if opts.result_types is None
                 else serialize.AllowList(opts.result_types),
@@ -308,15 +312,15 @@ class NodesBackend:
     def _allocator(self, spec: NodeAllocate, port: int) -> Allocator:
         opts = self._options
         deps = self._config.depends
-        compiled = _compiled_code(opts, deps.names)
+        compiled = compiled_code(opts, deps.names)
 
         def allocate(
             welcome: Welcome, peer_ip: str
         ) -> tuple[int, list[Buffer], list[FileRef]]:
-            _check_python(welcome, peer_ip, compiled)
+            check_python(welcome, peer_ip, compiled)
             chosen = spec
             try:
-                avail_info = self._reported_avail(peer_ip, welcome.avail)
+                avail = self._reported_avail(peer_ip, welcome.avail)
                 cpus = 0
                 for asked in self._allocations(spec, port, peer_ip, welcome.name):
                     cpus = asked.allocate(
@@ -324,7 +328,7 @@ class NodesBackend:
                         peer_ip,
                         welcome.name,
                         welcome.cpus,
-                        avail_info=avail_info,
+                        avail_info=avail,
                         platform=welcome.platform,
                     )
                     if cpus and cpus > 0:  # else dispy asks the next one
@@ -333,9 +337,7 @@ class NodesBackend:
                 # allocate() may set per-node depends and setup_args (dispy examples do)
                 node_deps = collect(chosen.depends, "NodeAllocate.depends")
                 if node_deps.names:  # compiled code of this node's own
-                    _check_python(
-                        welcome, peer_ip, _compiled_code(opts, node_deps.names)
-                    )
+                    check_python(welcome, peer_ip, compiled_code(opts, node_deps.names))
             except DispynbError:
                 raise
             except Exception as exc:
@@ -439,10 +441,10 @@ class NodesBackend:
             self._events.node_status(info, self._reported_avail(link.node_id, avail))
 
     def _reported_avail(self, node: str, avail: Any) -> DispyNodeAvailInfo | None:
-        """A node's resource report as `_avail_info`; a malformed one (only a
+        """A node's resource report as `avail_info`; a malformed one (only a
         node holding the secret can send it) is unknown, said once per node."""
         try:
-            return _avail_info(avail_figures(avail))
+            return avail_info(avail_figures(avail))
         except MessageError as exc:
             if node not in self._malformed_avail:
                 self._malformed_avail.add(node)
@@ -737,91 +739,8 @@ class NodesBackend:
         return self._runner.run_sync(call)
 
 
-def _configured_port() -> int:
-    """The port of nodes named without one, from `dispynb.config`: a program that
-    sets ``dispy.config.DispyPort = P`` has given ``dispy_port=P`` (dispy's keyword
-    only sets it), which pairs with nodes started with ``-p P``; else ``NodePort``."""
-    if dispy_config.DispyPort != NODE_PORT - 1:
-        port = _check_port(dispy_config.DispyPort, "dispy.config.DispyPort")
-    else:
-        port = _check_port(dispy_config.NodePort, "dispy.config.NodePort")
-    assert port is not None
-    return port
-
-
-#: This client's Python version, major.minor: what compiled code needs.
-_PYTHON = "{}.{}".format(*sys.version_info[:2])
-
-
-def _compiled_code(opts: ClusterOptions, names: dict[str, Any]) -> str:
-    """What of a computation travels as compiled code (cloudpickle by value), as
-    words for a message; "" if nothing does (a program, installed functions)."""
-    named = [
-        ("the computation", opts.computation),
-        ("the setup function", opts.setup),
-        ("the cleanup function", opts.cleanup),
-        *((f"{name} (depends)", obj) for name, obj in names.items()),
-    ]
-    found = [
-        f"{what} {getattr(obj, '__name__', '')}".rstrip()
-        if what.startswith("the ")
-        else what
-        for what, obj in named
-        if obj is not None
-        and not isinstance(obj, (str, bool))
-        and serialize.travels_by_value(obj)
-    ]
-    return ", ".join(found)
-
-
-def _check_python(welcome: Welcome, peer_ip: str, compiled: str) -> None:
-    """Refuse a node whose Python (major.minor) is not this client's when
-    ``compiled`` names code that travels compiled: other versions cannot run it
-    (dispy sent source text, which they could)."""
-    if not compiled or not welcome.python:
-        return
-    theirs = ".".join(welcome.python.split(".")[:2])
-    ours = _PYTHON
-    if theirs == ours:
-        return
-    raise SetupError(
-        f"node {welcome.name!r} ({peer_ip}) runs Python {welcome.python} and this "
-        f"client Python {ours}: {compiled}, defined in this program, travels as "
-        f"compiled code, which only Python {ours} runs (dispy sent source text). "
-        f"Run the client and the nodes with the same Python version (start "
-        f"dispynb-node with a Python {ours}, or run this program with Python {theirs})"
-    )
-
-
-def _avail_info(avail: list[float | None]) -> DispyNodeAvailInfo | None:
-    """A node's report as dispy's `DispyNodeAvailInfo`; None (not reported, as
-    dispy says of a node without psutil) unless all four figures are known, so
-    that a program reading ``avail_info.cpu`` never gets anything but a number."""
-    if len(avail) != 4:
-        return None
-    cpu, memory, disk, swap = avail
-    if cpu is None or memory is None or disk is None or swap is None:
-        return None
-    return DispyNodeAvailInfo(cpu, int(memory), int(disk), swap)
-
-
-def _result_cap(opts: ClusterOptions) -> int:
-    """Bytes a result may pickle to: ``max_result_size``, within ``max_message_size``
-    less room for a message's header. The job's output is not counted: the node
-    sends what does not fit in a message in chunks, as a large result's buffers
-    (it knows the limit from `ComputationSetup.max_message_size`)."""
-    limit = opts.max_message_size
-    room = max(limit - (1 << 20), limit // 2)
-    cap = opts.max_result_size
-    return room if not isinstance(cap, int) else min(cap, room)
-
-
-def _client_name() -> str:
-    return f"{socket.gethostname()}:{sys.argv[0].rsplit('/', 1)[-1] or 'python'}"
+def _nothing() -> None:
+    """A callback that only wakes the loop (`NodesBackend.submit`)."""
 
 
 __all__ = ["DISCOVERY_WAIT", "RECOVERY_KEEP", "STARTUP_WAIT", "NodeEngine"]
-
-
-def _nothing() -> None:
-    """A callback that only wakes the loop (`NodesBackend.submit`)."""

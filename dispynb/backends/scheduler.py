@@ -31,8 +31,9 @@ import time
 from typing import Any
 
 from dispynb.backends import base
+from dispynb.backends._nodesettings import avail_info
 from dispynb.backends.base import ClusterConfig, Departure, JobEvents, NodeInfo
-from dispynb.backends.nodes import NodeEngine, NodesBackend, _avail_info
+from dispynb.backends.nodes import NodeEngine, NodesBackend
 from dispynb.depends import FileRef
 from dispynb.errors import ConfigurationError, MessageError, NotSupportedError
 from dispynb.node import DispyNode, DispyNodeAvailInfo, NodeAllocate, parse_node_specs
@@ -213,7 +214,7 @@ class SchedulerBackend(NodesBackend):
         for entry in nodes:
             if entry.node_id in self._declined:
                 continue
-            avail = _avail_info(entry.avail)
+            avail = avail_info(entry.avail)
             known = self._behind.get(entry.node_id)
             if known is None and not self._closes_asked[entry.node_id]:
                 self._released_behind.discard(entry.node_id)  # set up anew
