@@ -281,7 +281,7 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
                 if not done or self._callbacks.in_dispatcher_thread():
                     return done
                 if not self._callbacks.flush(left()):
-                    return True  # every job is done; only callbacks are running late
+                    return False  # every job is done, but not yet their callbacks
                 if self._outstanding == 0:  # the callbacks submitted nothing
                     return True
         except KeyboardInterrupt as interrupted:  # Ctrl-C: shown at the user's call

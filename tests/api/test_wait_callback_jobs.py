@@ -5,6 +5,7 @@ callback just submitted is still pending."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -42,3 +43,29 @@ def test_wait_returns_after_the_jobs_callbacks_submitted(local):
         assert len(submitted) == chain
         assert [job.status for job in submitted] == [DispyJob.Finished] * chain
         assert cluster.status().jobs_pending == 0
+
+
+@pytest.mark.timeout(60)
+def test_wait_with_a_timeout_says_false_while_a_jobs_callback_still_runs(local):
+    """``wait(timeout)`` waits for the done jobs' callbacks within ``timeout``: one
+    still running when it passes makes it return False, as its docstring says
+    (it returned True, and a dispy program that reads what its callbacks gather
+    once ``wait`` says all is done read it unfinished)."""
+    entered, release = threading.Event(), threading.Event()
+    gathered: list[int] = []
+
+    def job_status(job: DispyJob) -> None:
+        if job.status == DispyJob.Finished:
+            entered.set()
+            release.wait(WAIT)
+            gathered.append(job.result)
+
+    with JobCluster(square, nodes=local, job_status=job_status) as cluster:
+        job = cluster.submit(3)
+        assert entered.wait(WAIT)  # the job is done; its callback runs on
+        assert job.done()
+        assert cluster.wait(timeout=0.2) is False
+        assert gathered == []
+        release.set()
+        assert cluster.wait(timeout=WAIT) is True
+        assert gathered == [9]
