@@ -31,6 +31,7 @@ from dispynb.backends._nodesettings import (
     configured_port,
     result_cap,
 )
+from dispynb.backends._nodeturns import NodeTurns
 from dispynb.backends.base import ClusterConfig, Departure, JobEvents, NodeInfo
 from dispynb.backends.finder import NodeFinder
 from dispynb.backends.jobfiles import save_job_file, unsaved_file
@@ -101,8 +102,9 @@ class NodeEngine:
         return "NodeEngine()"
 
 
-class NodesBackend:
-    """One cluster's computation on node servers (a `Backend`)."""
+class NodesBackend(NodeTurns):
+    """One cluster's computation on node servers (a `Backend`); the user's changes
+    of its nodes (`allocate_node`, `close_node`...) are `NodeTurns`'."""
 
     #: Its results arrive on the loop's sockets: a thread waiting for one may read
     #: it in the loop's place (`dispynb._inplace`).
@@ -632,71 +634,6 @@ class NodesBackend:
         return {
             info.node: (info.cpus, info.running) for info in self.driver.state.nodes
         }
-
-    def add_nodes(self, specs: list[NodeAllocate]) -> None:
-        """Use these nodes too (``allocate_node``)."""
-        wildcards = [spec for spec in specs if is_wildcard(spec)]
-        if wildcards:
-            self._runner.run_sync(self._rediscover, wildcards)
-        for spec in specs:
-            if is_wildcard(spec):
-                continue
-            port = spec.port or self._node_port
-            node_id = format_address(spec.host, port)
-            self._on_loop(self._add_node, spec, port, node_id)
-
-    async def _rediscover(self, wildcards: list[NodeAllocate]) -> None:
-        """Discover ``wildcards``; nodes released by close_node that they match may
-        come back. Released nodes are forgotten on the loop once discovery is on,
-        so that queued jobs, which wait while a node is released, never see a
-        moment with neither (they would end Abandoned)."""
-        await self._discover(wildcards)
-        self._released.difference_update(
-            node_id
-            for node_id in list(self._released)
-            if any(spec.matches(parse_address(node_id)[0]) for spec in wildcards)
-        )
-
-    def _add_node(self, spec: NodeAllocate, port: int, node_id: str) -> None:
-        # Not released any more; here on the loop, with the node connecting (or set
-        # up again) in the same step, so that queued jobs keep waiting.
-        self._released.discard(node_id)
-        link = self.driver.nodes.get(node_id)
-        if link is not None and link.closes_sent:
-            # close_node still under way: once the node has closed the computation,
-            # set it up again (as resetup_node) instead of letting it leave; had it
-            # got jobs now, it would refuse them ("not set up on this node").
-            link.releasing = False
-            link.resetting = True
-        elif link is not None and not link.ready:
-            link.releasing = False  # being set up: used once ready, not closed
-        elif link is not None:  # known: all its CPUs again (after deallocate_node)
-            self.driver.set_cpus(node_id, link.cpus)
-        else:
-            self.driver.add_node(spec.host, port, self._allocator(spec, port))
-
-    def set_cpus(self, node_id: str, cpus: int) -> int:
-        return int(self._on_loop(self.driver.set_cpus, node_id, cpus))
-
-    def close_node(self, node_id: str, terminate: bool) -> bool:
-        self._released.add(node_id)
-        if not self._on_loop(self.driver.close_node, node_id, terminate):
-            self._released.discard(node_id)
-            return False
-        return True
-
-    def resetup_node(self, node_id: str, terminate: bool) -> bool:
-        return bool(self._on_loop(self.driver.resetup_node, node_id, terminate))
-
-    def node_links(self) -> list[tuple[str, str, int]]:
-        """``(node_id, host, port)`` of the nodes connected or being connected, set
-        up or not: `close_node` may name one before it is ready."""
-        return list(self._on_loop(self._node_links))
-
-    def _node_links(self) -> list[tuple[str, str, int]]:
-        return [
-            (link.node_id, link.host, link.port) for link in self.driver.nodes.values()
-        ]
 
     def send_file(self, node_id: str, ref: FileRef) -> str:
         return str(self._runner.run_sync(self.driver.send_file, node_id, ref))
