@@ -19,6 +19,7 @@ from nodeserver.control import ControlChannel
 from nodeserver.filestore import FileStore
 from nodeserver.launcher import ComputationProcess, Launcher
 from nodeserver.leftovers import Removals
+from nodeserver.resultobjects import ResultObjects
 from nodeserver.sharedbody import SharedBody
 
 #: Logs as the computation it serves.
@@ -162,6 +163,7 @@ class _ComputationState:
     on_start: Callable[[int, int, float], None] | None
     on_shutdown_request: Callable[[], None] | None
     result_kinds: dict[int, str]
+    result_objects: ResultObjects
     _node_stopping: Callable[[], bool]
     _n_workers: int
     _budget: CpuBudget

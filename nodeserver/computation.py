@@ -61,6 +61,7 @@ from nodeserver.jobtexts import (
 )
 from nodeserver.launcher import PROCESS_LAUNCHER, ComputationProcess, Launcher
 from nodeserver.leftovers import Removals
+from nodeserver.resultobjects import ResultObjects
 from nodeserver.sharedbody import BODIES, segments
 from nodeserver.stealing import _WorkStealing
 from nodeserver.workerlife import _WorkerLife
@@ -215,6 +216,8 @@ class Computation(_JobStops, _WorkerLife, _JobFiles, _WorkStealing, _Computation
         #: Buffer kinds of the result being reported (key -> `Done.kinds`), for
         #: whoever sends it in chunks (the session, the kept results' spool).
         self.result_kinds: dict[int, str] = {}
+        #: Its workers' results in shared memory (the node unlinks those it drops).
+        self.result_objects = ResultObjects(path)
         self.on_failure: Callable[[str], None] | None = None
         #: ``on_start(key, attempt, time)``: a job starts executing in a worker now.
         self.on_start: Callable[[int, int, float], None] | None = None
@@ -487,6 +490,15 @@ class Computation(_JobStops, _WorkerLife, _JobFiles, _WorkStealing, _Computation
     def _on_done(self, worker: Worker, done: Done, buffers: list[memoryview]) -> None:
         if done.after:
             done, buffers = texts_after(done, buffers)
+        self._settle_done(worker, done, buffers)
+        if self.result_objects.used:
+            # A result in shared memory that did not go on (a job cancelled or
+            # dropped meanwhile) is nobody else's to unlink.
+            self.result_objects.unless_sent(buffers)
+
+    def _settle_done(
+        self, worker: Worker, done: Done, buffers: list[memoryview]
+    ) -> None:
         latest = time.time() + CLOCK_SLACK
         if not (0.0 <= done.start_time <= latest and 0.0 <= done.end_time <= latest):
             done = own_times(done, latest - CLOCK_SLACK)  # (NaN fails every test)
@@ -588,6 +600,8 @@ class Computation(_JobStops, _WorkerLife, _JobFiles, _WorkStealing, _Computation
                 exception=exception,
                 buffer_count=len(buffers) if finished else 0,
             )
+            if finished and self.result_objects.used:
+                self.result_objects.sent(buffers)
             self._report(entry.to_wire(), buffers if finished else [])
             if done.kinds:
                 self.result_kinds.pop(job.key, None)

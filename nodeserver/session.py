@@ -136,10 +136,10 @@ class ClientSession(_SessionFiles, _SessionRecovery):
             for comp_id, computation in self._computations.items()
             if not self._keeper_adopts(comp_id, computation)
         ]
-        adopted = set(self._computations) - {c.comp_id for c in closing}
-        for comp_id, computation in self._computations.items():
+        adopted = [c for c in self._computations.values() if c not in closing]
+        for computation in self._computations.values():
             # Its jobs' files get no answer; an adopted one keeps them for recovery.
-            computation.client_lost(CLIENT_GONE, keep=comp_id in adopted)
+            computation.client_lost(CLIENT_GONE, keep=computation in adopted)
         self._computations.clear()
         self._keeper_adopts_the_dead()
         await asyncio.gather(
@@ -438,6 +438,7 @@ class ClientSession(_SessionFiles, _SessionRecovery):
     def _on_submit(self, message: JobSubmit, buffers: list[memoryview]) -> None:
         jobs: list[NodeJob] = []
         offset = 0
+        via_memory = False  # a job's arguments came through shared memory
         for entry in message.jobs:
             if not isinstance(entry, list) or len(entry) not in (3, 4):
                 raise MessageError("malformed job entry in job-submit")
@@ -453,6 +454,7 @@ class ClientSession(_SessionFiles, _SessionRecovery):
             job = NodeJob(key, attempt, buffers[offset : offset + count])
             if count == 1 and shm.is_reference(job.buffers):
                 self.memory.track_job(message.comp_id, job)
+                via_memory = True
             if len(entry) == 4:
                 job.files = self._job_files(entry[3])
             jobs.append(job)
@@ -479,6 +481,8 @@ class ClientSession(_SessionFiles, _SessionRecovery):
                     [],
                 )
             return
+        if via_memory:  # so may its results: see `nodeserver.resultobjects`
+            computation.result_objects.used = True
         computation.submit(jobs)
 
     def _on_file_saved(self, message: FileSaved, buffers: list[memoryview]) -> None:
@@ -575,7 +579,7 @@ class ClientSession(_SessionFiles, _SessionRecovery):
         entry: list[Any],
         buffers: list[memoryview],
     ) -> None:
-        self.memory.reported(comp_id, entry, buffers)
+        self.memory.reported(comp_id, entry)
         self.outbox.queue_result(comp_id, entry, buffers)
 
 

@@ -2,13 +2,13 @@
 
 A job's arguments may reach the node in shared memory (`dispynb.protocol.shm`), and
 a worker may write a large result to shared memory for its client to read. The
-session remembers both until they are reported back, and unlinks what is left when
-it ends, so a client killed with SIGKILL leaves nothing behind.
+session remembers the arguments until their jobs are reported back, and unlinks what
+is left when it ends (with the results sent that its client never read: see
+`nodeserver.resultobjects`), so a client killed with SIGKILL leaves nothing behind.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 from dispynb.errors import SerializationError
@@ -22,9 +22,6 @@ class SessionMemory:
     def __init__(self) -> None:
         # comp_id -> (key, attempt) -> name of the job's arguments.
         self._jobs: dict[int, dict[tuple[int, int], str]] = {}
-        # comp_id -> names of results workers wrote for this client (it unlinks
-        # them as it reads them).
-        self._results: dict[int, set[str]] = {}
 
     def track_job(self, comp_id: int, job: NodeJob) -> None:
         """Remember a job's shared memory, to unlink it if the job never runs."""
@@ -34,34 +31,26 @@ class SessionMemory:
             return  # the worker refuses it and the job reports why
         self._jobs.setdefault(comp_id, {})[job.key, job.attempt] = name
 
-    def reported(
-        self, comp_id: int, entry: list[Any], buffers: list[memoryview]
-    ) -> None:
+    def reported(self, comp_id: int, entry: list[Any]) -> None:
         """A job's result is on its way: its arguments are the client's again."""
         if self._jobs and (segments := self._jobs.get(comp_id)) is not None:
             # The client reuses the object for another job: not ours to unlink.
             segments.pop((entry[0], entry[1]), None)
-            if len(buffers) == 1 and shm.is_reference(buffers):  # the result's
-                with contextlib.suppress(SerializationError):
-                    name = shm.reference_name(buffers[0])
-                    self._results.setdefault(comp_id, set()).add(name)
 
-    def release(self, closed: list[Computation], adopted: set[int]) -> None:
+    def release(self, closed: list[Computation], adopted: list[Computation]) -> None:
         """The session ended: unlink what nobody will read. ``closed`` are its
-        computations now closed; ``adopted`` the ids of those the keeper took (their
-        jobs still need their arguments)."""
-        for computation in closed:
-            # Results its workers wrote and never reported (client killed first).
-            if computation.comp_id in self._jobs:
-                shm.unlink_results(shm.result_prefix(computation.path))
+        computations now closed (they unlinked what their workers did not send);
+        ``adopted`` those the keeper took (their jobs still need their
+        arguments)."""
+        for computation in (*closed, *adopted):
+            # Results sent that the client never read (killed first); kept
+            # results hold copies (ResultKeeper.record).
+            computation.result_objects.client_gone()
+        kept = {computation.comp_id for computation in adopted}
         for comp_id, segments in self._jobs.items():
-            if comp_id not in adopted:
+            if comp_id not in kept:
                 for name in segments.values():
                     shm.unlink(name)
-        for names in self._results.values():
-            for name in names:  # kept results hold copies (ResultKeeper.record)
-                shm.unlink(name)
         if self._jobs and not adopted:  # a killed client leaves its pool
             shm.sweep()
         self._jobs.clear()
-        self._results.clear()

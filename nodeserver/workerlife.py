@@ -489,6 +489,10 @@ class _WorkerLife(_ComputationState):
     def _lose_worker(self, worker: Worker) -> None:
         if self._workers.pop(worker.pid, None) is None:
             return
+        if worker.returncode != 0:
+            # Killed after it wrote a result to shared memory, before it reported
+            # it: unlinked before its job is reported (its client hears of none).
+            self.result_objects.worker_lost(worker.pid)
         worker.process.close()
         drop_interrupt_page(worker)
         returncode = worker.returncode

@@ -22,12 +22,14 @@ killed by SIGKILL), and every new pool sweeps once.
 
 Results come back the same way: a worker whose job's arguments came through shared
 memory writes a result of at least `MIN_SIZE` bytes once into
-``/dev/shm/dnr-<16 hex of its computation's directory><64 random bits>``
-(`write_result`); the node server passes the reference on, and the client reads it
-and unlinks it. The node unlinks every result object of a computation it closes when
-the client's session ends (`unlink_results`: a client killed before it read them);
-a node started where a killed one ran unlinks those of its computations
-(`nodeserver.leftovers`).
+``/dev/shm/dnr-<16 hex of its computation's directory><its pid, 8 hex><32 random
+bits>`` (`write_result`); the node server passes the reference on, and the client
+reads it and unlinks it. The node unlinks a result it does not pass on, those a
+worker that died abruptly left unsent (`unlink_worker_results`: the out-of-memory
+killer struck between the object's rename and its report), and, when the client's
+session ends, those it passed on that the client never read (killed first); a node
+started where a killed one ran unlinks those of its computations (`unlink_results`,
+from `nodeserver.leftovers`).
 
 `same_machine` decides whether a node may be sent references; when it says no, or
 below `MIN_SIZE`, or when ``/dev/shm`` cannot hold them, arguments and results go
@@ -54,7 +56,7 @@ import re
 import resource
 import secrets
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -401,9 +403,11 @@ def write_result(buffers: Sequence[Buffer], prefix: str) -> tuple[str, bytes]:
     """Write a job's pickled result into a new object (a worker, for a client on
     this machine); its name and the reference to send instead.
 
-    The name is ``prefix`` (`result_prefix`) and 64 random bits. The client unlinks
-    it once it has read it; the node server unlinks every object of the prefix when
-    the computation closes (a client that died first, a result never reported).
+    The name is ``prefix`` (`result_prefix`), the worker's pid (`worker_tag`) and
+    32 random bits. The client unlinks it once it has read it; the node server
+    unlinks it if it does not pass it on, and, if the worker dies abruptly, every
+    object of its tag not passed on (`unlink_worker_results`): killed after the
+    rename, before its report, it leaves one that only its name tells of.
     It is written under the worker's own name (`partial_result_name`) and renamed
     once whole, so that what a worker killed meanwhile (the out-of-memory killer:
     the object's pages count against its memory) leaves is known as its own and
@@ -411,7 +415,7 @@ def write_result(buffers: Sequence[Buffer], prefix: str) -> tuple[str, bytes]:
     """
     views = [memoryview(b).cast("B") for b in buffers]
     check_room(sum(v.nbytes for v in views))
-    name = f"dnr-{prefix}{secrets.token_hex(8)}"
+    name = f"dnr-{prefix}{worker_tag(os.getpid())}{secrets.token_hex(4)}"
     partial = SHM_DIR / partial_result_name(prefix, os.getpid())
     with contextlib.suppress(FileNotFoundError):  # a dead process's of this pid
         os.unlink(partial)
@@ -431,6 +435,11 @@ def write_result(buffers: Sequence[Buffer], prefix: str) -> tuple[str, bytes]:
     return name, make_reference(name, views)
 
 
+def worker_tag(pid: int) -> str:
+    """The 8 hex digits of a worker's pid in the names of its result objects."""
+    return f"{pid & 0xFFFFFFFF:08x}"
+
+
 def partial_result_name(prefix: str, pid: int) -> str:
     """The name of the result object the worker ``pid`` of the computation of
     ``prefix`` is writing (one at a time: renamed once whole)."""
@@ -447,10 +456,11 @@ def unlink_partial_result(prefix: str, pid: int) -> bool:
     return True
 
 
-def unlink_results(prefix: str) -> int:
-    """Unlink the result objects of one computation (names starting with
-    ``prefix``), whole or partly written: its workers are gone and its client will
-    read no more. Returns how many were unlinked."""
+def unlink_results(prefix: str, keep: Container[str] = ()) -> int:
+    """Unlink the result objects whose names start with ``dnr-`` and ``prefix``
+    (a computation's `result_prefix`, whole or partly written; or that and a
+    worker's `worker_tag`), except those named in ``keep``: their writers are gone
+    and nobody will read them. Returns how many were unlinked."""
     start = f"dnr-{prefix}"
     try:
         entries = list(os.scandir(SHM_DIR))
@@ -458,14 +468,27 @@ def unlink_results(prefix: str) -> int:
         return 0
     removed = 0
     for entry in entries:
-        if entry.name.startswith(start) and (
-            _RESULT_NAME.fullmatch(entry.name) or _PARTIAL_NAME.fullmatch(entry.name)
+        if (
+            entry.name.startswith(start)
+            and (
+                _RESULT_NAME.fullmatch(entry.name)
+                or _PARTIAL_NAME.fullmatch(entry.name)
+            )
+            and entry.name not in keep
         ):
             with contextlib.suppress(OSError):
                 if entry.stat(follow_symlinks=False).st_uid == os.geteuid():
                     os.unlink(entry.path)
                     removed += 1
     return removed
+
+
+def unlink_worker_results(prefix: str, pid: int, keep: Container[str]) -> int:
+    """Unlink what the worker ``pid`` of the computation of ``prefix``, dead now,
+    wrote of results (whole or partly) that is not named in ``keep`` (those its
+    node passed on: its client reads and unlinks them). How many were unlinked."""
+    removed = unlink_results(prefix + worker_tag(pid), keep)
+    return removed + unlink_partial_result(prefix, pid)
 
 
 def is_result_reference(reference: Buffer) -> bool:

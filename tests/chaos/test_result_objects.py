@@ -1,0 +1,95 @@
+"""A large result a worker wrote to shared memory (``/dev/shm/dnr-...``) for a client
+on the node's machine is gone as soon as nobody will read it, not when the client's
+session ends (a notebook's kernel: hours later), whatever killed its worker.
+
+Real local node servers; the job itself records the name its worker renamed its
+result to (``os.rename`` wrapped inside the job), so that other programs' objects
+in /dev/shm do not matter.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from dispynb import DispyJob, JobCluster
+from dispynb.protocol import shm
+from tests import localnodes
+from tests.jobs import WAIT, wait_for_path, wait_until
+
+pytestmark = pytest.mark.slow
+
+MB = 1_000_000
+
+local1 = localnodes.local1
+
+
+def killed_after_rename(record: str, data: bytes) -> bytes:
+    """Return ``data`` twice; the worker dies of SIGKILL (as the out-of-memory
+    killer kills) just after it renamed the result object, before its report."""
+    import os
+    import signal
+
+    rename = os.rename
+
+    def rename_then_die(source: str, target: str) -> None:
+        rename(source, target)
+        with open(record, "w") as handle:
+            handle.write(os.path.basename(target))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    os.rename = rename_then_die  # type: ignore[assignment]
+    return data + data
+
+
+def returns_when_interrupted(record: str, data: bytes) -> bytes:
+    """Sleep until interrupted (its timeout), then return a large result anyway;
+    the name of the result object is recorded."""
+    import contextlib
+    import os
+    import time
+
+    rename = os.rename
+
+    def recording(source: str, target: str) -> None:
+        rename(source, target)
+        with open(record, "w") as handle:
+            handle.write(os.path.basename(target))
+
+    os.rename = recording  # type: ignore[assignment]
+    with contextlib.suppress(KeyboardInterrupt):
+        time.sleep(60)
+    return data + data
+
+
+def left(record: Path) -> bool:
+    """Whether the result object whose name ``record`` holds is still there."""
+    return (shm.SHM_DIR / record.read_text()).exists()
+
+
+def test_a_worker_killed_after_writing_its_result_leaves_no_object(local1, tmp_path):
+    record = tmp_path / "name"
+    with JobCluster(killed_after_rename, nodes=local1) as cluster:
+        job = cluster.submit(str(record), os.urandom(2 * MB))
+        assert job.wait(timeout=WAIT)
+        assert job.status == DispyJob.Terminated, job.exception
+        assert "SIGKILL" in job.exception
+        # Unlinked before the job was reported, the cluster still open.
+        assert not left(record)
+        # The worker is replaced: the next job runs (small: nothing to rename).
+        assert cluster.submit(str(record), b"ab")() == b"abab"
+
+
+def test_the_result_of_a_job_past_its_timeout_leaves_no_object(local1, tmp_path):
+    """A job that catches the KeyboardInterrupt of its timeout and returns: its
+    result is dropped (it ended Terminated as its timeout came), and so is its
+    object, as it arrives."""
+    record = tmp_path / "name"
+    with JobCluster(returns_when_interrupted, nodes=local1, job_timeout=1) as cluster:
+        job = cluster.submit(str(record), os.urandom(2 * MB))
+        assert job.wait(timeout=WAIT)
+        assert job.status == DispyJob.Terminated
+        wait_for_path(record)
+        wait_until(lambda: not left(record))  # the cluster still open
