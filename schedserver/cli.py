@@ -345,6 +345,16 @@ def build_parser() -> argparse.ArgumentParser:
         "until the client's acknowledgements bring it back under the quota",
     )
     parser.add_argument(
+        *_both("max_user_kept"),
+        type=parse_size,
+        default=SchedulerConfig.max_user_kept,
+        metavar="SIZE",
+        help="quota: bytes of results one user may have kept in all, its "
+        "computations and its sessions together (default 4G, 0: no limit), so that "
+        "one user cannot fill the disk under --dest_path_prefix that the others' "
+        "kept results need; past it as past --max_kept, the error naming this option",
+    )
+    parser.add_argument(
         *_both("max_file_size"),
         type=parse_size,
         default=SchedulerConfig.max_file_size,
@@ -542,6 +552,7 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         port_file=args.port_file,
         kept_memory=args.kept_memory,
         max_kept=args.max_kept,
+        max_user_kept=args.max_user_kept,
         max_file_size=args.max_file_size,
         max_files=args.max_files,
         max_computations=args.max_computations,

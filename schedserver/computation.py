@@ -174,7 +174,9 @@ class SharedComputation(_NodeSide, _SentFiles):
         #: Closed on the nodes, its client gone and no job left (`leave_the_nodes`).
         self.released = False
         #: Messages for the client while it is away (or all, to resend: keep_sent).
-        self.kept = KeptMessages(server.spill, self.name, server.config.max_kept)
+        self.kept = KeptMessages(
+            server.spill, self.name, server.config.max_kept, user=self.user
+        )
         # Its client journals every job and says which (`ResultsJournaled`): what
         # it journaled is dropped from what is kept (`KeptMessages.journaled`).
         self.kept.tracking = acks_journaled(setup)

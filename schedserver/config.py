@@ -69,8 +69,8 @@ class SchedulerConfig:
     #: Seconds the results of a computation whose client went away are kept.
     keep_results: float = 3600.0
     #: Where results kept for clients that went away spill to disk (a private
-    #: directory is made in it), what they may take in memory in all, and what one
-    #: computation may keep at most (bytes).
+    #: directory is made in it), what they may take in memory in all, what one
+    #: computation may keep at most, and one user in all (bytes; 0: no limit).
     dest_path_prefix: str = field(
         default_factory=lambda: os.path.join(
             tempfile.gettempdir(), "dispynb", "scheduler"
@@ -78,6 +78,7 @@ class SchedulerConfig:
     )
     kept_memory: int = 32 * 1024 * 1024
     max_kept: int = 1024 * 1024 * 1024
+    max_user_kept: int = 4 * 1024 * 1024 * 1024
     #: Bytes a file clients upload (``depends``, ``send_file``) may have at most (0:
     #: no limit); the scheduler keeps them on disk while a computation needs them.
     max_file_size: int = 512 * 1024 * 1024
@@ -154,14 +155,16 @@ class SchedulerConfig:
         if (
             self.kept_memory < 0
             or self.max_kept < 0
+            or self.max_user_kept < 0
             or self.max_file_size < 0
             or self.max_files < 0
             or self.max_computations < 0
             or self.max_sessions < 0
         ):
             raise ConfigurationError(
-                "--kept_memory, --max_kept, --max_file_size, --max_files, "
-                "--max_computations and --max_sessions cannot be negative"
+                "--kept_memory, --max_kept, --max_user_kept, --max_file_size, "
+                "--max_files, --max_computations and --max_sessions cannot be "
+                "negative"
             )
         if (
             self.httpd

@@ -259,6 +259,7 @@ class SchedulerSession:
             f"user {self.user!r}",
             self.server.config.max_kept,
             whose="a client that does not read what is sent to it",
+            user=self.user,
         )
         (logger.debug if self._backlogged_before else logger.warning)(
             "user %r (%s) does not read what is sent to it (%.0f MiB wait): what "

@@ -29,6 +29,14 @@ space comes back when nothing kept is on disk any more, as the spill file is the
 closed. What is not acknowledged stays kept, as without acknowledgements. A
 computation held over its quota gets CPUs again once acknowledgements bring what it
 keeps back under it (logged).
+
+Each user may keep ``--max_user_kept`` bytes at most in all (`UserKept`): what its
+computations and its sessions' backlogs keep together, so that one user's many
+computations and sessions cannot fill the disk the other users' kept results need.
+Past it, its results are not kept as past ``--max_kept`` (the error names the
+option), and its computation is held until its client comes back, or until room
+is freed in the user's quota (its other computations' results collected,
+acknowledged or dropped).
 """
 
 from __future__ import annotations
@@ -124,17 +132,43 @@ def _jobs_of(message: Message) -> set[tuple[int, int]]:
     return set()
 
 
+class UserKept:
+    """What one user's computations and sessions keep in all (bytes counted as
+    `KeptMessages.size` counts them), and its quota (``--max_user_kept``; 0: no
+    limit)."""
+
+    def __init__(self, user: str, quota: int) -> None:
+        self.user = user
+        self.quota = quota
+        self.size = 0
+
+    def room(self) -> float:
+        """Bytes the user may still have kept."""
+        return self.quota - self.size if self.quota else math.inf
+
+
 class SpillStore:
     """The scheduler's budget of kept payload bytes in memory, and its directory for
-    the rest (made on first use, removed by `close`)."""
+    the rest (made on first use, removed by `close`); ``user_quota``: what each
+    user may keep in all (`UserKept`; 0: no limit)."""
 
-    def __init__(self, prefix: str, memory: int) -> None:
+    def __init__(self, prefix: str, memory: int, user_quota: int = 0) -> None:
         self.prefix = prefix
         self.memory = memory
         self.in_memory = 0
+        self.user_quota = user_quota
+        #: Per user, what it keeps (an entry per user ever seen: users are few).
+        self._users: dict[str, UserKept] = {}
         self._dir: str | None = None
         #: Holes are punched in spill files (`SpillFile.free`): none failed yet.
         self.holes = True
+
+    def user(self, name: str) -> UserKept:
+        """What user ``name`` keeps in all."""
+        account = self._users.get(name)
+        if account is None:
+            account = self._users[name] = UserKept(name, self.user_quota)
+        return account
 
     def clean(self) -> int:
         """Remove the spill directories left by schedulers that were killed (their
@@ -192,7 +226,8 @@ class SpillStore:
 
 class KeptMessages:
     """One computation's messages kept for its client, in order (see the module
-    docstring); ``quota`` bytes of payload at most."""
+    docstring); ``quota`` bytes of payload at most, and within what ``user`` may
+    keep in all (`SpillStore.user`), if named."""
 
     def __init__(
         self,
@@ -200,13 +235,15 @@ class KeptMessages:
         name: str,
         quota: int,
         whose: str = "a client that went away",
+        user: str | None = None,
     ) -> None:
         self.store = store
         self.name = name
         self.quota = quota
         #: Whom the messages wait for, as a dropped result's reason names it.
         self.whose = whose
-        #: Payload bytes kept (in memory and on disk).
+        self.account = store.user(user) if user is not None else None
+        #: Payload bytes kept (in memory and on disk); `_count` changes it.
         self.size = 0
         #: Results, provisional results and files not kept (over the quota).
         self.dropped = 0
@@ -223,6 +260,11 @@ class KeptMessages:
         # was full (not the quota).
         self._over = False
         self._disk = False
+        #: ... because its user keeps all it may (--max_user_kept): lifted once
+        #: the user has room again for the largest message not kept (``_wanted``
+        #: bytes; `full`), so that it is not lifted only to drop the next result.
+        self._by_user = False
+        self._wanted = 0
         #: With acknowledgements (`track`): per job ``(key, attempt)`` the kept
         #: messages that concern it, and per message how many of its jobs are not
         #: acknowledged yet.
@@ -246,8 +288,36 @@ class KeptMessages:
     @property
     def full(self) -> bool:
         """Something was not kept (over the quota) since the client last collected,
-        and acknowledgements have not brought what is kept back under it since."""
+        and acknowledgements have not brought what is kept back under it since (nor,
+        over its user's quota, has room been freed in it: the user's other
+        computations are collected, acknowledged or closed, of which this one
+        hears nothing, hence the check here)."""
+        if self._by_user and self._room() >= self._needed():
+            self._over = self._by_user = False
+            self._wanted = 0
+            logger.info(
+                "%s: room freed in the --max_user_kept quota of its user: its jobs "
+                "run again while its client is away",
+                self.name,
+            )
         return self._over
+
+    def _needed(self) -> int:
+        """The room that lifts its hold: any under its own quota; over its user's,
+        enough for what was not kept (its user's room comes back as her other
+        computations are collected, a little at a time)."""
+        return max(1, self._wanted) if self._by_user else 1
+
+    def _room(self) -> float:
+        """Bytes this computation may still keep (its quota, its user's)."""
+        room = self.quota - self.size
+        return room if self.account is None else min(room, self.account.room())
+
+    def _count(self, size: int) -> None:
+        """``size`` bytes more are kept (fewer, if negative)."""
+        self.size += size
+        if self.account is not None:
+            self.account.size += size
 
     def add(
         self,
@@ -262,8 +332,10 @@ class KeptMessages:
         ``within_quota`` False: kept whatever the quota (its client is back and
         takes it next, after what the replay sends before it)."""
         size = sum(b.nbytes for b in buffers) + _header_size(message)
+        if within_quota and size > self._room():
+            self._wanted = max(self._wanted, size)
         if (
-            (within_quota and self.size + size > self.quota)
+            (within_quota and size > self._room())
             or (isinstance(message, JobResults) and self._dropped_streams)
             or (
                 isinstance(message, ResultChunk)
@@ -295,7 +367,7 @@ class KeptMessages:
         else:
             size = MESSAGE_COST + sum(length for _offset, length in places)
             self._items[number] = (None, None, places, size)
-        self.size += size
+        self._count(size)
         if self.tracking:
             jobs = _jobs_of(message) if job is None else {job}
             if jobs:
@@ -335,17 +407,20 @@ class KeptMessages:
                 dropped += 1
         if dropped and self._file is not None and self.size == self._in_memory:
             self._close_file()  # nothing kept on disk any more: its space freed
-        if dropped and self._over and self.size < self.quota:
-            self._over = False
+        if dropped and self._over and self._room() >= self._needed():
             logger.info(
                 "%s: %s (%.1f MiB kept once its client acknowledged results): its "
                 "jobs run again while its client is away",
                 self.name,
                 "room freed on the disk"
                 if self._disk
+                else "room freed in its user's --max_user_kept quota"
+                if self._by_user
                 else "back under its --max_kept quota",
                 self.size / 2**20,
             )
+            self._over = self._by_user = False
+            self._wanted = 0
         return dropped
 
     def _drop(self, number: int) -> None:
@@ -356,14 +431,14 @@ class KeptMessages:
         else:
             assert self._file is not None
             self._file.free(places)
-        self.size -= size
+        self._count(-size)
 
     def pop(self) -> tuple[Message, list[memoryview]]:
         """The oldest kept message and its payload (read back from disk if there)."""
         number = next(iter(self._items))
         message, buffers, places, size = self._items.pop(number)
         self._unacked.pop(number, None)
-        self.size -= size
+        self._count(-size)
         if places is None:
             self._in_memory -= size
             self.store.in_memory -= size
@@ -380,14 +455,15 @@ class KeptMessages:
     def clear(self) -> None:
         """Drop everything kept (the computation closed)."""
         self._items.clear()
-        self.size = 0
+        self._count(-self.size)
         self._reset()
 
     def _reset(self) -> None:
         self.store.in_memory -= self._in_memory
         self._in_memory = 0
         self.dropped = 0
-        self._over = self._disk = False
+        self._over = self._disk = self._by_user = False
+        self._wanted = 0
         self._dropped_streams.clear()
         self._waiting.clear()
         self._unacked.clear()
@@ -409,7 +485,18 @@ class KeptMessages:
         nothing with a payload fits; ``room``: what may be kept, if not what the
         quota leaves): results become an error entry each, other payloads are
         dropped (None)."""
-        if disk is None:
+        account = self.account
+        by_user = account is not None and account.room() < self.quota - self.size
+        if disk is None and by_user:
+            assert account is not None
+            reason = (
+                "its result was not kept: the scheduler keeps at most "
+                f"{account.quota / 2**20:.0f} MiB of results for user "
+                f"{account.user!r} in all, its computations and sessions together "
+                "(--max_user_kept); collect them sooner (recover_jobs), close the "
+                "computations you no longer need, or have it raised"
+            )
+        elif disk is None:
             reason = (
                 "its result was not kept: the scheduler keeps at most "
                 f"{self.quota / 2**20:.0f} MiB of results for {self.whose} "
@@ -420,17 +507,17 @@ class KeptMessages:
         if isinstance(message, ResultChunk):
             stream = (message.key, message.attempt)
             if stream not in self._dropped_streams:  # the rest of one follows it
-                self._warn("a large result", disk)
+                self._warn("a large result", disk, by_user)
                 self._dropped_streams[stream] = reason
             return None, []
         if isinstance(message, JobProvisional | FileFromNode):
-            self._warn("a provisional result or a file a job sent", disk)
+            self._warn("a provisional result or a file a job sent", disk, by_user)
             self.dropped += 1
             return None, []
         if not isinstance(message, JobResults):
             return message, buffers
         if not message.results:  # starts only: what matters is the results after
-            self._warn("the start of a job", disk)
+            self._warn("the start of a job", disk, by_user)
             return None, []
         results: list[Any] = []
         kept: list[memoryview] = []
@@ -438,7 +525,7 @@ class KeptMessages:
         if disk is not None:
             room = 0
         elif room is None:
-            room = self.quota - self.size
+            room = self._room()
         for item in message.results:
             entry, streamed = ResultEntry.from_wire(item)
             count = 0 if streamed else entry.buffer_count
@@ -454,7 +541,7 @@ class KeptMessages:
             # Its chunks were not kept: nor is it, for the same reason.
             why = self._dropped_streams.pop(stream, None)
             if why is None:
-                self._warn("a result", disk)
+                self._warn("a result", disk, by_user)
             self.dropped += 1
             results.append(
                 entry._replace(
@@ -467,11 +554,25 @@ class KeptMessages:
             )
         return dataclasses.replace(message, results=results), kept
 
-    def _warn(self, what: str, disk: OSError | None = None) -> None:
+    def _warn(
+        self, what: str, disk: OSError | None = None, by_user: bool = False
+    ) -> None:
         if self._over:
             return
         self._over, self._disk = True, disk is not None
-        if disk is None:
+        self._by_user = by_user and disk is None
+        if self._by_user:
+            assert self.account is not None
+            logger.warning(
+                "%s: %s was not kept for its client: user %r keeps %.1f MiB already "
+                "in all its computations and sessions (--max_user_kept); its queued "
+                "jobs wait for the client, or for room in that quota",
+                self.name,
+                what,
+                self.account.user,
+                self.account.size / 2**20,
+            )
+        elif disk is None:
             logger.warning(
                 "%s: %s was not kept for its client: it keeps %.1f MiB already "
                 "(--max_kept); its queued jobs wait for the client",
@@ -527,4 +628,4 @@ def _unwritten(exc: OSError, prefix: str | None = None) -> str:
     return f"the scheduler cannot write {where}: {reason}"
 
 
-__all__ = ["KeptMessages", "SpillStore"]
+__all__ = ["KeptMessages", "SpillStore", "UserKept"]

@@ -102,7 +102,9 @@ class _ServerState:
         self.sessions: set[SchedulerSession] = set()
         self.computations: list[SharedComputation] = []
         self.fair = FairShare(config.max_cpus, config.exclusive_users)
-        self.spill = SpillStore(config.dest_path_prefix, config.kept_memory)
+        self.spill = SpillStore(
+            config.dest_path_prefix, config.kept_memory, config.max_user_kept
+        )
         #: Files clients uploaded, on disk while a computation needs them.
         self.files = ClientFiles(
             self.spill, config.max_file_size, config.max_files or files_quota()

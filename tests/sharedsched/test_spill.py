@@ -54,3 +54,42 @@ def test_a_result_for_a_client_back_is_kept_whatever_the_quota(tmp_path: Path) -
     result, _ = ResultEntry.from_wire(message.results[0])
     assert result.outcome == FINISHED and bytes(buffers[0]) == b"x" * 64
     assert not kept.full
+
+
+def _result(kept: KeptMessages, key: int, size: int) -> None:
+    entry = ResultEntry(key, 0, FINISHED, 1.0, 2.0, "", "", None, 1)
+    kept.add(
+        JobResults(comp_id=1, results=[entry.to_wire()], started=[]),
+        [memoryview(b"x" * size)],
+    )
+
+
+def test_a_users_computations_and_backlogs_keep_her_quota_in_all(
+    tmp_path: Path,
+) -> None:
+    """--max_user_kept: what one user's computations and backlogs keep counts
+    together; past it her result is an error naming the option, and the one held
+    for it gets CPUs again as soon as her other computation is collected. Another
+    user's keep theirs."""
+    store = SpillStore(str(tmp_path), memory=1 << 20, user_quota=4096)
+    first = KeptMessages(store, "alice/a", 1 << 20, user="alice")
+    backlog = KeptMessages(store, "alice", 1 << 20, whose="x", user="alice")
+    bobs = KeptMessages(store, "bob/b", 1 << 20, user="bob")
+    _result(first, 1, 2048)
+    _result(backlog, 2, 1024)
+    _result(bobs, 3, 3000)
+    assert not (first.full or backlog.full or bobs.full)
+    _result(backlog, 4, 1024)  # alice's fourth KiB: over, with the costs counted
+    # (its error entry kept in its place: a few hundred bytes, not its KiB)
+    assert backlog.full and store.user("alice").size < 4096 + 1024
+    kept, dropped = backlog.pop(), backlog.pop()
+    assert kept[1] and not dropped[1]
+    entry, _ = ResultEntry.from_wire(dropped[0].results[0])  # type: ignore[attr-defined]
+    assert entry.outcome == CRASHED and entry.exception is not None
+    assert "for user 'alice' in all" in entry.exception
+    assert "(--max_user_kept)" in entry.exception
+    _result(first, 5, 2048)  # the backlog collected: 2 KiB of room, not more
+    assert first.full  # held: alice has no room
+    first.clear()  # (as the other computation collected or closed)
+    assert store.user("alice").size == 0 and not first.full
+    assert not bobs.full and store.user("bob").size == bobs.size
