@@ -205,5 +205,5 @@ class _SessionProbes:
 
 def _dispynb_node_probe(x: Any) -> Any:
     """The computation of the clusters that only check that the nodes answer (the
-    lab panel does not show them: `dispynb.jupyter.labcomm.INTERNAL`)."""
+    lab panel does not show them: `dispynb.jupyter.labclusters.INTERNAL`)."""
     return x

@@ -17,7 +17,7 @@ import pytest
 
 from dispynb import JobCluster, LocalCluster
 from dispynb.job import JobStatus
-from dispynb.jupyter import labcomm
+from dispynb.jupyter import labclusters, labcomm
 from dispynb.jupyter.labcomm import ClusterTracker
 from tests import jobs
 from tests.jupyter.fakecomm import INTERVAL, state_of
@@ -308,7 +308,7 @@ def test_a_node_lost_while_its_cluster_runs_stays_shown_as_lost(
     import os
     import signal
 
-    monkeypatch.setattr(labcomm, "GONE_SHOWN", 3.0, raising=False)
+    monkeypatch.setattr(labclusters, "GONE_SHOWN", 3.0)
     with (
         LocalCluster(nodes=2, cpus=1) as nodes,
         JobCluster(pow, nodes=nodes) as cluster,
