@@ -366,9 +366,9 @@ class LoopRunner:
                     task,
                     exc_info=task.exception(),
                 )
-        links = sys.modules.get("dispynb.transport.links")  # imported if ever used
-        if links is not None:
-            links.cut_closing_tls_links(loop)  # closed by the runs below
+        tlslink = sys.modules.get("dispynb.transport.tlslink")  # imported if ever used
+        if tlslink is not None:
+            tlslink.cut_closing_tls_links(loop)  # closed by the runs below
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.run_until_complete(loop.shutdown_default_executor())
 

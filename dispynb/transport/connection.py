@@ -48,8 +48,9 @@ from dispynb.protocol.framing import (
     split_body,
 )
 from dispynb.protocol.messages import Message, WireMessage, pack_header, unpack_header
-from dispynb.transport.links import FrameProtocol, Link, SocketLink, TransportLink
+from dispynb.transport.links import Link, SocketLink
 from dispynb.transport.tlsaccept import accept_tls
+from dispynb.transport.tlslink import FrameProtocol, TransportLink
 
 logger = logging.getLogger(__name__)
 

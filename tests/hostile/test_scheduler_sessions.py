@@ -20,7 +20,7 @@ from dispynb import SharedJobCluster
 from dispynb.errors import DispynbError
 from dispynb.protocol.messages import Error
 from dispynb.transport.connection import Connection
-from dispynb.transport.links import cut_closing_tls_links
+from dispynb.transport.tlslink import cut_closing_tls_links
 from tests.hostile.test_scheduler import (
     _alices_jobs,
     alices_jobs_meanwhile,

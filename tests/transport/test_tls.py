@@ -298,9 +298,9 @@ def test_a_closed_tls_link_ends_even_if_the_peer_closed_while_reading_was_paused
     """asyncio's SSL transport stops reading and arms no shutdown timer when the
     peer's EOF arrives while reading is paused; closing it then never ends, and the
     socket is garbage-collected open. The link cuts it after `TLS_CLOSE_GRACE`."""
-    from dispynb.transport import links
+    from dispynb.transport import tlslink
 
-    monkeypatch.setattr(links, "TLS_CLOSE_GRACE", 0.2)
+    monkeypatch.setattr(tlslink, "TLS_CLOSE_GRACE", 0.2)
     certfile, keyfile = cert
 
     async def main():
