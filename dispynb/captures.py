@@ -15,11 +15,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from dispynb.errors import SerializationError
 from dispynb.protocol import serialize
+from dispynb.protocol.serialize import code_objects, global_names
 
 __all__ = ["Reached", "check_shippable", "code_objects", "global_names", "reachable"]
 
@@ -133,24 +134,6 @@ def _walk_function(
         visit(value, name, "default argument", owner)
     for name, value in (func.__kwdefaults__ or {}).items():
         visit(value, name, "default argument", owner)
-
-
-def global_names(code: types.CodeType) -> list[str]:
-    """Names the code (and the code nested in it) may read as globals, in order."""
-    names: dict[str, None] = {}
-    for each in code_objects(code):
-        names.update(dict.fromkeys(each.co_names))
-    return list(names)
-
-
-def code_objects(code: types.CodeType) -> Iterator[types.CodeType]:
-    """``code`` and every code object nested in it (functions, lambdas,
-    comprehensions, class bodies)."""
-    stack = [code]
-    while stack:
-        current = stack.pop()
-        yield current
-        stack.extend(c for c in current.co_consts if isinstance(c, types.CodeType))
 
 
 def _is_code_carrier(value: Any) -> bool:

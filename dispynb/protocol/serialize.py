@@ -19,7 +19,7 @@ import sys
 import sysconfig
 import types
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import cloudpickle
@@ -501,7 +501,7 @@ def _ship_with_helpers(obj: Any, seen: set[int], top: bool = False) -> None:
     code = getattr(obj, "__code__", None)
     names = getattr(obj, "__globals__", None)
     if isinstance(code, types.CodeType) and isinstance(names, dict):
-        for name in _global_names(code):
+        for name in global_names(code):
             if name in names and _may_be_helper(names[name]):
                 _ship_with_helpers(names[name], seen)
         for cell in getattr(obj, "__closure__", None) or ():
@@ -527,13 +527,22 @@ def _may_be_helper(value: Any) -> bool:
     return isinstance(value, (types.FunctionType, type, functools.partial))
 
 
-def _global_names(code: types.CodeType) -> set[str]:
-    """The global names ``code`` (and the functions it defines) reads."""
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names |= _global_names(const)
-    return names
+def global_names(code: types.CodeType) -> list[str]:
+    """Names the code (and the code nested in it) may read as globals, in order."""
+    names: dict[str, None] = {}
+    for each in code_objects(code):
+        names.update(dict.fromkeys(each.co_names))
+    return list(names)
+
+
+def code_objects(code: types.CodeType) -> Iterator[types.CodeType]:
+    """``code`` and every code object nested in it (functions, lambdas,
+    comprehensions, class bodies)."""
+    stack = [code]
+    while stack:
+        current = stack.pop()
+        yield current
+        stack.extend(c for c in current.co_consts if isinstance(c, types.CodeType))
 
 
 def travels_by_value(obj: Any) -> bool:
