@@ -140,8 +140,10 @@ class _Clients(_ServerState):
                     self.config.keep_results,
                     max(0.0, self.config.zombie_interval - silent),
                 )
+                # Whole seconds, as a node says it: "3599.75 s" read as a typo.
                 logger.info(
-                    "%s: client gone; its jobs go on, results kept %g s",
+                    "%s: client gone; its jobs go on, results kept %.0f s for its "
+                    "recover_jobs",
                     comp.name,
                     keep,
                 )
