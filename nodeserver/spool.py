@@ -47,6 +47,7 @@ from dispynb.protocol.records import Utf8Text
 from dispynb.wording import counted
 from nodeserver.spoolcheck import (
     CHECK_SIZE,
+    CopyRefused,
     check_key,
     checks,
     file_check,
@@ -301,6 +302,12 @@ class ResultSpool:
                 str(exc),  # (not the exception: its frames hold the caller's maps)
             )
             return None
+        except CopyRefused as exc:
+            raise KeptUnavailable(
+                f"the node cannot send the results it kept now: {exc.strerror}; "
+                "they stay kept: have the node's TMPDIR (or --dest-path) on a local "
+                "file system (ext4, xfs, btrfs, tmpfs), then call recover_jobs again"
+            ) from None
         except OSError as exc:
             if exc.errno in _SHORT:  # the file is whole: not to be taken for lost
                 raise KeptUnavailable(

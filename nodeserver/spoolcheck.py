@@ -116,10 +116,17 @@ def meta_fields(meta: Any, path: str) -> tuple[str, float, float | None]:
 _READ_BYTES = 1 << 20
 #: Most bytes copied with one call where the kernel cannot copy between the files.
 _COPY_STEP = 1 << 20
-#: Most bytes copied to memory (a memfd) where the disk has no room for the copy:
-#: a larger one is left for later (a node short of disk space for a result of
-#: gigabytes is not to take as much of its machine's memory).
+#: Most bytes copied to memory (a memfd) where the disk has no room for the copy,
+#: or no file system here makes files without a name: a larger one is left kept (a
+#: node is not to take gigabytes of its machine's memory for one result, as many
+#: times as clients recover it at once).
 MEMORY_COPY = 64 << 20
+
+
+class CopyRefused(OSError):
+    """A kept result cannot be copied to be checked here, and will not be until
+    the node's operator gives it a file system that makes files without a name:
+    it stays kept (`private_copy`)."""
 
 
 def private_copy(fd: int, size: int, directory: str) -> mmap.mmap | bytearray:
@@ -127,15 +134,15 @@ def private_copy(fd: int, size: int, directory: str) -> mmap.mmap | bytearray:
     its memory, or (over 1 MiB) a file with no name in ``directory`` (or, on a file
     system that makes none, NFS, in the node's temporary directory; in memory, a
     memfd, where there is no room or none can be made, for `MEMORY_COPY` bytes at
-    most, or any size where no file system here makes files without a name: said
-    once) mapped read-only.
+    most) mapped read-only.
 
     The node's jobs can change the spooled file, or cut it short, at any time: a
     result checked, then sent from a map of its file, was sent as a job rewrote it
     meanwhile (its bytes reached the client past the check), and a job that cut the
     file short as the node read the map killed the node (SIGBUS): never a map of a
-    file the jobs can reach. Raises OSError; ValueError if the file is cut short as
-    it is copied."""
+    file the jobs can reach. Raises OSError (`CopyRefused` for a result over
+    `MEMORY_COPY` where no file system here makes files without a name: said once
+    in the log too); ValueError if the file is cut short as it is copied."""
     if size <= _READ_BYTES:
         data = bytearray(size)
         if os.preadv(fd, [data], 0) != size:
@@ -153,20 +160,24 @@ def private_copy(fd: int, size: int, directory: str) -> mmap.mmap | bytearray:
     if size > MEMORY_COPY:
         if refused.errno in (errno.ENOSPC, errno.EDQUOT):
             raise refused  # for now: the result stays kept (`spool.KeptUnavailable`)
-        # No file system here makes files without a name: memory, said once (a
-        # map of the file itself let a job kill the node).
+        # No file system here makes files without a name (a map of the file itself
+        # let a job kill the node), and a copy in memory of any size let clients
+        # recovering it at once take the machine's memory: kept, and said.
+        why = (
+            f"neither the file system of {directory} nor the temporary directory "
+            f"{tempfile.gettempdir()} makes files without a name (NFS?), so the node "
+            f"would copy a kept result of {size >> 20} MiB to memory to check it; it "
+            f"copies {MEMORY_COPY >> 20} MiB at most"
+        )
         global _UNNAMED_WARNED
         if not _UNNAMED_WARNED:
             _UNNAMED_WARNED = True
             logger.warning(
-                "neither the file system of %s nor the temporary directory %s makes "
-                "files without a name: kept results of over %d MiB are copied to "
-                "memory to be checked and sent; give the node a --dest-path (or "
-                "TMPDIR) on a local file system (ext4, xfs, btrfs, tmpfs)",
-                directory,
-                tempfile.gettempdir(),
-                MEMORY_COPY >> 20,
+                "%s: such results stay kept until the node has a --dest-path or "
+                "TMPDIR on a local file system (ext4, xfs, btrfs, tmpfs)",
+                why,
             )
+        raise CopyRefused(refused.errno, why)
     return _mapped_copy(fd, size, os.memfd_create("dispynb-kept", os.MFD_CLOEXEC))
 
 
