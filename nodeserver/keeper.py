@@ -229,6 +229,10 @@ class Kept:
     name: str = ""
     #: Without a spool: why, and what gives it one (`_report_lost_from_memory`).
     no_spool: str = ""
+    #: The recovery sending its results now (its task, and its connection): one
+    #: at a time, since each holds a copy of the result it sends; a later one
+    #: ends it (`sessionrecovery`).
+    sending: tuple[asyncio.Task[None], Any] | None = field(default=None, repr=False)
 
     def open(self, result: KeptResult) -> tuple[list[Any], list[memoryview], str]:
         """``(entry, buffers, kinds)`` of a kept result: a spooled one's buffers map

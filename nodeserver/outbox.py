@@ -80,7 +80,7 @@ class ResultOutbox:
         self,
         conn: Connection,
         computations: dict[int, Computation],
-        spawn: Callable[[Coroutine[Any, Any, None]], None],
+        spawn: Callable[[Coroutine[Any, Any, None]], object],
     ) -> None:
         self.conn = conn
         self._computations = computations

@@ -173,9 +173,17 @@ class KeptResultSender:
 
 async def _in_thread(kept: Kept, result: KeptResult) -> Any:
     """``kept.open(result)`` in a thread; `KeptUnavailable` if none can be had (the
-    node short of memory: the result is not lost)."""
+    node short of memory: the result is not lost). Cancelled, it returns once the
+    thread has ended, its copy let go: a recovery that ends another waits for it
+    (one copy at a time)."""
+    opening = asyncio.ensure_future(asyncio.to_thread(kept.open, result))
     try:
-        return await asyncio.to_thread(kept.open, result)
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        await asyncio.wait([opening])
+        if not opening.cancelled():
+            opening.exception()  # (retrieved: it is dropped, as its result)
+        raise
     except RuntimeError as exc:  # "can't start new thread"
         raise KeptUnavailable(
             f"the node cannot read the results it kept now ({exc}); they stay kept: "

@@ -26,6 +26,13 @@ from nodeserver.recovering import KeptResultSender
 from nodeserver.sessionstate import HAND_BACK_TIMEOUT, _SessionState, logger
 from nodeserver.spool import KeptUnavailable
 
+#: What a recovering client is told when a later recovery of the same results
+#: (another connection) ends its own.
+_SUPERSEDED = (
+    "another connection recovers these results now (a later recover_jobs with the "
+    "same recovery file): this one stops; they stay kept for that one"
+)
+
 
 class _SessionRecovery(_SessionState):
     """The session's part that keeps results for its client and sends them back
@@ -134,8 +141,9 @@ class _SessionRecovery(_SessionState):
         return self.server.keeper.adopt(*recovery, computation)
 
     def _end_claims(self) -> None:
-        for claimed in self._claims:
-            claimed.deliver = None  # a recovering client went away too
+        for claimed, deliver in self._claims:
+            if claimed.deliver == deliver:  # (not a later recovery's)
+                claimed.deliver = None  # a recovering client went away too
 
     def _on_recover(self, message: Recover, buffers: list[memoryview]) -> None:
         comp_id = message.comp_id
@@ -161,9 +169,13 @@ class _SessionRecovery(_SessionState):
             # Jobs that start from now on are told to this client (they were to
             # the session of the client that went, which nobody reads).
             kept.computation.on_start = self.outbox.starter(comp_id)
-        self._claims.append(kept)
+        self._claims.append((kept, sender.deliver))
         self._recovering[comp_id] = kept
-        self._spawn(self._send_kept(sender, kept, recorded, message.recovery_id))
+        earlier = kept.sending
+        sending = self._send_kept(
+            sender, kept, recorded, message.recovery_id, earlier and earlier[0]
+        )
+        kept.sending = (self._spawn(sending), self.conn)
 
     def _close_recovered(self, comp_id: int, terminate: bool) -> bool:
         """The client closes a computation it recovers (``recover_jobs`` with
@@ -189,9 +201,43 @@ class _SessionRecovery(_SessionState):
         kept: Kept,
         recorded: list[KeptResult],
         recovery_id: str,
+        earlier: asyncio.Task[None] | None,
     ) -> None:
-        """Send the kept results (one by one, under back-pressure); drop them once
-        they all are on their way."""
+        """Send the kept results (one by one, under back-pressure) once the
+        ``earlier`` recovery of them (if any) has ended; drop them once they all
+        are on their way.
+
+        One recovery of a computation's results at a time, the latest: each holds
+        a copy of the result it sends (in memory, or a file with no name on the
+        disk), and clients that recover it at once, never reading, made as many
+        copies. The latest, for a client that comes back on a new connection
+        while the node has not yet found its old one dead."""
+        try:
+            if earlier is not None and not earlier.done():
+                earlier.cancel()
+                await asyncio.wait([earlier])  # its copy let go (`_in_thread`)
+            await self._send_all(sender, kept, recorded, recovery_id)
+        except asyncio.CancelledError:
+            if earlier is not None:  # (ended too before a later one starts)
+                await asyncio.wait([earlier])
+            sending = kept.sending
+            if sending is None or sending[0] is asyncio.current_task():
+                raise  # (not a later recovery's doing: the node stops)
+            if sending[1] is not self.conn:  # (else its client asked again)
+                logger.debug(
+                    "%s: a later recovery of computation %s ends this one",
+                    self.conn.peer,
+                    kept.name,
+                )
+                await self._let_go(_SUPERSEDED)
+
+    async def _send_all(
+        self,
+        sender: KeptResultSender,
+        kept: Kept,
+        recorded: list[KeptResult],
+        recovery_id: str,
+    ) -> None:
         try:
             await sender.run(kept, recorded)
         except KeptUnavailable as exc:
@@ -216,6 +262,11 @@ class _SessionRecovery(_SessionState):
             kept.spool.name if kept.spool is not None else "?",
             why,
         )
+        await self._let_go(why)
+
+    async def _let_go(self, why: str) -> None:
+        """Tell the client why its recovery ends, and close its connection (what it
+        did not read goes, the copy of a result with it)."""
         self.outbox.write(Error(code=KEPT_UNAVAILABLE, message=why))
         self.outbox.flush()
         with contextlib.suppress(DispynbError, TimeoutError):

@@ -69,7 +69,9 @@ class _SessionState:
         # that goes silent while connected frees them, as one without recovery.
         self._crash_only: set[int] = set()
         self._orphaned = False  # this node closed the connection of a silent client
-        self._claims: list[Kept] = []
+        #: The kept computations it claimed, each with the callback its recovery
+        #: gave (`Kept.deliver`, unless a later recovery's replaced it).
+        self._claims: list[tuple[Kept, Any]] = []
         #: The kept computations its client recovers, by the comp_id it gave.
         self._recovering: dict[int, Kept] = {}
 
@@ -83,7 +85,8 @@ class _SessionState:
         """`time.monotonic` when the client's last message arrived."""
         return self._last_heard
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
