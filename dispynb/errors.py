@@ -10,6 +10,7 @@
      +-- AuthenticationError      wrong or missing secret, bad MAC, replayed frame
      +-- TransportError           socket-level failures
      |    +-- ConnectionClosedError
+     |    |    +-- NodeBusyError  the node refused the connection for now
      |    +-- ConnectTimeoutError
      +-- ConfigurationError       invalid options given by the user
      |    +-- NotSupportedError   a feature the cluster's engine does not provide
@@ -18,11 +19,19 @@
      |    +-- NodeLostError
      |    +-- SetupError          a computation could not be set up on a node
      |    +-- JournalError        the recover_file could not be written (a full disk)
+     +-- LaunchError              launched nodes did not start or did not register
+     +-- KeptUnavailable          a node cannot read the results it kept, for now
      +-- JobError
      |    +-- SerializationError  arguments or results that cannot be (un)pickled
      |                            (also a TypeError and a pickle.PicklingError)
      |    +-- ResultTooLarge      a result over max_result_size
      +-- RemoteError              an exception raised by user code on a node
+
+Errors of one layer are defined beside their code, in this tree: the wire's
+`dispynb.protocol.discovery.DiscoveryError`,
+`dispynb.protocol.registration.RegistrationError` and
+`dispynb.transport.connection.BadMessageError` (each a `MessageError`), and the
+notebook's `dispynb.jupyter.errors.MagicError`, which IPython shows as one line.
 """
 
 from __future__ import annotations
@@ -111,6 +120,16 @@ class JournalError(ClusterError):
     """The recovery file (``recover_file``) could not be written, a full disk say:
     the jobs it misses cannot be recovered after a crash (their results still come
     back to the running client). The message names the file and the cause."""
+
+
+class LaunchError(DispynbError):
+    """Launched nodes could not be started or did not register."""
+
+
+class KeptUnavailable(DispynbError):
+    """The node cannot read a kept result now, for want of memory, descriptors or
+    disk space for its copy (`ResultSpool.open`): the results are not lost; the
+    recovery is to stop."""
 
 
 class JobError(DispynbError):

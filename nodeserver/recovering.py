@@ -20,6 +20,7 @@ import collections
 import logging
 from typing import Any
 
+from dispynb.errors import KeptUnavailable
 from dispynb.protocol.chunks import chunk_bytes_for, entry_text_bytes, split_entry
 from dispynb.protocol.messages import (
     ComputationClosed,
@@ -31,7 +32,7 @@ from dispynb.protocol.messages import (
 from dispynb.transport.connection import Connection
 from nodeserver.computation import STREAM_BYTES
 from nodeserver.keeper import FILE, PROVISIONAL, Kept, KeptResult, lost_entry
-from nodeserver.spool import KeptUnavailable, job_of
+from nodeserver.spool import job_of
 
 logger = logging.getLogger(__name__)
 

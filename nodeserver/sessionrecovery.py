@@ -9,7 +9,7 @@ import contextlib
 from typing import TYPE_CHECKING, Any
 
 from dispynb.defaults import MAX_MESSAGE_SIZE, PRE_AUTH_MAX_FRAME
-from dispynb.errors import DispynbError, MessageError
+from dispynb.errors import DispynbError, KeptUnavailable, MessageError
 from dispynb.protocol.messages import (
     KEPT_UNAVAILABLE,
     ComputationClosed,
@@ -24,7 +24,6 @@ from nodeserver.computation import Computation
 from nodeserver.keeper import Kept, KeptResult, ResultKeeper
 from nodeserver.recovering import KeptResultSender
 from nodeserver.sessionstate import HAND_BACK_TIMEOUT, _SessionState, logger
-from nodeserver.spool import KeptUnavailable
 
 #: What a recovering client is told when a later recovery of the same results
 #: (another connection) ends its own.

@@ -42,7 +42,7 @@ from typing import Any
 import msgpack
 
 from dispynb.daemon import open_own_file, read_own_file
-from dispynb.errors import DispynbError
+from dispynb.errors import KeptUnavailable as KeptUnavailable
 from dispynb.protocol.records import Utf8Text
 from dispynb.wording import counted
 from nodeserver.spoolcheck import (
@@ -507,12 +507,6 @@ class ResultSpool:
 _SHORT = frozenset(
     {errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.EDQUOT}
 )
-
-
-class KeptUnavailable(DispynbError):
-    """The node cannot read a kept result now, for want of memory, descriptors or
-    disk space for its copy (`ResultSpool.open`): the results are not lost; the
-    recovery is to stop."""
 
 
 class _Unchecked(Exception):

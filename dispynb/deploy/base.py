@@ -48,11 +48,11 @@ from dispynb.deploy.launcherstate import KEPT_EVENTS, Changes
 from dispynb.deploy.launcherstate import REGISTER_WAIT as REGISTER_WAIT
 from dispynb.deploy.launcherstate import Handle as Handle
 from dispynb.deploy.launcherstate import Launched as Launched
-from dispynb.deploy.launcherstate import LaunchError as LaunchError
 from dispynb.deploy.launcherstate import Subscriber as Subscriber
 from dispynb.deploy.registrations import _Registrations
 from dispynb.deploy.registry import Registrar
 from dispynb.errors import ConfigurationError
+from dispynb.errors import LaunchError as LaunchError
 from dispynb.secret import random_secret, resolve_secret
 
 if TYPE_CHECKING:

@@ -1,6 +1,6 @@
 """What every part of `NodeLauncher` shares: the nodes it launched (`Launched`),
-the contract a launcher provides (`_launch`, `_stop`, `_exit_reason`...), launching
-them, and `LaunchError`."""
+the contract a launcher provides (`_launch`, `_stop`, `_exit_reason`...), and
+launching them (failing with `dispynb.errors.LaunchError`)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from dispynb._interruptible import Sleepers
 from dispynb._loop import LoopRunner
 from dispynb.deploy.adaptive import Adaptive, ScaleEvent
 from dispynb.deploy.registry import RegisteredNode, Registrar
-from dispynb.errors import DispynbError
+from dispynb.errors import LaunchError as LaunchError
 from dispynb.transport.addressing import format_address
 
 if TYPE_CHECKING:
@@ -40,10 +40,6 @@ JOIN_GRACE = 30.0
 KEPT_EVENTS = 1000
 
 Subscriber = Callable[[str, int], None]
-
-
-class LaunchError(DispynbError):
-    """Launched nodes could not be started or did not register."""
 
 
 class Changes(_thread.RLock):  # type: ignore[misc]  # final in typeshed only
