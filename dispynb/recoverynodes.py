@@ -150,6 +150,13 @@ async def _recover_from(
                     )
                 elif isinstance(message, Recovered) and not message.found:
                     _abandon(pending, _gone_from(node, secret))
+                elif isinstance(message, Recovered) and message.cut_short:
+                    _abandon(
+                        pending,
+                        f"node {node} was killed (or its machine stopped) while it "
+                        "held the job: the job's end and result were lost with it "
+                        "(the node, started again, kept none for it)",
+                    )
                 elif (
                     isinstance(message, Recovered) and not message.running
                 ) or isinstance(message, ComputationClosed):

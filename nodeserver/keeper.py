@@ -280,19 +280,27 @@ class ResultKeeper:
             kept.finished.set()
             self._kept[key] = kept
             expires = spool.expires or time.time() + spool.keep
-            if spool.expires is None:  # its node stopped while jobs ran
+            if spool.expires is None:  # its node was killed while it ran
                 spool.expires = expires
+                spool.cut_short = True
                 self._spool.write_meta(spool)
             left = max(expires - time.time(), 0.0)
             self._spawn(self._expire(key, kept, left))
-            count = len(spool.files)
+            until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(expires))
+            if spool.files:
+                what = (
+                    f"{counted(len(spool.files), 'kept result')} offered to its client"
+                )
+            else:
+                # Nothing to offer, but what its client's recover_jobs hears: its
+                # jobs were lost with the node, not "never reached" it.
+                what = "no result kept; its client's recover_jobs is told"
             logger.info(
-                "computation %s: %d kept result%s offered to its client until %s "
-                "(%.0f s from now), then removed",
+                "computation %s%s: %s until %s (%.0f s from now), then removed",
                 spool.name,
-                count,
-                "" if count == 1 else "s",
-                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(expires)),
+                " (its node was killed while it ran)" if spool.cut_short else "",
+                what,
+                until,
                 left,
             )
         return len(self._kept)

@@ -77,7 +77,14 @@ class KeptResultSender:
             await self._send(kept, result)
         await self._send_live(kept)
         if kept.finished.is_set():  # nothing more will come
-            self._write(Recovered(comp_id=self.comp_id, found=True, running=False))
+            # Kept by a node process that died while its jobs ran: those it had
+            # no end of were lost with it.
+            cut_short = kept.spool is not None and kept.spool.cut_short
+            self._write(
+                Recovered(
+                    comp_id=self.comp_id, found=True, running=False, cut_short=cut_short
+                )
+            )
             return True
         self._write(Recovered(comp_id=self.comp_id, found=True, running=True))
         while True:

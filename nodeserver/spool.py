@@ -51,6 +51,7 @@ from nodeserver.spoolcheck import (
     check_key,
     checks,
     file_check,
+    has_signed_shape,
     is_signed_name,
     meta_fields,
     private_copy,
@@ -91,6 +92,9 @@ class SpoolDir:
     #: The key of its files' checks (`nodeserver.spoolcheck`); None until its
     #: computation's recovery id is known (a spool an earlier process left).
     key: bytes | None = dataclasses.field(default=None, repr=False)
+    #: Its node process died while its computation ran (killed: no expiry was
+    #: written): the jobs it held whose ends are not here ended with it.
+    cut_short: bool = False
 
     @property
     def size(self) -> int:
@@ -157,7 +161,12 @@ class ResultSpool:
 
     @staticmethod
     def _meta(spool: SpoolDir) -> tuple[str, list[bytes]]:
-        meta = {"name": spool.name, "keep": spool.keep, "expires": spool.expires}
+        meta = {
+            "name": spool.name,
+            "keep": spool.keep,
+            "expires": spool.expires,
+            "cut_short": spool.cut_short,
+        }
         return os.path.join(spool.path, "meta"), [json.dumps(meta).encode()]
 
     def write(
@@ -446,20 +455,40 @@ class ResultSpool:
         try:
             names = sorted(os.listdir(path))
             files = []
+            foreign = []
             for name in names:
-                if name.startswith("r"):
-                    full = os.path.join(path, name)
-                    info = os.lstat(full)  # its checks come when it is claimed
-                    if stat.S_ISREG(info.st_mode):
-                        files.append((full, self._on_disk(info.st_size)))
+                if not name.startswith("r"):
+                    continue
+                full = os.path.join(path, name)
+                if not has_signed_shape(name):
+                    foreign.append(full)  # no name this node gives: never offered
+                    continue
+                info = os.lstat(full)  # its checks come when it is claimed
+                if stat.S_ISREG(info.st_mode):
+                    files.append((full, self._on_disk(info.st_size)))
         except OSError as exc:
             logger.warning("spool directory %s cannot be read, left: %s", path, exc)
             return None
+        if foreign:
+            # Counted as kept results, and in --kept-results-size, until a
+            # client's claim checked them (an hour, if none comes).
+            logger.warning(
+                "%s in kept results %s %s not written by this node, and not "
+                "offered: put there by something of the node's user (its jobs can "
+                "write there) (removed)",
+                counted(len(foreign), "file"),
+                path,
+                "is" if len(foreign) == 1 else "are",
+            )
+            for full in foreign:
+                with contextlib.suppress(OSError):
+                    os.unlink(full)
         try:
             # Written by the node, but its jobs can replace it (a FIFO hung the
             # node's start; a NaN expiry would break its loop's timers).
             meta = json.loads(read_own_file(os.path.join(path, "meta"), _META_LIMIT))
             spool = SpoolDir(path, *meta_fields(meta, path))
+            spool.cut_short = meta.get("cut_short") is True
         except (OSError, ValueError, KeyError, TypeError) as exc:
             if not files:
                 logger.warning(
@@ -467,8 +496,9 @@ class ResultSpool:
                 )
                 shutil.rmtree(path, ignore_errors=True)
                 return None
-            # Its expiry is unknown: the default from now (written again by the keeper).
-            spool = SpoolDir(path, os.path.basename(path))
+            # Its expiry is unknown: the default from now (written again by the
+            # keeper). Torn as its node died: its jobs may have ended with it.
+            spool = SpoolDir(path, os.path.basename(path), cut_short=True)
             logger.warning(
                 "spool directory %s: its meta file is damaged (%s; the node stopped "
                 "while writing it?): offering its %s for %.0f s",

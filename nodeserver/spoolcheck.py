@@ -32,6 +32,7 @@ import logging
 import math
 import mmap
 import os
+import re
 import tempfile
 import time
 from collections.abc import Sequence
@@ -63,6 +64,21 @@ def signed_name(key: bytes, base: str) -> str:
     """``base`` with the node's check of it: the name a result's file is given."""
     tag = hmac.digest(key, b"name:" + base.encode(), "sha256")[:_NAME_TAG]
     return f"{base}.{tag.hex()}"
+
+
+#: The shape of every name `ResultSpool.write` gives (``r<ns>-<seq>[_<key>_<attempt>]``
+#: and its check): what a node started again counts of a spool whose key it does
+#: not know yet (`has_signed_shape`).
+_SIGNED_SHAPE = re.compile(
+    rf"r\d{{20}}-\d{{8}}(?:_-?\d+_-?\d+)?\.[0-9a-f]{{{2 * _NAME_TAG}}}"
+)
+
+
+def has_signed_shape(name: str) -> bool:
+    """Whether file ``name`` has the shape of a name `signed_name` gives (its check
+    needs the computation's recovery id, which the node learns only when a client
+    claims the spool: a name without that shape is none the node gave)."""
+    return _SIGNED_SHAPE.fullmatch(name) is not None
 
 
 def is_signed_name(key: bytes, name: str) -> bool:

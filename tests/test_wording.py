@@ -53,7 +53,7 @@ def test_a_node_spooling_one_result_says_one_result(
     ResultSpool.report_failures(
         SpoolDir(spool.path, "comp", failed=1, failure="disk full"), "now written"
     )
-    Path(spool.path, "r1").write_bytes(b"x")
+    Path(spool.path, f"r{0:020d}-{1:08d}.{'0' * 32}").write_bytes(b"x")
     Path(spool.path, "meta").write_bytes(b'{"name": "comp", "ke')
     assert len(spools.load()) == 1
     said = _said(caplog)

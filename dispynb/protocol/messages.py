@@ -301,6 +301,10 @@ class Recovered(WireMessage):
     #: Not found for this user, but a shared scheduler keeps it for another: the
     #: client recovers with the wrong credential, and its jobs are not lost.
     other_user: bool = False
+    #: The node process that ran the computation died while it did (killed, its
+    #: machine stopped); this one offers what that one kept: a job whose end is not
+    #: among them was lost with it (it had not "never reached" the node).
+    cut_short: bool = False
 
 
 @message("node-status")
