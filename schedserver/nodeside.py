@@ -281,7 +281,8 @@ class _NodeSide(_JobFiles):
         elif session is not None:
             session.send_gathered()
         if self.session is None and not self.running and (not self.queue or self.held):
-            self._say_what_waits()
+            if not self.closing:  # closing: nothing waits, nothing is kept for it
+                self._say_what_waits()
             self.server.leave_the_nodes(self._whole)
         if self.recovering:
             self.finish_if_done()
@@ -376,9 +377,13 @@ class _NodeSide(_JobFiles):
         self.account.limits.pop(upstream.node.name, None)
         self.awaiting_client.discard(upstream.node.name)
         stopping = upstream.node.stopping
+        # Closed by its client on this link (close_node), also when allocate_node
+        # followed before the close was over (the node is no longer in
+        # nodes_closed, and is set up again): not "lost (closed)".
+        closed = upstream.closing or upstream.node.name in self.nodes_closed
         self._left[upstream.node.name] = (
             "its client closed it (close_node)"
-            if upstream.node.name in self.nodes_closed
+            if closed
             else f"it stopped: {stopping}"
             if stopping
             else f"it was lost ({reason})"
@@ -389,7 +394,7 @@ class _NodeSide(_JobFiles):
         node = upstream.node
         why = (
             f"its client closed node {name} (close_node, terminate_pending)"
-            if name in self.nodes_closed
+            if closed
             else f"node {name} stopped: {node.stopping},"
             if node.stopping
             else f"node {name} was lost ({reason})"

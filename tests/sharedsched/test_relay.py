@@ -22,6 +22,7 @@ from dispynb.protocol.messages import (
 from schedserver.computation import SharedComputation, Upstream
 from schedserver.server import NodeState
 from schedserver.session import SchedulerSession
+from schedserver.spill import UserKept
 
 FRAME: Any = (b"prefix", 2, memoryview(b"as the peer sent it"))
 
@@ -58,7 +59,8 @@ def computation(
     client = RecordingConnection()
     server: Any = SimpleNamespace(
         config=SimpleNamespace(pulse_interval=1.0, max_queued=None, max_kept=1 << 20),
-        spill=None,
+        # What a user keeps in all (--max_user_kept): no limit here.
+        spill=SimpleNamespace(user=lambda name: UserKept(name, 0)),
         job_left=lambda comp, node: None,
         schedule=lambda: None,
         schedule_soon=lambda: None,
