@@ -45,10 +45,15 @@ class _Events(_ClusterState):
         self._node_cpus[info.node_id] = info.cpus
         self._avail_told[info.node_id] = time.monotonic()
         self._journal.node(info.via or info.node_id)
+        if info.node_id in self._limits_pending:  # limited as it was set up again
+            used = self._limits_pending.pop(info.node_id)
+            self._apply_limit(info.node_id, used, tell=False)  # (Initialized tells)
         self._notify_cluster(DispyNode.Initialized, node, None)
         self._emit(DispyNode.Initialized, node, None)
 
     def node_closed(self, info: NodeInfo, reason: str, departure: Departure) -> None:
+        if departure is Departure.LOST:  # its engine forgets its limit too
+            self._limits_pending.pop(info.node_id, None)
         node = self._nodes.pop(info.node_id, None)
         if node is None:
             if departure is not Departure.RESETUP:

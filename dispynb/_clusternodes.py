@@ -68,7 +68,8 @@ class _Nodes(_ClusterState):
         except (OSError, DispynbError) as exc:
             logger.warning("allocate_node: cannot discover nodes: %s", exc)
             return -1
-        for node_id in list(self._deallocated):  # back in use: submit_node takes it
+        # Back in use, all of them: submit_node takes them.
+        for node_id in {*self._deallocated, *self._limits_pending}:
             known = self._nodes.get(node_id)
             if known is None or any(
                 spec.port in (None, known.port)
@@ -76,6 +77,7 @@ class _Nodes(_ClusterState):
                 for spec in specs
             ):
                 self._deallocated.discard(node_id)
+                self._limits_pending.pop(node_id, None)
         return 0
 
     def discover_nodes(self, nodes: Any) -> int:
@@ -92,14 +94,18 @@ class _Nodes(_ClusterState):
         return self._backend, node_id
 
     def deallocate_node(self, node: Any) -> int:
-        """Send ``node`` no more jobs (its computation stays set up); 0 or -1."""
-        managed = self._managed(node, "deallocate_node")
+        """Send ``node`` no more jobs (its computation stays set up); 0 or -1.
+
+        A node being set up (again: `allocate_node` named it, maybe as its
+        `close_node` went on) gets none once it is set up: the last call decides.
+        """
+        managed = self._managed(node, "deallocate_node") or self._pending(node)
         if managed is None:
             return -1
         backend, node_id = managed
         if backend.set_cpus(node_id, 0) < 0:
             return -1
-        self._deallocated.add(node_id)
+        self._limit(node_id, None)
         return 0
 
     def set_node_cpus(self, node: Any, cpus: int | str) -> int:
@@ -119,7 +125,7 @@ class _Nodes(_ClusterState):
     def _resize_node(self, node: Any, cpus: int | str) -> int:
         """`set_node_cpus`, raising `ClusterError` saying why it cannot (what the
         web monitor tells its user)."""
-        managed = self._managed(node, "set_node_cpus")
+        managed = self._managed(node, "set_node_cpus") or self._pending(node)
         if managed is None:
             raise ClusterError(f"{node!r} is not a node of this cluster")
         backend, node_id = managed
@@ -135,19 +141,8 @@ class _Nodes(_ClusterState):
         used = backend.set_cpus(node_id, cpus)
         if used < 0:
             raise ClusterError(f"node {node_id} is not set up for this cluster now")
-        self._used_cpus(node_id, used)
+        self._limit(node_id, used)
         return used
-
-    def _used_cpus(self, node_id: str, used: int) -> None:
-        """``node_id`` uses ``used`` CPUs now: its `DispyNode` says so (listeners
-        hear `DispyNode.AvailInfo`), and a positive count gives it back
-        (`deallocate_node`)."""
-        if used > 0:
-            self._deallocated.discard(node_id)
-        known = self._nodes.get(node_id)
-        if known is not None:
-            known.cpus = used  # avail_cpus stays what it offers, as dispy's
-            self._emit(DispyNode.AvailInfo, known, None)
 
     def close_node(self, node: Any, terminate_pending: bool = False) -> int:
         """Close the computation on ``node`` (running its cleanup) and release it.
@@ -168,6 +163,7 @@ class _Nodes(_ClusterState):
         if managed is None:
             return -1
         backend, node_id = managed
+        self._limits_pending.pop(node_id, None)  # (allocate_node: all of it)
         return 0 if backend.close_node(node_id, terminate_pending) else -1
 
     def _pending(self, node: Any) -> tuple[Backend, str] | None:
@@ -193,6 +189,7 @@ class _Nodes(_ClusterState):
         if managed is None:
             return -1
         backend, node_id = managed
+        self._limits_pending.pop(node_id, None)  # all of it once set up again
         return 0 if backend.resetup_node(node_id, terminate_pending) else -1
 
     def node_jobs(self, node: Any, from_node: bool = False) -> list[DispyJob] | int:

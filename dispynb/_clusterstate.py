@@ -66,6 +66,7 @@ class _ClusterState:
     _nodes: dict[str, DispyNode]
     _node_cpus: dict[str, int]
     _deallocated: set[str]
+    _limits_pending: dict[str, int | None]
     _resetting: dict[str, DispyNode]
     _released_nodes: dict[str, DispyNode]
     _avail_told: dict[str, float]
@@ -107,6 +108,31 @@ class _ClusterState:
             ):
                 return node_id
         return None
+
+    def _limit(self, node_id: str, used: int | None) -> None:
+        """``node_id`` runs ``used`` of the cluster's jobs at once now (None:
+        `deallocate_node`, which leaves its CPUs as shown), kept in
+        ``_limits_pending`` for its next setup (`_Events.node_ready`)."""
+        self._limits_pending[node_id] = used
+        self._apply_limit(node_id, used)
+
+    def _apply_limit(self, node_id: str, used: int | None, tell: bool = True) -> None:
+        if used is None:
+            self._deallocated.add(node_id)  # submit_node refuses it, as dispy's
+        else:
+            self._used_cpus(node_id, used, tell)
+
+    def _used_cpus(self, node_id: str, used: int, tell: bool = True) -> None:
+        """``node_id`` uses ``used`` CPUs now: its `DispyNode` says so (listeners
+        hear `DispyNode.AvailInfo` if ``tell``), and a positive count gives it
+        back (`deallocate_node`)."""
+        if used > 0:
+            self._deallocated.discard(node_id)
+        known = self._nodes.get(node_id)
+        if known is not None:
+            known.cpus = used  # avail_cpus stays what it offers, as dispy's
+            if tell:
+                self._emit(DispyNode.AvailInfo, known, None)
 
     def _notify_cluster(
         self, status: int, node: DispyNode | None, job: DispyJob | None

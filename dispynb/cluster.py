@@ -192,6 +192,11 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
         # Nodes deallocate_node took out (until allocate_node or set_node_cpus gives
         # them CPUs again): submit_node refuses them, as dispy's.
         self._deallocated: set[str] = set()
+        # What deallocate_node (None) or set_node_cpus left each node, by id, until
+        # allocate_node, close_node, resetup_node or its loss: applied again as a
+        # node closed and allocated again a moment before is ready (the last call
+        # decides; the engine keeps it too).
+        self._limits_pending: dict[str, int | None] = {}
         # Nodes being set up again (resetup_node), kept with their counts.
         self._resetting: dict[str, DispyNode] = {}
         # Nodes close_node released, with their counts: print_status still lists

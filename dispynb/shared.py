@@ -145,12 +145,12 @@ class SharedJobCluster(JobCluster):
         if not self._shared():
             return super().deallocate_node(node)
         try:
-            node_id = self._behind(node)
+            node_id = self._named_behind(node)
             self._manage(node_id, "deallocate_node", "deallocate")
         except ClusterError as exc:
             logger.warning("deallocate_node: %s", exc)
             return -1
-        self._deallocated.add(node_id)
+        self._limit(node_id, None)
         return 0
 
     def allocate_node(self, node: Any) -> int:
@@ -176,6 +176,7 @@ class SharedJobCluster(JobCluster):
             logger.warning("allocate_node: %s", exc)
             return -1
         self._deallocated.discard(node_id)
+        self._limits_pending.pop(node_id, None)
         if used > 0:  # all its CPUs again (a closed one comes back set up anew)
             self._used_cpus(node_id, used)
         return 0
@@ -188,15 +189,13 @@ class SharedJobCluster(JobCluster):
         user's use of the node. Returns the CPUs it may use there now."""
         if not self._shared():
             return super()._resize_node(node, cpus)
-        node_id = self._behind(node)
+        node_id = self._named_behind(node)
         try:
             count = int(cpus)
         except (TypeError, ValueError):
             raise ClusterError(f"cpus={cpus!r} is not a number of CPUs") from None
         used = self._manage(node_id, "set_node_cpus", "cpus", cpus=count)
-        if used == 0:
-            self._deallocated.add(node_id)
-        self._used_cpus(node_id, used)
+        self._limit(node_id, used)
         return used
 
     def close_node(self, node: Any, terminate_pending: bool = False) -> int:
@@ -215,9 +214,7 @@ class SharedJobCluster(JobCluster):
             return super().close_node(node, terminate_pending)
         try:
             # (one closed, even allocated again, may not be back yet: still named)
-            node_id = self._node_id(node, among=self._closed_behind) or self._behind(
-                node
-            )
+            node_id = self._named_behind(node)
             known = self._nodes.get(node_id)
             self._manage(
                 node_id, "close_node", "close", terminate=bool(terminate_pending)
@@ -227,6 +224,7 @@ class SharedJobCluster(JobCluster):
             return -1
         if known is not None:  # allocate_node finds it by any of its names
             self._closed_behind[node_id] = known
+        self._limits_pending.pop(node_id, None)
         return 0
 
     def _shared(self) -> bool:
@@ -246,6 +244,17 @@ class SharedJobCluster(JobCluster):
                 f"on{closed}"
             )
         return node_id
+
+    def _named_behind(self, node: Any) -> str:
+        """`_behind`, or the id of a node this cluster closed (`close_node`): one
+        closed, even allocated again, may not be back yet, its close or its setup
+        again under way, and is still named."""
+        return self._node_id(node, among=self._closed_behind) or self._behind(node)
+
+    def _apply_limit(self, node_id: str, used: int | None, tell: bool = True) -> None:
+        super()._apply_limit(node_id, used, tell)
+        if used == 0 and self._shared():  # set_node_cpus(0) is deallocate_node here
+            self._deallocated.add(node_id)
 
     def _manage(
         self,

@@ -437,9 +437,12 @@ class SharedComputation(_NodeSide, _SentFiles):
                 self._close_on(turning, message.terminate, send=send)
                 self._log_change("closed node %s", node)
                 return "", 0
-        why = self._unmanaged(node)
-        if why:
-            return why, 0
+        turning = self._turning(node) if action in ("deallocate", "cpus") else None
+        if turning is None or node in self.nodes_closed:
+            why = self._unmanaged(node)
+            if why:
+                return why, 0
+        # (else allocated again, its close or setup under way: a limit it keeps)
         upstream = self.upstream[node]
         cpus = upstream.node.cpus
         if action == "cpus":
@@ -562,7 +565,10 @@ class SharedComputation(_NodeSide, _SentFiles):
         name = upstream.node.name
         upstream.closing = True
         self.nodes_closed.add(name)
-        self.account.limits[name] = 0  # none of its jobs go there meanwhile
+        # None of its jobs go there meanwhile, even if its client allocates it
+        # again before the close ends (that lifts the limit): it is set up anew.
+        self.account.nodes.discard(name)
+        self.account.limits[name] = 0
         if self.account.pinned.get(name):
             cancelled = []
             for job in [job for job in self.queue if job.pin == name]:

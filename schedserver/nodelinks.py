@@ -425,7 +425,8 @@ class _NodeLinks(_ServerState):
             comp.placed(upstream, message)
         elif isinstance(message, ComputationReady):
             upstream.ready = True
-            comp.account.nodes.add(upstream.node.name)
+            if not upstream.closing:  # (closed as it was set up: it runs none)
+                comp.account.nodes.add(upstream.node.name)
             comp.hold_for_client(upstream.node.name)
             if not comp.ready_sent:
                 comp.ready_sent = True

@@ -373,8 +373,10 @@ class _NodeSide(_JobFiles):
             self._placed_on(upstream.node.name, request, "")
         self.account.nodes.discard(upstream.node.name)
         # Its client forgets it took the node out or limited it (the node left):
-        # all of it in use when it is set up again, for both.
-        self.account.limits.pop(upstream.node.name, None)
+        # all of it in use when it is set up again, for both. Not a node it
+        # closed and allocated again since: the limits it set after are its word.
+        if not upstream.closing or upstream.node.name in self.nodes_closed:
+            self.account.limits.pop(upstream.node.name, None)
         self.awaiting_client.discard(upstream.node.name)
         stopping = upstream.node.stopping
         # Closed by its client on this link (close_node), also when allocate_node

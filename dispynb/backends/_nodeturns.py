@@ -76,8 +76,10 @@ class NodeTurns:
             # got jobs now, it would refuse them ("not set up on this node").
             link.releasing = False
             link.resetting = True
+            link.cpus_asked = None  # all its CPUs, once set up again
         elif link is not None and not link.ready:
             link.releasing = False  # being set up: used once ready, not closed
+            link.cpus_asked = None
         elif link is not None:  # known: all its CPUs again (after deallocate_node)
             self.driver.set_cpus(node_id, link.cpus)
         else:

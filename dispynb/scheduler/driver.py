@@ -295,7 +295,10 @@ class Driver(DriverNodes):
         if self._large and link.shared_memory:
             cap = SHM_JOBS_PER_CPU * max(1, link.cpus)
             self.state.limit_window(link.node_id, cap)
-        self._apply(self.state.handle(NodeJoined(link.node_id, message.workers)))
+        # set_node_cpus or deallocate_node as it was set up: the last call decides.
+        asked, link.cpus_asked = link.cpus_asked, None
+        used = message.workers if asked is None else min(asked, message.workers)
+        self._apply(self.state.handle(NodeJoined(link.node_id, used)))
 
     # -- jobs ----------------------------------------------------------------------
 

@@ -84,6 +84,9 @@ class NodeLink:
     allocate: Allocator | None = None
     peer_ip: str = ""
     resetting: bool = False
+    #: CPUs `Driver.set_cpus` was asked for (0: deallocate_node) while it was
+    #: being set up (again): used once ready, instead of all it set up.
+    cpus_asked: int | None = None
     last_seen: float = 0.0  # loop time of the last message from it
     reads_seen: int = 0  # its connection's reads when the watchdog last looked
     leaving: bool = False  # it handed jobs back: it shuts down

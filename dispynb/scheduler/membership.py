@@ -268,7 +268,16 @@ class DriverNodes(DriverResults):
         unknown node. Jobs already there finish.
         """
         link = self.nodes.get(node_id)
-        if link is None or not link.ready or link.closes_sent:
+        if link is None:
+            return -1
+        if (link.closes_sent and link.resetting) or (
+            not link.ready and link.setting_up and not link.releasing
+        ):
+            # Being set up (again: allocate_node as its close went on, or
+            # resetup_node): the last call decides, as it is ready (`_on_ready`).
+            link.cpus_asked = max(0, cpus)
+            return min(link.cpus_asked, link.cpus) if link.cpus else link.cpus_asked
+        if not link.ready or link.closes_sent:
             return -1
         cpus = max(0, min(cpus, link.cpus))
         self._apply(self.state.handle(NodeJoined(node_id, cpus)))
@@ -310,6 +319,7 @@ class DriverNodes(DriverResults):
         for key in self.state.pinned_keys(node_id):
             self._apply(self.state.handle(CancelRequested(key)))
         link.releasing = release
+        link.cpus_asked = None  # (with release it leaves; else all of it again)
         self._send_close(link, terminate)
         return True
 

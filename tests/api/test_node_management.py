@@ -498,3 +498,46 @@ def test_a_node_without_swap_reports_all_of_it_available_as_dispys(local):
         avail = cluster.status().nodes[0].avail_info
         assert avail is not None
         assert avail.swap == pytest.approx(expected, abs=5.0)
+
+
+def test_deallocate_node_and_set_node_cpus_on_a_node_allocated_again_a_moment_ago(
+    two, caplog
+):
+    """close_node, allocate_node, then at once deallocate_node or set_node_cpus
+    (the node's close, or its setup again, still under way): 0, or the CPUs it
+    may use, as for a node in use, and the node, once set up again, gets none of
+    the cluster's jobs, or that many at once. They returned -1: the node was
+    none of the cluster's nodes at that moment."""
+    first, second = two.node_specs()
+    set_up: list[str] = []
+
+    def cluster_status(status, node, job):
+        if status == DispyNode.Initialized:
+            set_up.append(node.name)
+
+    with JobCluster(
+        node_name,
+        nodes=[first, second],
+        secret=two.secret,
+        cluster_status=cluster_status,
+    ) as cluster:
+        all_ready(cluster)
+        calls = []
+        for delay in [0.0, 0.002, 0.01, 0.03]:
+            calls.append(cluster.close_node(first))
+            time.sleep(delay)
+            allocated = len(set_up)  # it is set up again after this
+            calls.append(cluster.allocate_node(first))
+            time.sleep(delay)
+            calls.append(cluster.deallocate_node(first))
+        assert calls == [0] * len(calls), caplog.text
+        wait_until(lambda: "local-0" in set_up[allocated:])
+        assert run_all(cluster) == {"local-1"}
+        assert cluster.submit_node(first, 0) is None  # deallocated
+        assert cluster.close_node(first) == 0
+        allocated = len(set_up)
+        assert cluster.allocate_node(first) == 0
+        assert cluster.set_node_cpus(first, 1) == 1, caplog.text
+        wait_until(lambda: "local-0" in set_up[allocated:])
+        assert by_name(cluster, "local-0").cpus == 1
+        assert run_all(cluster, 12) == {"local-0", "local-1"}

@@ -15,7 +15,7 @@ from dispynb import LocalCluster, SharedJobCluster
 from dispynb.job import JobStatus
 from tests.jobs import wait_until
 from tests.sharedsched.harness import SchedulerProcess
-from tests.sharedsched.nodeuse import by_name, held, where
+from tests.sharedsched.nodeuse import by_name, held, overlapped, where
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -94,3 +94,65 @@ def test_close_node_again_with_terminate_pending_ends_the_jobs_it_let_run(
         release.touch()
         again = alice.submit_node(first, 2, str(marks), str(release))
         assert again is not None and again() == first
+
+
+def test_deallocate_node_and_set_node_cpus_on_a_node_allocated_again_a_moment_ago(
+    scheduler: SchedulerProcess,
+    nodes: LocalCluster,
+    users: dict[str, Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """close_node, allocate_node, then at once deallocate_node or set_node_cpus
+    (the node's close, or its setup again, still under way at the scheduler):
+    0, or the CPUs it may use, as for a node in use; the node, once set up
+    again, gets none of the cluster's jobs, or that many at once. They
+    returned -1: the node was none of the cluster's nodes at that moment."""
+    first, second = nodes.names
+    with SharedJobCluster(
+        where, scheduler_host=scheduler.address, secret_file=str(users["alice"])
+    ) as alice:
+        wait_until(lambda: sorted(by_name(alice)) == [first, second])
+        with caplog.at_level(logging.WARNING, logger="dispynb"):
+            calls = []
+            for delay in [0.0, 0.002, 0.01, 0.03]:
+                calls.append(alice.close_node(first))
+                time.sleep(delay)
+                calls.append(alice.allocate_node(first))
+                time.sleep(delay)
+                calls.append(alice.deallocate_node(first))
+            assert calls == [0] * len(calls), caplog.text
+            wait_until(lambda: first in by_name(alice))
+            jobs = [alice.submit(0.05) for _ in range(8)]
+            assert {job() for job in jobs} == {second}  # none on the first
+            assert alice.close_node(first) == 0
+            assert alice.allocate_node(first) == 0
+            assert alice.set_node_cpus(first, 1) == 1, caplog.text
+            assert alice.deallocate_node(second) == 0
+            wait_until(lambda: first in by_name(alice))
+            jobs = [alice.submit(0.2) for _ in range(3)]
+            assert {job() for job in jobs} == {first}, [j.exception for j in jobs]
+            assert not overlapped(jobs)  # one at a time there
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING], (
+            caplog.text
+        )
+
+
+def test_jobs_wait_for_a_node_allocated_again_as_its_close_goes_on(
+    scheduler: SchedulerProcess,
+    nodes: LocalCluster,
+    users: dict[str, Path],
+) -> None:
+    """close_node, then allocate_node at once (its close under way), and jobs
+    only that node may run: they run there once it is set up again. They were
+    sent on the closing link and ended Terminated, "the computation is not set
+    up on this node"."""
+    first, second = nodes.names
+    with SharedJobCluster(
+        where, scheduler_host=scheduler.address, secret_file=str(users["alice"])
+    ) as alice:
+        wait_until(lambda: sorted(by_name(alice)) == [first, second])
+        assert alice.close_node(first) == 0
+        assert alice.allocate_node(first) == 0
+        assert alice.deallocate_node(second) == 0
+        jobs = [alice.submit(0.2) for _ in range(3)]
+        assert {job() for job in jobs} == {first}, [j.exception for j in jobs]
