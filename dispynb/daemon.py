@@ -113,7 +113,9 @@ def run_daemon(prog: str, run: Callable[[], int]) -> int:
         print(f"{err}{prog}: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"{err}{prog}: cannot start: {exc}", file=sys.stderr)
+        # Ours say what and how to fix it: no "[Errno 98]" before that.
+        said = exc.strerror if exc.strerror and exc.filename is None else exc
+        print(f"{err}{prog}: cannot start: {said}", file=sys.stderr)
         return 1
 
 

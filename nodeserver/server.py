@@ -157,7 +157,7 @@ class NodeServer:
         )
         try:
             for host in config.hosts:
-                self.port = listener.listen_on(host, self.port or config.port)
+                self.port = listener.listen_on(host, self.port or config.port, "--port")
             if config.unix_socket:
                 listener.listen_unix(config.unix_socket)
         except BaseException:

@@ -227,7 +227,8 @@ class SchedulerMonitor:
     ) -> SchedulerMonitor:
         """Listen on ``host``:``port`` (on the running loop), the access token read
         from ``token_file`` (or written there: `file_token`) if given; raises
-        `ConfigurationError` as `open_endpoint` does."""
+        `ConfigurationError` as `open_endpoint` does, but OSError for a port in use
+        (which may pass: the daemon exits 1, not 2)."""
         token = file_token(token_file) if token_file else None
         try:
             endpoint = open_endpoint(
@@ -239,11 +240,12 @@ class SchedulerMonitor:
                 raise
             # open_endpoint's advice is the Python API's (port=0): name the options.
             fix = "give another --httpd_port (0 picks a free one; its URL is logged)"
-            if cause.errno == errno.EADDRINUSE:
+            if cause.errno == errno.EADDRINUSE:  # may pass (exit 1): a port held
                 where = format_address(host, port)
-                raise ConfigurationError(
+                raise OSError(
+                    cause.errno,
                     f"web monitor: {where} is already in use (by a node or scheduler "
-                    f"already running, or another program): stop it, or {fix}"
+                    f"already running, or another program): stop it, or {fix}",
                 ) from cause
             raise ConfigurationError(
                 f"web monitor: cannot listen on {host} port {port} ({cause.strerror}): "

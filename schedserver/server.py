@@ -11,6 +11,7 @@ slot (``--jobs_per_cpu`` per CPU), choosing whose job with `fairshare.FairShare`
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import platform
 import time
@@ -71,7 +72,9 @@ class SchedulerServer(
         )
         try:
             for host in config.hosts:
-                self.port = listener.listen_on(host, self.port or config.port)
+                self.port = listener.listen_on(
+                    host, self.port or config.port, "-p/--port"
+                )
         except BaseException:
             listener.stop()
             raise
@@ -199,9 +202,17 @@ class SchedulerServer(
                 self._registrars.append(registrar)
                 port = await registrar.start()
         except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:  # may pass (exit 1): a port still held
+                where = format_address(host, port)
+                raise OSError(
+                    exc.errno,
+                    f"node registrations: {where} is already in use (by a node or "
+                    "scheduler already running, or another program): stop it, or "
+                    "give another --register_port",
+                ) from None
             raise ConfigurationError(
-                f"cannot listen for node registrations on port {port} ({exc}): give "
-                "another --register_port"
+                f"cannot listen for node registrations on port {port} "
+                f"({exc.strerror or exc}): give another --register_port"
             ) from exc
 
     def _registered(self, reg: RegisteredNode) -> None:

@@ -67,8 +67,11 @@ def is_loopback(host: str) -> bool:
 LISTEN_BACKLOG = 128
 
 
-def bind_listening(host: str, port: int) -> list[socket.socket]:
+def bind_listening(host: str, port: int, option: str = "") -> list[socket.socket]:
     """Listening, non-blocking TCP sockets on every address ``host`` resolves to.
+
+    A port in use raises OSError saying to give another ``option`` (the caller's
+    name for the port: ``--port``), or to choose another port without one.
 
     ``host`` may name several addresses (``localhost``: ``127.0.0.1`` and ``::1``);
     with ``port`` 0 they all get the port the first one was given. IPv6 sockets are
@@ -115,10 +118,11 @@ def bind_listening(host: str, port: int) -> list[socket.socket]:
                     continue  # no IPv6 on this machine's loopback
                 if exc.errno == errno.EADDRINUSE:  # the OS names no address, no fix
                     taken = format_address(str(address[0]), chosen)
+                    fix = f"give another {option}" if option else "choose another port"
                     raise OSError(
                         exc.errno,
                         f"{taken} is already in use (by a node or scheduler already "
-                        "running, or another program): stop it, or choose another port",
+                        f"running, or another program): stop it, or {fix}",
                     ) from None
                 if exc.errno == errno.EADDRNOTAVAIL:  # nor here
                     raise OSError(

@@ -133,13 +133,14 @@ class Listener:
         """Connections in their handshake now."""
         return self.admission.pending
 
-    def listen_on(self, host: str, port: int) -> int:
+    def listen_on(self, host: str, port: int, option: str = "") -> int:
         """Bind and listen on ``host:port`` (0 picks a free port); return the port.
 
-        Call it on the running loop, which then accepts the connections.
+        Call it on the running loop, which then accepts the connections. A port in
+        use raises OSError naming ``option``, the program's option for the port.
         """
         loop = asyncio.get_running_loop()
-        sockets = bind_listening(host, port)
+        sockets = bind_listening(host, port, option)
         for sock in sockets:
             sock.setblocking(False)
             loop.add_reader(sock.fileno(), self._accept, sock)

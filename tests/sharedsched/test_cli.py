@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import secrets
 import signal
 import socket
 from pathlib import Path
@@ -227,25 +228,43 @@ def test_msg_timeout_out_of_range_is_refused_in_one_line(
     assert lines == ["dispynb-scheduler: --msg_timeout must be within 0.1-3600 s"]
 
 
+@pytest.mark.parametrize(
+    ("option", "what"),
+    [
+        ("-p", ""),
+        ("--register_port", "node registrations: "),
+        ("--httpd_port", "web monitor: "),
+    ],
+)
 @pytest.mark.usefixtures("users")
-def test_a_monitor_port_in_use_names_the_option_to_change(tmp_path: Path) -> None:
-    """``--httpd`` on a port another program holds: one line naming the port and
-    ``--httpd_port``, not the Python API's ``port=0``."""
+def test_a_port_in_use_names_the_option_to_change_and_exits_1(
+    tmp_path: Path, option: str, what: str
+) -> None:
+    """Each port of the scheduler on a port another program holds: one line
+    naming the address and the option to change (not the Python API's
+    ``port=0``, nor '[Errno 98]'), exit status 1 as the node's (a port still held
+    may pass: its service restarts it). The clients' port said 'choose another
+    port', naming no option; registrations and the monitor exited 2, the
+    registrations' line in asyncio's words."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        port = taken.getsockname()[1]
+        port = str(taken.getsockname()[1])
+        ports = {"-p": "0", "--register_port": "0", "--httpd_port": "0"}
+        ports[option] = port
         done = scheduler_cli(
-            "-n", "127.0.0.1:1", "--users", str(tmp_path / "users"), "-p", "0",
-            "--httpd", "--httpd_port", str(port),
+            "-n", "127.0.0.1:1", "--users", str(tmp_path / "users"),
+            "--node_secret", secrets.token_hex(32), "--httpd",
+            *[word for pair in ports.items() for word in pair],
         )  # fmt: skip
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode == 2 and len(lines) == 1, done.stderr
-    assert lines[0] == (
-        f"dispynb-scheduler: web monitor: 127.0.0.1:{port} is already in use (by a "
-        "node or scheduler already running, or another program): stop it, or give "
-        "another --httpd_port (0 picks a free one; its URL is logged)"
-    )
+    assert done.returncode == 1, done.stderr
+    (line,) = [x for x in done.stderr.splitlines() if "already in use" in x]
+    fix = "-p/--port" if option == "-p" else option
+    assert line.startswith(
+        f"dispynb-scheduler: cannot start: {what}127.0.0.1:{port} is already in use "
+        "(by a node or scheduler already running, or another program): stop it, or "
+        f"give another {fix}"
+    ), line
 
 
 @pytest.mark.usefixtures("users")
