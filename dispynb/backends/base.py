@@ -66,7 +66,7 @@ from __future__ import annotations
 import enum
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 from dispynb.errors import ConfigurationError, NotSupportedError
 from dispynb.job import JobStatus
@@ -479,6 +479,31 @@ class Engine(Protocol):
         ...
 
 
+class _Startable(Protocol):
+    """A backend made by an engine's ``open``, to be started before it is used."""
+
+    def start(self) -> None: ...
+
+    def close(self, terminate: bool) -> None: ...
+
+
+_B = TypeVar("_B", bound=_Startable)
+
+
+def started(backend: _B) -> _B:
+    """``backend`` once its ``start`` returned, for an engine's ``open`` to return.
+
+    A start that raises leaves nothing behind, as `Engine.open` promises: the
+    backend is closed (its jobs terminated) and the error raised.
+    """
+    try:
+        backend.start()
+    except BaseException:
+        backend.close(terminate=True)
+        raise
+    return backend
+
+
 def require(engine: Engine, feature: str, what: str) -> None:
     """Raise `NotSupportedError` unless ``engine`` declares ``feature``.
 
@@ -597,4 +622,5 @@ __all__ = [
     "check_options",
     "require",
     "resolve_engine",
+    "started",
 ]

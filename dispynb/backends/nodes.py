@@ -90,13 +90,7 @@ class NodeEngine:
 
     def open(self, events: JobEvents, config: ClusterConfig) -> NodesBackend:
         """Connect to the nodes and set the computation up; see `Engine.open`."""
-        backend = NodesBackend(events, config)
-        try:
-            backend.start()
-        except BaseException:
-            backend.close(terminate=True)
-            raise
-        return backend
+        return base.started(NodesBackend(events, config))
 
     def __repr__(self) -> str:
         return "NodeEngine()"

@@ -286,13 +286,7 @@ class RayEngine:
             )
         refuse_nodes(config.options.nodes)
         ray = self.connect()
-        backend = RayBackend(ray, self, events, config)
-        try:
-            backend.start()
-        except BaseException:
-            backend.close(terminate=True)
-            raise
-        return backend
+        return base.started(RayBackend(ray, self, events, config))
 
     def __repr__(self) -> str:
         return f"RayEngine({self.address!r})"

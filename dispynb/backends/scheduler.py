@@ -98,12 +98,7 @@ class SchedulerEngine(NodeEngine):
         backend.driver.config.exclusive = self.exclusive
         backend.allocations = self.allocations
         backend.driver.config.allocates = bool(self.allocations)
-        try:
-            backend.start()
-        except BaseException:
-            backend.close(terminate=True)
-            raise
-        return backend
+        return base.started(backend)
 
     def __repr__(self) -> str:
         return f"SchedulerEngine({self.address!r}, exclusive={self.exclusive})"
