@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 from dispynb.node import NodeAllocate
 from dispynb.transport.discovery import BROADCAST, Discovery, discovery_targets
+from dispynb.wording import counted
 
 logger = logging.getLogger(__name__)
 
@@ -153,24 +154,33 @@ class NodeFinder:
         await asyncio.sleep(self._warn_after)
         if self._ready():
             return
-        answered = (
-            f"{self._answered} node(s) answered but none is set up yet (see the "
-            "warnings above)"
-            if self._answered
-            else "no node answered"
-        )
+        port = self._discovery.port
+        if self._answered:
+            # Found, then refused or failing: their warnings above say why (another
+            # secret, another Python...), not the causes of silence below.
+            logger.warning(
+                "no node set up in %g s of discovery: %s answered (pinged %s on UDP "
+                "port %d) but none is set up yet: see the warnings above; still "
+                "waiting, as dispy does",
+                self._warn_after,
+                counted(self._answered, "node"),
+                ", ".join(targets),
+                port,
+            )
+            return
         logger.warning(
-            "no node found in %g s of discovery (pinged %s on UDP port %d; %s); still "
-            "waiting, as dispy does. Likely causes: no dispynb-node running on these "
-            "networks; nodes started with --no-discovery or listening on 127.0.0.1 "
-            "only (no secret); a firewall dropping UDP %d-%d; a wrong secret. Or "
-            "name the nodes: %s",
+            "no node found in %g s of discovery (pinged %s on UDP port %d; no node "
+            "answered); still waiting, as dispy does. Likely causes: no dispynb-node "
+            "running on these networks; nodes started with --no-discovery, or "
+            "listening on 127.0.0.1 only (no secret: only clients of their machine "
+            "without one find them); a firewall dropping UDP %d-%d. Not a wrong "
+            "secret: discovery carries none, and a node with another one answers, "
+            "then refuses the client saying so. Or name the nodes: %s",
             self._warn_after,
             ", ".join(targets),
-            self._discovery.port,
-            answered,
-            self._discovery.port,
-            self._discovery.port + 1,
+            port,
+            port,
+            port + 1,
             self._name_them,
         )
 

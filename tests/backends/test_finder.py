@@ -122,10 +122,12 @@ def test_no_node_warning_names_the_likely_causes(
         "--no-discovery",
         "127.0.0.1",
         "firewall dropping UDP 9712-9713",
-        "wrong secret",
         "nodes=[",
     ):
         assert cause in message
+    # A node with another secret answers discovery (it carries no secret), then
+    # refuses the client saying so: that is never why no node answered.
+    assert "Not a wrong secret: discovery carries none" in message
 
 
 def test_no_node_warning_when_nodes_answered_or_are_ready(
@@ -137,4 +139,7 @@ def test_no_node_warning_when_nodes_answered_or_are_ready(
         asyncio.run(answered._warn_if_no_node(["10.1.0.255"]))
         asyncio.run(quiet_finder(True)._warn_if_no_node(["10.1.0.255"]))
     (record,) = caplog.records  # none once a node is ready
-    assert "1 node(s) answered but none is set up yet" in record.getMessage()
+    message = record.getMessage()
+    assert "1 node answered (pinged 10.1.0.255 on UDP port 9712) but none" in message
+    assert "see the warnings above" in message
+    assert "Likely causes" not in message  # of silence: the node answered
