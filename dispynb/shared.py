@@ -8,8 +8,10 @@ from typing import TYPE_CHECKING, Any, cast
 
 from dispynb import config as dispy_config
 from dispynb.cluster import JobCluster
+from dispynb.defaults import NODE_PORT
 from dispynb.errors import ClusterError, ConfigurationError
 from dispynb.job import DispyJob
+from dispynb.netoptions import _check_port
 from dispynb.node import DispyNode, NodeAllocate, parse_node_specs
 from dispynb.transport.addressing import format_address, parse_address
 
@@ -22,8 +24,9 @@ logger = logging.getLogger(__name__)
 class SharedJobCluster(JobCluster):
     """dispy's cluster for nodes shared with other clients through a scheduler.
 
-    ``scheduler_host`` (``host`` or ``host:port``; port
-    ``dispy.config.SharedSchedulerPort`` by default) names a ``dispynb-scheduler``,
+    ``scheduler_host`` (``host`` or ``host:port``; port ``scheduler_port``,
+    else ``dispy_port``, as ``dispynb-scheduler -p PORT`` pairs with it, else
+    ``dispy.config.SharedSchedulerPort``) names a ``dispynb-scheduler``,
     which owns the nodes and shares their CPUs fairly between its users. The
     cluster proves its user's credential there: ``secret_file=`` the file that
     ``dispynb-scheduler user add NAME`` wrote (or ``secret=`` its content, or
@@ -96,7 +99,7 @@ class SharedJobCluster(JobCluster):
         from dispynb.backends.scheduler import SchedulerEngine
 
         host, port = parse_address(
-            scheduler_host, scheduler_port or dispy_config.SharedSchedulerPort
+            scheduler_host, scheduler_port or _scheduler_port(options.get("dispy_port"))
         )
         if scheduler_port is not None:
             port = scheduler_port
@@ -280,3 +283,15 @@ class SharedJobCluster(JobCluster):
         returns -1)."""
         jobs = super().node_jobs(node, from_node)
         return [] if jobs == -1 else jobs
+
+
+def _scheduler_port(dispy_port: Any) -> int:
+    """The scheduler's port when ``scheduler_host`` names none: ``dispy_port``
+    (or ``dispy.config.DispyPort``, which dispy's keyword sets) if given, as
+    dispy's scripts pair ``dispyscheduler.py -p P`` with it and
+    ``dispynb-scheduler -p P`` listens on P (as ``dispynb-node -p P`` pairs with
+    a `JobCluster`'s); else ``dispy.config.SharedSchedulerPort``."""
+    port = _check_port(dispy_port)
+    if port is None and dispy_config.DispyPort != NODE_PORT - 1:
+        port = _check_port(dispy_config.DispyPort, "dispy.config.DispyPort")
+    return dispy_config.SharedSchedulerPort if port is None else port

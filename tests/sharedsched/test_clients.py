@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from dispynb import JobCluster, LocalCluster, SharedJobCluster
+from dispynb import config as dispy_config
 from dispynb.errors import (
     AuthenticationError,
     ConfigurationError,
@@ -227,6 +228,30 @@ def test_dispys_older_scheduler_node_keyword_names_the_scheduler(
             scheduler_host="127.0.0.2",
             secret_file=str(users["alice"]),
         )
+
+
+def test_dispy_port_names_the_schedulers_port_as_dispynb_scheduler_p_pairs_it(
+    scheduler: SchedulerProcess,
+    users: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """dispy's scripts start ``dispyscheduler.py -p P`` and their programs give
+    ``dispy_port=P`` (or set ``dispy.config.DispyPort = P``), with a
+    ``scheduler_host`` that names no port: with ``dispynb-scheduler -p P`` in
+    its place the cluster reaches it, as a JobCluster's ``dispy_port`` pairs
+    with ``dispynb-node -p P`` (before: it connected to port 9712, refused)."""
+    with SharedJobCluster(
+        compute,
+        scheduler_host="127.0.0.1",
+        dispy_port=scheduler.port,
+        secret_file=str(users["alice"]),
+    ) as cluster:
+        assert cluster.submit(7)() == compute(7)
+    monkeypatch.setattr(dispy_config, "DispyPort", scheduler.port)
+    with SharedJobCluster(
+        compute, scheduler_host="127.0.0.1", secret_file=str(users["alice"])
+    ) as cluster:
+        assert cluster.submit(8)() == compute(8)
 
 
 def test_no_scheduler_listening_is_named_as_the_scheduler(

@@ -146,7 +146,9 @@ JOBCLUSTER = [
         "dispy_port",
         differs="The port of the nodes named without one, as ``dispynb-node -p "
         "PORT`` pairs with it (dispy: the client on the port, nodes on the next); "
-        "discovered nodes say theirs.",
+        "discovered nodes say theirs. For ``SharedJobCluster``, the port of a "
+        "``scheduler_host`` named without one, as ``dispynb-scheduler -p PORT`` "
+        "pairs with it (dispy: the scheduler two ports up).",
     ),
     Name(
         "ext_host",
