@@ -17,6 +17,7 @@ from nodeserver.budget import CpuBudget
 from nodeserver.containment import HeldWorker
 from nodeserver.control import ControlChannel
 from nodeserver.filestore import FileStore
+from nodeserver.ipc import Done, SendFile
 from nodeserver.launcher import ComputationProcess, Launcher
 from nodeserver.leftovers import Removals
 from nodeserver.resultobjects import ResultObjects
@@ -149,10 +150,11 @@ class Worker:
 
 class _ComputationState:
     """A `Computation`'s state (its parts: `nodeserver.jobstops`, stopping jobs;
-    `nodeserver.workerlife`, the computation process's reports and lost workers;
-    `nodeserver.jobfiles`, the jobs' files; `nodeserver.stealing`, work stealing).
-    The methods declared here and raising `NotImplementedError` are the parts'
-    own (one part calls another's)."""
+        `nodeserver.workerlife`, the computation process's reports and lost workers;
+        `nodeserver.jobfiles`, the jobs' files; `nodeserver.stealing`, work stealing;
+    `nodeserver.workerreports`, what the workers report of their jobs).
+        The methods declared here and raising `NotImplementedError` are the parts'
+        own (one part calls another's)."""
 
     # Set by `Computation.__init__` (see there).
     comp_id: int
@@ -168,6 +170,9 @@ class _ComputationState:
     _n_workers: int
     _budget: CpuBudget
     _report: Report
+    _report_provisional: ReportProvisional
+    #: Mean job time (s); None until a job ends.
+    _mean: float | None
     _store: FileStore
     _max_size: int
     _node_name: str
@@ -263,4 +268,45 @@ class _ComputationState:
         raise NotImplementedError
 
     def _file_cap(self) -> int:
+        raise NotImplementedError
+
+    def _on_send_file(
+        self, worker: Worker, message: SendFile, buffers: list[memoryview]
+    ) -> None:
+        raise NotImplementedError
+
+    def _shutdown_requested(self) -> None:
+        raise NotImplementedError
+
+    def _maybe_lost(self, worker: Worker) -> None:
+        raise NotImplementedError
+
+    def _note_progress(self) -> None:
+        raise NotImplementedError
+
+    def _result_cap(self) -> int:
+        raise NotImplementedError
+
+    def _provisional_cap(self) -> int:
+        raise NotImplementedError
+
+    def _max_output(self) -> int:
+        raise NotImplementedError
+
+    def _start_clock(self, worker: Worker) -> None:
+        raise NotImplementedError
+
+    def _retire(self, worker: Worker) -> None:
+        raise NotImplementedError
+
+    def _interrupt_if_head(self, worker: Worker) -> None:
+        raise NotImplementedError
+
+    def _steal_soon(self) -> None:
+        raise NotImplementedError
+
+    def _steal_later(self) -> None:
+        raise NotImplementedError
+
+    def _skipped_taken_back(self, worker: Worker, done: Done) -> bool:
         raise NotImplementedError
