@@ -318,7 +318,12 @@ def render_markdown(document: Mapping[str, Any], images: Mapping[str, str]) -> s
         + (f" {memory / 2**30:.0f} GiB," if memory else "")
         + f" Python {machine.get('python')}, {machine.get('platform')}."
         f" Every framework has {config.get('workers')} workers on these CPUs;"
-        f" the run took {config.get('wall_seconds', 0) / 60:.0f} minutes.",
+        f" the run took {config.get('wall_seconds', 0) / 60:.0f} minutes."
+        + (
+            f" dispynb's bytecode: {config['bytecode']}."
+            if "bytecode" in config
+            else ""
+        ),
         "",
         "## Versions and configuration",
         "",

@@ -6,6 +6,7 @@ CI never installs the peers: the smoke runs use dispynb and ProcessPoolExecutor 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -411,6 +412,30 @@ def test_backend_selection_and_venvs(
     monkeypatch.setattr(venvs, "VENV_ROOT", tmp_path)
     with pytest.raises(venvs.VenvError, match="--prepare"):
         venvs.ensure_venv("loky", install=False)
+
+
+def test_the_projects_bytecode_is_compiled_before_the_run_even_where_none_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The peers run from environments pip installed, bytecode compiled; dispynb from
+    the tree. Where ``PYTHONDONTWRITEBYTECODE`` is set every process the run started
+    compiled dispynb's sources again (0.2 s of CPU per W5 start, 1.3-1.8 MiB of node
+    PSS): the run now compiles them first, as ``pip install`` does, and says so."""
+    package = tmp_path / "benchpkg"
+    (package / "sub").mkdir(parents=True)
+    for module in (package / "__init__.py", package / "sub" / "deep.py"):
+        module.write_text("VALUE = 1\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    said = run.compile_project(("benchpkg", "not_a_package_here"))
+    assert said.startswith("compiled before the run") and str(package) in said
+    for module in (package / "__init__.py", package / "sub" / "deep.py"):
+        assert Path(importlib.util.cache_from_source(str(module))).is_file()
+    assert run.compile_project(("not_a_package_here",)).startswith("not compiled")
+    document = _document()
+    document["config"]["bytecode"] = said
+    text = markdown.render_markdown(document, {})
+    assert f"dispynb's bytecode: {said}." in text
 
 
 def test_bandwidth_waits_the_backends_release_wait_before_each_timed_repetition(
