@@ -40,6 +40,7 @@ from dispynb.protocol.discovery import (
 )
 from dispynb.transport.addressing import parse_address
 from dispynb.transport.discovery import IPV6_MULTICAST_GROUP
+from dispynb.transport.sourcelog import SourceWarnings
 from dispynb.transport.udp import (
     Interface6,
     broadcast_addresses,
@@ -129,8 +130,13 @@ class Announcer:
         self._window = 0
         self._counts: dict[str, int] = {}
         self._total = 0
-        self._ping_warned: set[str] = set()
-        self._pings_full_warned = False
+        self._ping_warnings = SourceWarnings(
+            PING_WARNINGS,
+            logger,
+            logging.INFO,
+            "discovery: more than %d sources ping too often; ignoring some of their "
+            "pings, no longer logged",
+        )
 
     @property
     def client_port(self) -> int:
@@ -321,16 +327,5 @@ class Announcer:
     def _too_many(self, ip: str) -> None:
         """Log that ``ip`` pings too often: once per source, for `PING_WARNINGS`
         sources, then one line (was: a line per source each second, without end)."""
-        if ip in self._ping_warned:
-            return
-        if len(self._ping_warned) >= PING_WARNINGS:
-            if not self._pings_full_warned:
-                self._pings_full_warned = True
-                logger.info(
-                    "discovery: more than %d sources ping too often; ignoring some "
-                    "of their pings, no longer logged",
-                    PING_WARNINGS,
-                )
-            return
-        self._ping_warned.add(ip)
-        logger.info("discovery: too many pings from %s; ignoring some", ip)
+        if self._ping_warnings.first(ip):
+            logger.info("discovery: too many pings from %s; ignoring some", ip)

@@ -36,6 +36,7 @@ from dispynb.protocol.discovery import (
 )
 from dispynb.protocol.messages import PROTOCOL_VERSION
 from dispynb.transport.addressing import parse_address
+from dispynb.transport.sourcelog import SourceWarnings
 from dispynb.transport.udp import (
     broadcast_addresses,
     ipv4_interfaces,
@@ -185,8 +186,13 @@ class Discovery:
         self._listener6: asyncio.DatagramTransport | None = None
         self._opening6: asyncio.Task[None] | None = None
         self._full_warned = False
-        self._version_warned: set[str] = set()
-        self._versions_full_warned = False
+        self._version_warnings = SourceWarnings(
+            VERSION_WARNINGS,
+            logger,
+            logging.WARNING,
+            "more than %d addresses announce nodes of another protocol version: not "
+            "used, no longer logged",
+        )
 
     @property
     def listen_address(self) -> tuple[str, int] | None:
@@ -386,18 +392,8 @@ class Discovery:
                 self._call(self._on_lost, ip, message.port)
             return
         if message.version != PROTOCOL_VERSION:
-            if ip in self._version_warned:
+            if not self._version_warnings.first(ip):
                 return
-            if len(self._version_warned) >= VERSION_WARNINGS:
-                if not self._versions_full_warned:
-                    self._versions_full_warned = True
-                    logger.warning(
-                        "more than %d addresses announce nodes of another protocol "
-                        "version: not used, no longer logged",
-                        VERSION_WARNINGS,
-                    )
-                return
-            self._version_warned.add(ip)
             logger.warning(
                 "node %r at %s speaks protocol %d, this client %d: not used",
                 message.name,
