@@ -55,7 +55,9 @@ class _Pulse(_ServerState):
             if users is not None:
                 self._end_revoked(users)
             for session in list(self.sessions):
-                if users is not None and users.get(session.user) != session.token:
+                if session.ending:
+                    pass  # told why it ends; closed once it took that
+                elif users is not None and users.get(session.user) != session.token:
                     pass  # its session ends (`_end_revoked`)
                 elif now - session.last_heard > zombie:
                     self._zombie(session, now - session.last_heard)
@@ -135,12 +137,9 @@ class _Pulse(_ServerState):
         The session is told why first (`Error` ``zombie``): a client that was only
         stopped reads it as it runs again, and ends its jobs with that reason
         instead of a lost scheduler's."""
-        session.send(
-            Error(
-                code="zombie",
-                message=zombie_text(silent, self.config.zombie_interval),
-            )
-        )
+        unread = session.backlog is not None  # dropped with the session
+        why = zombie_text(silent, self.config.zombie_interval, unread)
+        session.say_last(Error(code="zombie", message=why))
         logger.warning(
             "user %r (%s) silent for %.1f s (--zombie_interval %g min): a zombie; "
             "its computations are closed and its session ended",
@@ -174,10 +173,11 @@ class _Pulse(_ServerState):
         revoked = [
             session
             for session in self.sessions
-            if users.get(session.user) != session.token and not session.conn.closed
+            if users.get(session.user) != session.token
+            and not (session.conn.closed or session.ending)
         ]
         for session in revoked:
-            session.send(Error(code="revoked", message=revoked_text(session.user)))
+            session.say_last(Error(code="revoked", message=revoked_text(session.user)))
         for comp in list(self.computations):
             if comp.closing:
                 continue
@@ -214,13 +214,19 @@ def revoked_text(user: str) -> str:
     )
 
 
-def zombie_text(silent: float, interval: float) -> str:
+def zombie_text(silent: float, interval: float, unread: bool = False) -> str:
     """What a client is told that the scheduler took for a zombie after ``silent``
-    seconds (``interval``: its --zombie_interval in seconds)."""
+    seconds (``interval``: its --zombie_interval in seconds; ``unread``: results
+    waited for it to read them, dropped with its session)."""
+    dropped = (
+        " (results that waited for it to read them were dropped with them)"
+        if unread
+        else ""
+    )
     return (
         f"the scheduler heard nothing from this client for {silent:.1f} s (its "
         f"--zombie_interval is {interval / 60.0:g} min) and took it for gone: it "
-        "terminated its running jobs and cancelled its queued ones. A client "
+        f"terminated its running jobs and cancelled its queued ones{dropped}. A client "
         "stopped or suspended that long (Ctrl-Z, SIGSTOP, a paused VM or "
         "container) or cut off loses its jobs so: keep it running, or have the "
         "scheduler's operator raise --zombie_interval"

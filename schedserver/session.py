@@ -124,6 +124,8 @@ class SchedulerSession:
         #: An exclusive computation of its user was declined (logged once).
         self._exclusive_declined = False
         self._backlogged_before = False
+        #: Its end was said (`end`): the connection closes once the client took it.
+        self.ending = False
 
     async def serve(self) -> None:
         """Handle the client's messages until its connection ends."""
@@ -140,6 +142,8 @@ class SchedulerSession:
 
         Results whose ``size`` is known (as `gather` takes them) join what was
         gathered if the client takes the joined message (``limit``)."""
+        if self.ending:
+            return  # its last word was said (`end`)
         if self.backlog is not None:
             self.send_gathered()
             self.backlog.add(message, buffers or [])
@@ -168,7 +172,7 @@ class SchedulerSession:
     ) -> None:
         """`send` ``message``, whose ``frame`` (as a node sent it) is passed on as
         it came, unless what was gathered must go first."""
-        if self._gathered or self.backlog is not None:
+        if self._gathered or self.backlog is not None or self.ending:
             self.send(message, buffers, size, limit)
             return
         with contextlib.suppress(DispynbError):
@@ -191,7 +195,7 @@ class SchedulerSession:
         The caller calls `send_gathered` once it handled them (nothing waits for a
         timer); any other message to the client sends what was gathered first.
         """
-        if self.backlog is not None:
+        if self.backlog is not None or self.ending:
             self.send(message, buffers)
             return
         size += _JOIN_SLACK + _START_GROWTH * len(message.started)
@@ -291,8 +295,37 @@ class SchedulerSession:
         if backlog.full:
             self.server.schedule()  # its computations may have CPUs again
 
+    def say_last(self, message: Message) -> None:
+        """Tell the client why its session ends (a revoked user, a silent client):
+        ``message`` goes after what its socket was given already, not behind a
+        backlog (dropped: nothing more is sent), and `end` closes the connection
+        once the client has taken it. Closed at once, what the client had not
+        taken was dropped: a client stopped (SIGSTOP, a paused VM) with its socket
+        full, continued, took the scheduler for lost instead of hearing why its
+        jobs ended. From now on nothing more goes to the client, and what it
+        sends is ignored."""
+        if self.ending:
+            return
+        self.send(message)  # after the results gathered (or into the backlog)
+        backlog, self.backlog = self.backlog, None
+        if backlog is not None:
+            backlog.clear()  # `_send_backlog` stops
+            with contextlib.suppress(DispynbError):
+                self.conn.write(message)
+        self.ending = True
+
     def end(self) -> None:
-        """End the session (revoked user, silent client)."""
+        """End the session: at once, or, once its client was told why
+        (`say_last`), as soon as it has taken that (within --zombie_interval)."""
+        if not self.ending or self.conn.closed:
+            self.conn.close()
+            return
+        self.server._spawn(self._close_once_sent())
+
+    async def _close_once_sent(self) -> None:
+        with contextlib.suppress(DispynbError, TimeoutError):
+            async with asyncio.timeout(self.server.config.zombie_interval):
+                await self.conn.flush()
         self.conn.close()
 
     @property
@@ -437,6 +470,8 @@ class SchedulerSession:
             self.server.schedule()  # back under its quota: CPUs for it again
 
     def _on_message(self, message: Message, buffers: list[memoryview]) -> bool:
+        if self.ending:
+            return False  # told why it ends (`end`): nothing of it is served
         self.last_heard = self._clock()
         server = self.server
         if isinstance(message, JobSubmit):
