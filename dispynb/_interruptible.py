@@ -27,6 +27,7 @@ __all__ = [
     "HeldInterrupts",
     "Sleepers",
     "acquire",
+    "at_the_call",
     "set_event",
     "start_thread",
     "unblock_in_child",
@@ -34,6 +35,18 @@ __all__ = [
 
 #: Seconds a main thread's wait blocks at most before Python checks for signals.
 SLICE = 0.25
+
+
+def at_the_call(interrupted: BaseException) -> None:
+    """Ready a Ctrl-C caught in a public method's wait for a bare ``raise``: its
+    traceback ends at the method's own line that waited (the one frame of ours
+    Python keeps as it leaves the method), not in dispynb's locks below it, nor at
+    a ``raise`` line of ours, and shows no exception it interrupted."""
+    tb = interrupted.__traceback__
+    if tb is not None:
+        tb.tb_next = None
+    interrupted.__cause__ = None
+    interrupted.__suppress_context__ = True
 
 
 class _Lock(Protocol):

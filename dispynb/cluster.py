@@ -290,7 +290,8 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
                 if self._outstanding == 0:  # the callbacks submitted nothing
                     return True
         except KeyboardInterrupt as interrupted:  # Ctrl-C: shown at the user's call
-            raise interrupted.with_traceback(None) from None
+            _interruptible.at_the_call(interrupted)  # at the user's line
+            raise
 
     __call__ = wait
 
@@ -410,7 +411,8 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
                 return True
             self._terminate(TERMINATE_WAIT)
         except KeyboardInterrupt as interrupted:  # Ctrl-C: shown at the user's call
-            raise interrupted.with_traceback(None) from None
+            _interruptible.at_the_call(interrupted)  # at the user's line
+            raise
         return True
 
     def _terminate(self, wait: float) -> None:

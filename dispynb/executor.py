@@ -35,7 +35,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from dispynb._interruptible import Flag, HeldInterrupts, start_thread
+from dispynb._interruptible import Flag, HeldInterrupts, at_the_call, start_thread
 from dispynb.captures import check_shippable
 from dispynb.celloutput import MapOutput
 from dispynb.errors import DispynbError, RemoteError, SerializationError
@@ -235,7 +235,8 @@ class Executor(concurrent.futures.Executor):
             # Landing as the cluster's submit returned or the future was made,
             # the caller never gets the future to cancel: the call must not run.
             self._stop_interrupted((), blob)
-            raise interrupted.with_traceback(None) from None  # at the user's line
+            at_the_call(interrupted)  # at the user's line
+            raise
         return future
 
     def _new_job(
@@ -303,7 +304,8 @@ class Executor(concurrent.futures.Executor):
             output = cell_output(jobs, (fn, self._initializer))
         except KeyboardInterrupt as interrupted:
             self._stop_interrupted(jobs, blob)
-            raise interrupted.with_traceback(None) from None  # at the user's line
+            at_the_call(interrupted)  # at the user's line
+            raise
         except BaseException:  # an argument that cannot be pickled, say
             self._cancel_chunks(self._unfinished(jobs, blob))  # no orphans left
             raise
@@ -347,7 +349,8 @@ class Executor(concurrent.futures.Executor):
             if isinstance(interrupted.__cause__, RemoteError):  # a call's own
                 raise
             self._stop_interrupted(jobs, blob)
-            raise interrupted.with_traceback(None) from None  # at the user's line
+            at_the_call(interrupted)  # at the user's line
+            raise
         finally:
             self._cancel_chunks(jobs)
 

@@ -269,7 +269,8 @@ class DispyJob:
         try:
             self.wait()
         except KeyboardInterrupt as interrupted:  # Ctrl-C: shown at the user's call
-            raise interrupted.with_traceback(None) from None
+            _interruptible.at_the_call(interrupted)  # at the user's line
+            raise
         return self.result
 
     @property
@@ -377,7 +378,8 @@ class DispyJob:
         try:
             return self._wait(timeout)
         except KeyboardInterrupt as interrupted:  # Ctrl-C: shown at the user's call
-            raise interrupted.with_traceback(None) from None
+            _interruptible.at_the_call(interrupted)  # at the user's line
+            raise
 
     def _wait(self, timeout: float | None) -> bool:
         original = self._original

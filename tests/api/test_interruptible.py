@@ -250,7 +250,8 @@ def test_an_interrupted_wait_shows_the_users_call_not_dispynbs_frames(
 ) -> None:
     """A Ctrl-C in ``job()``, ``job.wait()``, ``cluster.wait()``, ``cluster()`` or
     ``cluster.close()``: the traceback ends at the user's call (the method itself is
-    the one frame Python keeps), not in dispynb's locks."""
+    the one frame Python keeps, at its line that waited), not in dispynb's locks,
+    nor at a ``raise`` of dispynb's (as if dispynb raised it)."""
     started = tmp_path / "started"
     cluster = JobCluster(jobs.mark_and_sleep, nodes=local1)
     try:
@@ -271,6 +272,7 @@ def test_an_interrupted_wait_shows_the_users_call_not_dispynbs_frames(
             frames = traceback.extract_tb(raised.tb)
             ours = [f"{f.filename}:{f.name}" for f in frames if "dispynb" in f.filename]
             assert len(ours) == 1 and ours[0].endswith(f":{name}"), ours
+            assert not (frames[-1].line or "").startswith("raise"), frames[-1].line
             assert raised.value.__context__ is None or raised.value.__suppress_context__
         assert not job.done()  # interrupted waits, not the job
     finally:
