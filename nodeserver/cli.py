@@ -41,7 +41,7 @@ from nodeserver.lifeline import (
 )
 from nodeserver.memory import keep_freed_memory, release_freed_memory
 from nodeserver.parser import build_parser, parse_args, parse_size
-from nodeserver.register import REGISTER_PATIENCE
+from nodeserver.register import CLIENT, REGISTER_PATIENCE, SCHEDULER
 from nodeserver.server import NodeServer
 from nodeserver.service import Phase, ServiceWindow, keep_window
 from nodeserver.sharedbody import BODIES
@@ -210,6 +210,7 @@ async def serve(
     register_patience: float | None = REGISTER_PATIENCE,
     failed: list[DispynbError] | None = None,
     held: StartupSignals | None = None,
+    register_peer: str = CLIENT,
 ) -> bool:
     """Run a node until SIGTERM or SIGINT (or its parent exits), then stop cleanly;
     return whether it stopped because its parent exited.
@@ -226,6 +227,7 @@ async def serve(
     connected for that many seconds (its launcher's client died). A registration
     that failed (rejected, or no answer in time) is appended to ``failed``. A stop
     signal ``held`` recorded as the loop started stops the node as one now does.
+    ``register_peer`` is what the log calls the client registered with.
     """
     server = NodeServer(config, launcher)
     stop = asyncio.Event()
@@ -288,6 +290,7 @@ async def serve(
                     boot,
                     register_patience,
                     [] if failed is None else failed,
+                    register_peer,
                 )
             )
         )
@@ -298,7 +301,9 @@ async def serve(
 
         async def client_lives() -> bool:
             assert register_to is not None
-            return await still_registered(server, config, register_to, boot)
+            return await still_registered(
+                server, config, register_to, boot, register_peer
+            )
 
         watch = exit_without_client(
             server,
@@ -461,6 +466,7 @@ def _main(argv: list[str] | None, held: StartupSignals) -> int:
                 None if args.scheduler_host else REGISTER_PATIENCE,
                 failed,
                 held,
+                SCHEDULER if args.scheduler_host else CLIENT,
             )
         )
         if orphaned and args.remove_when_orphaned:

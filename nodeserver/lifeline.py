@@ -15,7 +15,12 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypedDict
 
 from dispynb.errors import DispynbError
-from nodeserver.register import REREGISTER_INTERVAL, keep_registered, register
+from nodeserver.register import (
+    CLIENT,
+    REREGISTER_INTERVAL,
+    keep_registered,
+    register,
+)
 
 if TYPE_CHECKING:
     from nodeserver.config import NodeConfig
@@ -137,13 +142,14 @@ async def register_and_stay(
     boot: bytes,
     patience: float | None,
     failed: list[DispynbError],
+    peer: str = CLIENT,
 ) -> None:
     """Register with the client at ``address`` (stop if it rejects the node, or
     does not answer within ``patience`` seconds: the error goes to ``failed``),
-    then keep registered for ever."""
+    then keep registered for ever. ``peer``: what the log calls that client."""
     identity = _identity(server, config, boot)
     try:
-        ip = await register(address, patience=patience, **identity)
+        ip = await register(address, patience=patience, peer=peer, **identity)
     except DispynbError as exc:
         logger.error("%s; stopping", exc)
         failed.append(exc)
@@ -161,19 +167,24 @@ async def register_and_stay(
         live_session=lambda ips, within: (
             not server.listening or server.heard_from(ips, within)
         ),
+        peer=peer,
     )
 
 
 async def still_registered(
-    server: NodeServer, config: NodeConfig, address: str, boot: bytes
+    server: NodeServer,
+    config: NodeConfig,
+    address: str,
+    boot: bytes,
+    peer: str = CLIENT,
 ) -> bool:
     """Whether the client this node registered with still accepts it (registering
     again with the same boot id: the client does not report the node twice)."""
     identity = _identity(server, config, boot)
     try:
-        await register(address, patience=CLIENT_CHECK_PATIENCE, **identity)
+        await register(address, patience=CLIENT_CHECK_PATIENCE, peer=peer, **identity)
     except DispynbError as exc:
-        logger.info("the client this node registered with is gone: %s", exc)
+        logger.info("%s this node registered with is gone: %s", peer, exc)
         return False
     return True
 

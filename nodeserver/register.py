@@ -48,6 +48,12 @@ REREGISTER_INTERVAL = 5.0
 #: (a client that vanished without a reset leaves a session that looks open).
 LIVE_INTERVALS = 3
 
+#: What the log calls the client a node registers with: a launcher's (``--register``)
+#: or a ``dispynb-scheduler`` (``--scheduler_host``), which a node's log must not
+#: call a client (its users are the clients).
+CLIENT = "the client"
+SCHEDULER = "the scheduler"
+
 #: Failures of one attempt: the client is not there (yet), or not answering.
 _UNREACHED = (OSError, TimeoutError, asyncio.IncompleteReadError)
 
@@ -61,6 +67,7 @@ async def register(
     cpus: int,
     patience: float | None = REGISTER_PATIENCE,
     boot: bytes | None = None,
+    peer: str = CLIENT,
 ) -> str:
     """Register the node listening on ``port`` with the client at ``address``;
     return the client's IP address as this node reached it.
@@ -70,7 +77,8 @@ async def register(
     level). Raises `AuthenticationError` if the client rejects the proof (a
     different secret), and `DispynbError` if it cannot be reached. Registering
     again with the same ``boot`` id is how a node checks that its client still
-    lives: the client accepts it without reporting the node twice.
+    lives: the client accepts it without reporting the node twice. ``peer`` is
+    what the log lines call the client: `CLIENT` (a launcher's) or `SCHEDULER`.
     """
     host, client_port = _client_address(address)
     reg = Registration(
@@ -84,13 +92,13 @@ async def register(
     while True:
         try:
             ip = await asyncio.wait_for(
-                _attempt(host, client_port, secret, reg), ATTEMPT_TIMEOUT
+                _attempt(host, client_port, secret, reg, peer), ATTEMPT_TIMEOUT
             )
         except _UNREACHED as exc:
             why = str(exc) or type(exc).__name__
             if deadline is not None and loop.time() + delay > deadline:
                 raise DispynbError(
-                    f"cannot register with the client at {where}: {why}"
+                    f"cannot register with {peer} at {where}: {why}"
                 ) from exc
             if deadline is not None:
                 logger.info("registration with %s failed (%s); retrying", where, why)
@@ -106,7 +114,7 @@ async def register(
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
             continue
-        logger.info("registered with the client at %s", where)
+        logger.info("registered with %s at %s", peer, where)
         return ip
 
 
@@ -121,6 +129,7 @@ async def keep_registered(
     first_ip: str,
     live_session: Callable[[set[str], float], bool],
     interval: float = REREGISTER_INTERVAL,
+    peer: str = CLIENT,
 ) -> None:
     """Keep a node that registered with ``address`` known to it, for ever.
 
@@ -148,7 +157,7 @@ async def keep_registered(
         try:
             ips.add(
                 await asyncio.wait_for(
-                    _attempt(host, client_port, secret, reg), ATTEMPT_TIMEOUT
+                    _attempt(host, client_port, secret, reg, peer), ATTEMPT_TIMEOUT
                 )
             )
         except (*_UNREACHED, DispynbError) as exc:  # also rejected, or garbled
@@ -157,8 +166,8 @@ async def keep_registered(
                 logger.debug("registering again with %s failed: %s", where, why)
             else:
                 logger.warning(
-                    "lost the client at %s (%s): registering again every %g s "
-                    "until it answers",
+                    "lost %s at %s (%s): registering again every %g s until it answers",
+                    peer,
                     where,
                     why,
                     interval,
@@ -166,11 +175,11 @@ async def keep_registered(
             lost = True
             continue
         if lost:
-            logger.info("registered again with the client at %s", where)
+            logger.info("registered again with %s at %s", peer, where)
         elif not alone:
-            logger.info("no session from the client at %s: registered again", where)
+            logger.info("no session from %s at %s: registered again", peer, where)
         else:
-            logger.debug("registered again with the client at %s", where)
+            logger.debug("registered again with %s at %s", peer, where)
         lost, alone = False, True
 
 
@@ -181,7 +190,9 @@ def _client_address(address: str) -> tuple[str, int]:
     return host, client_port
 
 
-async def _attempt(host: str, port: int, secret: bytes, reg: Registration) -> str:
+async def _attempt(
+    host: str, port: int, secret: bytes, reg: Registration, party: str = CLIENT
+) -> str:
     """One registration; return the client's IP address as connected to."""
     reader, writer = await asyncio.open_connection(host, port)
     try:
@@ -196,9 +207,16 @@ async def _attempt(host: str, port: int, secret: bytes, reg: Registration) -> st
     finally:
         writer.close()
     if answer != ACCEPTED:
+        fix = (
+            "give the node the scheduler's node secret (the file of its "
+            "--node_secret_file, or its DISPYNB_SECRET) with --secret-file"
+            if party == SCHEDULER
+            else "give the node the secret its launcher uses (--secret-stdin, "
+            "--secret-file or DISPYNB_SECRET)"
+        )
         raise AuthenticationError(
-            f"the client at {format_address(host, port)} rejected this node's "
-            "registration: the node's secret is not the client's"
+            f"{party} at {format_address(host, port)} rejected this node's "
+            f"registration: the node's secret is not {party}'s; {fix}"
         )
     return unmapped(str(peer[0])) if peer else host
 

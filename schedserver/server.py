@@ -197,7 +197,12 @@ class SchedulerServer(
         try:
             for host in self.config.hosts:
                 registrar = Registrar(
-                    self.config.node_secret, self._registered, host=host, port=port
+                    self.config.node_secret,
+                    self._registered,
+                    host=host,
+                    port=port,
+                    secret_name="this scheduler's node secret (--node_secret_file "
+                    "or DISPYNB_SECRET; the node's --secret-file must hold it)",
                 )
                 self._registrars.append(registrar)
                 port = await registrar.start()

@@ -91,6 +91,9 @@ class Registrar:
         both; an IPv6 address such as ``'::1'`` listens on IPv6 only).
     timeout:
         Seconds a node has to complete its registration.
+    secret_name:
+        What the log calls ``secret`` when it refuses a node that does not prove
+        it (a scheduler's: its node secret, and the option that gives it).
     """
 
     def __init__(
@@ -101,10 +104,12 @@ class Registrar:
         host: str | None = None,
         port: int = 0,
         timeout: float = REGISTER_TIMEOUT,
+        secret_name: str = "this cluster's secret",
     ) -> None:
         if not secret:
             raise ValueError("node registration needs a secret")
         self._secret = secret
+        self._secret_name = secret_name
         self._on_registered = on_registered
         self.host = host
         self.port = port
@@ -252,7 +257,7 @@ class Registrar:
             writer.write(REJECTED)
             await writer.drain()
             raise RegistrationError(
-                "wrong proof: the node does not have this cluster's secret"
+                f"wrong proof: the node does not have {self._secret_name}"
             )
         self._settle(ip, entry)  # proven: never dropped for another one now
         if reg.version != PROTOCOL_VERSION:

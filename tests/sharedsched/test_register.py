@@ -101,6 +101,38 @@ def test_a_node_without_the_secret_is_refused_and_logged_once(
         sched.stop()
 
 
+def test_a_scheduler_host_node_without_the_secret_names_the_scheduler_and_the_fix(
+    tmp_path: Path,
+) -> None:
+    """``--scheduler_host`` with another secret than the scheduler's node secret:
+    the node stops (exit 2) saying the scheduler rejected it and which secret it
+    needs. It said 'the client at ... rejected this node's registration: the
+    node's secret is not the client's', naming neither the scheduler nor a fix."""
+    sched, address = registering_scheduler(tmp_path)
+    try:
+        wrong = start_node(
+            tmp_path / "wrong", "--scheduler_host", address, secret="not-it" * 8
+        )
+        try:
+            assert wrong.proc.wait(NODE_WAIT) == 2
+        finally:
+            wrong.stop()
+        log = wrong.log_text()
+        assert (
+            f"the scheduler at {address} rejected this node's registration: the "
+            "node's secret is not the scheduler's; give the node the scheduler's "
+            "node secret (the file of its --node_secret_file" in log
+        ), log
+        # ... and the scheduler names its own option (it said "this cluster's
+        # secret", a launcher's words)
+        assert (
+            "registration from 127.0.0.1 refused: wrong proof: the node does not "
+            "have this scheduler's node secret (--node_secret_file"
+        ) in sched.log_text()
+    finally:
+        sched.stop()
+
+
 def test_a_node_registering_again_is_counted_once(
     tmp_path: Path, users: dict[str, Path]
 ) -> None:
@@ -203,7 +235,7 @@ def test_a_registered_node_finds_its_restarted_scheduler(
             runs_jobs(sched, users["alice"], 3, tmp_path)
         finally:
             sched.stop(signal.SIGKILL)
-        wait_for_node_log(node, "lost the client at")
+        wait_for_node_log(node, "lost the scheduler at")
         wait_for_node_log(node, "registering again with", count=3)  # debug level
         since = len(sched.log_text())
         again = SchedulerProcess(
@@ -218,9 +250,12 @@ def test_a_registered_node_finds_its_restarted_scheduler(
         finally:
             again.stop()
         assert node.proc.poll() is None  # never restarted
-        assert log.count("lost the client at") == 1
-        assert log.count("registered again with the client at") == 1
-        assert log.count("registered with the client at") == 1  # at start
+        # --scheduler_host: its log names the scheduler (it said "the client",
+        # which in a node's log are the users' programs)
+        assert log.count("lost the scheduler at") == 1
+        assert log.count("registered again with the scheduler at") == 1
+        assert log.count("registered with the scheduler at") == 1  # at start
+        assert "the client" not in log
 
 
 def test_a_killed_registered_node_is_forgotten_and_its_restart_elsewhere_taken(
