@@ -262,7 +262,10 @@ class DispynbBackend:
         self._cluster: Any = None
         self._fn: Task | None = None
         self._executor: Any = None
-        import dispynb  # noqa: F401 - imported before the start-up clock starts
+        # Imported before the start-up clock starts, as every peer's package is:
+        # a program's ``from dispynb import JobCluster`` loads these (``import
+        # dispynb`` alone loads them only when a name is first used).
+        from dispynb import JobCluster, LocalCluster  # noqa: F401
 
     def start(self) -> None:
         from dispynb import LocalCluster
