@@ -64,6 +64,15 @@ class SchedulerEngine(NodeEngine):
         base.NODE_MANAGEMENT,
     }
 
+    #: What to do instead of what a scheduler does not do for a client (`base.require`).
+    instead = {
+        "resetup_node": (
+            "through a scheduler, close_node(node) then allocate_node(node) sets the "
+            "computation up on the node again (its setup runs anew, with the "
+            "setup_args and depends every node behind the scheduler gets)"
+        )
+    }
+
     def __init__(
         self,
         address: str,

@@ -151,8 +151,12 @@ def test_status_print_status_and_monitor_list_the_nodes_behind_the_scheduler(
         # As the migration guide says: only the scheduler sets a computation up on
         # its nodes (submit_node goes through: tests/sharedsched/test_submit_node.py;
         # so do the others: test_node_use.py, test_node_limits.py).
-        with pytest.raises(NotSupportedError):
+        # Its words say how instead, through a scheduler (they said to use
+        # dispynb's own node servers, engine=None: no SharedJobCluster's choice).
+        with pytest.raises(NotSupportedError) as raised:
             alice.resetup_node(alice.status().nodes[0])
+        assert "close_node" in str(raised.value), raised.value
+        assert "engine=None" not in str(raised.value), raised.value
         for job in long:
             alice.cancel(job)
         assert alice.wait(timeout=WAIT)
