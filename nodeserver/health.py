@@ -38,7 +38,7 @@ import time
 from typing import TYPE_CHECKING
 
 from dispynb._version import __version__
-from dispynb.defaults import MAX_MESSAGE_SIZE, NODE_PORT
+from dispynb.defaults import MAX_MESSAGE_SIZE, NODE_PORT, SCHEDULER_PORT
 from dispynb.errors import (
     AuthenticationError,
     ConfigurationError,
@@ -129,6 +129,13 @@ async def probe(
 
 def report(address: str, health: NodeHealth, kind: str = "node") -> tuple[int, str]:
     """The exit status and the line `check` prints for ``health`` of a ``kind``."""
+    if health.server != kind:  # a node's port given to the scheduler's check...
+        return CRITICAL, (
+            f"CRITICAL - {kind} at {address}: a dispynb-{health.server} answered "
+            f"({health.name!r}), not a dispynb-{kind}: check the address (nodes "
+            f"listen on --port, {NODE_PORT} by default; a scheduler's users connect "
+            f"to its -p, {SCHEDULER_PORT})"
+        )
     # A node that does not listen (outside its service window, draining, after
     # --serve's last client) cannot be asked: only the moment it stops is seen.
     status, state = OK, "draining" if health.draining else "serving"

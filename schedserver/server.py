@@ -300,6 +300,7 @@ class SchedulerServer(
             computations=len(self.computations),
             serving=self._listener is not None,
             draining=bool(self.stopping),
+            server="scheduler",
         )
 
     def _welcome(self) -> Welcome:

@@ -343,6 +343,10 @@ class NodeHealth(WireMessage):
     #: ``--serve`` clients came), and whether it is shutting down.
     serving: bool
     draining: bool
+    #: What answered: ``"node"`` (a ``dispynb-node``; also an older server, which
+    #: did not say) or ``"scheduler"``: a check of one at the other's port (both
+    #: answer the probe) must not report it as what it looked for.
+    server: str = "node"
 
 
 @message("scheduler-nodes")

@@ -99,3 +99,32 @@ def test_a_tls_or_absent_scheduler_is_named_with_the_checks_fix(
         nobody = check(f"127.0.0.1:{port()}", nodes.secret)
     assert nobody.returncode == 2, nobody.stdout + nobody.stderr
     assert "is dispynb-scheduler running there?" in nobody.stdout, nobody.stdout
+
+
+def test_a_check_of_the_other_programs_port_says_what_answered(
+    scheduler: SchedulerProcess, nodes: LocalCluster
+) -> None:
+    """Both programs answer the probe with the node secret, so a scheduler's check
+    given a node's port said 'OK - scheduler 'vm' at ...:9711 serving', and a
+    node's check of the scheduler's port 'OK - node 'dispynb-scheduler'': the
+    monitoring watched the wrong program, green."""
+    node = nodes.node_specs()[0]
+    done = check(node, nodes.secret)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stdout.startswith(
+        f"CRITICAL - scheduler at {node}: a dispynb-node answered ("
+    ), done.stdout
+    assert "not a dispynb-scheduler: check the address" in done.stdout
+    other = subprocess.run(
+        [sys.executable, "-m", "nodeserver", "--check", scheduler.address],
+        env=env_for(DISPYNB_SECRET=nodes.secret),
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+    assert other.returncode == 2, other.stdout + other.stderr
+    assert other.stdout.startswith(
+        f"CRITICAL - node at {scheduler.address}: a dispynb-scheduler answered "
+        "('dispynb-scheduler'), not a dispynb-node: check the address (nodes listen "
+        "on --port, 9711 by default; a scheduler's users connect to its -p, 9712)"
+    ), other.stdout
