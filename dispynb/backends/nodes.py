@@ -8,6 +8,11 @@ the nodes' message size limit. It turns the driver's reports, made in terms of
 `NodeLink`, into the seam's `JobEvents` in terms of `NodeInfo`
 (`dispynb.backends.base`). Everything here runs on the cluster's I/O loop, except
 the methods the façade calls from user threads, which hop onto it.
+
+Its parts: `dispynb.backends._nodereports` (the driver's reports, passed on),
+`dispynb.backends._nodeturns` (the user's changes of its nodes) and
+`dispynb.backends._nodesettings` (what it derives from the options and checks of
+each node).
 """
 
 from __future__ import annotations
@@ -15,16 +20,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from typing import Any
 
 from dispynb._loop import Coalescer
 from dispynb.backends import base
+from dispynb.backends._nodereports import NodeReports
 from dispynb.backends._nodesettings import (
     PYTHON,
-    avail_info,
     check_python,
     client_name,
     compiled_code,
@@ -32,9 +35,8 @@ from dispynb.backends._nodesettings import (
     result_cap,
 )
 from dispynb.backends._nodeturns import NodeTurns
-from dispynb.backends.base import ClusterConfig, Departure, JobEvents, NodeInfo
+from dispynb.backends.base import ClusterConfig, JobEvents, NodeInfo
 from dispynb.backends.finder import NodeFinder
-from dispynb.backends.jobfiles import save_job_file, unsaved_file
 from dispynb.captures import check_shippable
 from dispynb.defaults import MAX_MESSAGE_SIZE
 from dispynb.depends import FileRef, collect
@@ -42,22 +44,19 @@ from dispynb.errors import (
     AuthenticationError,
     ConfigurationError,
     DispynbError,
-    MessageError,
     ProtocolError,
     SerializationError,
     SetupError,
     TransportError,
 )
-from dispynb.node import DispyNodeAvailInfo, NodeAllocate, is_wildcard, parse_node_specs
+from dispynb.node import NodeAllocate, is_wildcard, parse_node_specs
 from dispynb.programs import read_program
 from dispynb.protocol import serialize
 from dispynb.protocol.framing import Buffer, buffers_size
-from dispynb.protocol.messages import ABANDONED, JobsPlaced, SchedulerNodes, Welcome
-from dispynb.protocol.records import ComputationBundle, ProgramFile, avail_figures
-from dispynb.scheduler import driver
-from dispynb.scheduler.driver import Allocator, Driver, DriverConfig, NodeLink
-from dispynb.status import status_of
-from dispynb.transport.addressing import format_address, parse_address
+from dispynb.protocol.messages import Welcome
+from dispynb.protocol.records import ComputationBundle, ProgramFile
+from dispynb.scheduler.driver import Allocator, Driver, DriverConfig
+from dispynb.transport.addressing import format_address
 from dispynb.transport.tls import client_context
 
 logger = logging.getLogger(__name__)
@@ -96,9 +95,10 @@ class NodeEngine:
         return "NodeEngine()"
 
 
-class NodesBackend(NodeTurns):
-    """One cluster's computation on node servers (a `Backend`); the user's changes
-    of its nodes (`allocate_node`, `close_node`...) are `NodeTurns`'."""
+class NodesBackend(NodeReports, NodeTurns):
+    """One cluster's computation on node servers (a `Backend`); the driver's reports
+    are `NodeReports`', the user's changes of its nodes (`allocate_node`,
+    `close_node`...) `NodeTurns`'."""
 
     #: Its results arrive on the loop's sockets: a thread waiting for one may read
     #: it in the loop's place (`dispynb._inplace`).
@@ -353,198 +353,6 @@ class NodesBackend(NodeTurns):
             return int(cpus or 0), serialize.dumps(bundle), files
 
         return allocate
-
-    # -- the driver's reports, passed on as the seam's events (on the I/O loop) --------
-
-    def _view(self, link: NodeLink) -> NodeInfo:
-        """The `NodeInfo` the façade knows for ``link``'s node."""
-        info = self._info.get(link.node_id)
-        if info is None:  # not (or no longer) ready: its identity is enough
-            welcome = link.welcome
-            info = NodeInfo(
-                link.node_id,
-                link.peer_ip or link.host,
-                link.port,
-                welcome.name if welcome else "",
-                link.cpus,
-                welcome.platform if welcome else "",
-            )
-        return info
-
-    def node_ready(self, link: NodeLink) -> None:
-        welcome = link.welcome
-        info = NodeInfo(
-            link.node_id,
-            link.peer_ip or link.host,  # a named node by its address, as in dispy
-            link.port,
-            welcome.name if welcome else "",
-            link.cpus,
-            welcome.platform if welcome else "",
-            self._reported_avail(link.node_id, welcome.avail) if welcome else None,
-            offered=welcome.cpus if welcome else 0,
-        )
-        self._info[link.node_id] = info
-        self._events.node_ready(info)
-        if self._startup is not None and not self._startup.done():
-            self._startup.set_result(None)
-
-    def node_failed(self, link: NodeLink, error: DispynbError) -> None:
-        self._node_errors.append(error)
-        startup = self._startup
-        if (
-            startup is not None
-            and not startup.done()
-            and not self.driver.connecting
-            # With ping_interval the named nodes not up yet are waited for, as
-            # dispy's; otherwise no node listening stops JobCluster() at once.
-            and not (self._options.ping_interval and self.driver.reconnecting)
-            and not any(link.ready for link in self.driver.nodes.values())
-        ):
-            first, *others = self._node_errors
-            if others:
-                # The first's reason is the exception raised (after this line in
-                # a script): said once. A notebook puts them together, by this
-                # record's argument (`dispynb.jupyter.magicsupport`).
-                logger.error(
-                    "no node could be used (the error raised is the first's): %s",
-                    "; ".join(str(e) for e in others),
-                )
-            startup.set_exception(first)
-        elif (
-            startup is not None
-            and not startup.done()
-            and self._options.ping_interval
-            and self.driver.reconnecting
-        ):
-            # JobCluster() waits for the named nodes (ping_interval): say why now.
-            self.driver.release_failure_warnings()
-
-    def node_closed(self, link: NodeLink, reason: str) -> None:
-        if self._finder is not None and not link.resetting:
-            self._finder.forget(link.host, link.port)
-        info = self._info.pop(link.node_id, None) or self._view(link)
-        if link.resetting:
-            departure = Departure.RESETUP
-        elif link.releasing or self._closed:
-            departure = Departure.RELEASED
-        else:
-            departure = Departure.LOST
-        self._events.node_closed(info, reason, departure)
-
-    def node_status(self, link: NodeLink, avail: list[float | None]) -> None:
-        info = self._info.get(link.node_id)
-        if info is not None:
-            self._events.node_status(info, self._reported_avail(link.node_id, avail))
-
-    def _reported_avail(self, node: str, avail: Any) -> DispyNodeAvailInfo | None:
-        """A node's resource report as `avail_info`; a malformed one (only a
-        node holding the secret can send it) is unknown, said once per node."""
-        try:
-            return avail_info(avail_figures(avail))
-        except MessageError as exc:
-            if node not in self._malformed_avail:
-                self._malformed_avail.add(node)
-                logger.warning(
-                    "node %s: %s; its resources are shown as unknown (is it "
-                    "dispynb's node server, of this version?)",
-                    node,
-                    exc,
-                )
-            return None
-
-    def scheduler_nodes(self, link: NodeLink, report: SchedulerNodes) -> None:
-        """Only a shared scheduler reports nodes behind it (`SchedulerBackend`)."""
-        logger.debug("node %s sent a scheduler's node list: ignored", link.node_id)
-
-    def jobs_placed(self, link: NodeLink, placed: JobsPlaced) -> None:
-        """Only a shared scheduler places jobs on nodes behind it."""
-        logger.debug("node %s sent a scheduler's job placement: ignored", link.node_id)
-
-    def _job_view(self, key: int, link: NodeLink) -> NodeInfo:
-        """The node the façade names for job ``key``, which ``link`` reported:
-        ``link``'s (a scheduler names the node behind it, `SchedulerBackend`)."""
-        return self._view(link)
-
-    def jobs_sent(self, keys: list[int], link: NodeLink) -> None:
-        self._events.jobs_sent(keys, self._view(link))
-
-    def job_running(self, key: int, link: NodeLink, start_time: float) -> None:
-        self._started[key] = link.node_id
-        self._events.job_running(key, self._job_view(key, link), start_time)
-
-    def job_provisional(self, key: int, link: NodeLink, result: Any) -> None:
-        self._started.setdefault(key, link.node_id)  # a start not reported
-        self._events.job_provisional(key, self._job_view(key, link), result)
-
-    def job_file(
-        self, key: int, link: NodeLink, path: str, data: list[memoryview]
-    ) -> str:
-        """A job sent a file (``dispy_send_file``): save it under ``files_dir``;
-        return why it was not saved ("" once it was), for the job."""
-        files_dir = self._options.files_dir
-        node = self._job_view(key, link).node_id  # behind a scheduler: that node
-        if len(data) != 1:
-            error = unsaved_file(
-                files_dir or os.getcwd(),
-                path,
-                ProtocolError("a file from a node comes in one buffer"),
-            )
-            logger.warning(
-                "file from job %d on node %s not saved: %s", key, node, error
-            )
-            return error
-        return save_job_file(files_dir, key, path, data[0], logger=logger, node=node)
-
-    def job_done(
-        self, key: int, link: NodeLink | None, outcome: driver.Outcome
-    ) -> None:
-        self._started.pop(key, None)
-        if outcome.outcome == ABANDONED:  # a scheduler lost the node that ran it
-            self.job_abandoned(key, link, outcome.exception or "its node was lost")
-            return
-        self._events.job_done(
-            key,
-            self._job_view(key, link) if link is not None else None,
-            base.Outcome(
-                status_of(outcome.outcome),
-                outcome.result,
-                outcome.stdout,
-                outcome.stderr,
-                outcome.exception,
-                outcome.start_time,
-                outcome.end_time,
-            ),
-        )
-
-    def job_abandoned(
-        self, key: int, link: NodeLink | None, reason: str, node_id: str = ""
-    ) -> None:
-        self._started.pop(key, None)
-        info: NodeInfo | None = None
-        if link is not None:
-            info = self._job_view(key, link)
-        elif node_id:  # the node it was sent to, gone now (dispy names it)
-            host, port = parse_address(node_id)
-            info = NodeInfo(node_id, host, port, "", 0)
-        self._events.job_abandoned(key, info, reason)
-
-    def job_cancelled(self, key: int) -> None:
-        self._started.pop(key, None)
-        self._events.job_cancelled(key)
-
-    def jobs_cancelled(self, keys: list[int]) -> None:
-        started = self._started
-        if started:
-            for key in keys:
-                started.pop(key, None)
-        self._events.jobs_cancelled(keys)
-
-    def job_requeued(self, key: int) -> None:
-        self._started.pop(key, None)
-        self._events.job_requeued(key)
-
-    def batch(self) -> AbstractContextManager[None]:
-        return self._events.batch()
 
     # -- the Backend (called by the façade) --------------------------------------------
 
