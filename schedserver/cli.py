@@ -355,6 +355,16 @@ def build_parser() -> argparse.ArgumentParser:
         "kept results need; past it as past --max_kept, the error naming this option",
     )
     parser.add_argument(
+        *_both("max_user_args"),
+        type=parse_size,
+        default=SchedulerConfig.max_user_args,
+        metavar="SIZE",
+        help="quota: bytes of jobs' arguments one user may have at the scheduler "
+        "at once, queued or running (held in its memory; default 1G, 0: no "
+        "limit); past it a client's jobs are refused with an error naming this "
+        "option",
+    )
+    parser.add_argument(
         *_both("max_file_size"),
         type=parse_size,
         default=SchedulerConfig.max_file_size,
@@ -553,6 +563,7 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         kept_memory=args.kept_memory,
         max_kept=args.max_kept,
         max_user_kept=args.max_user_kept,
+        max_user_args=args.max_user_args,
         max_file_size=args.max_file_size,
         max_files=args.max_files,
         max_computations=args.max_computations,

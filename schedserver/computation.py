@@ -16,6 +16,7 @@ import collections
 import dataclasses
 import itertools
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -68,6 +69,20 @@ _HEADER_ROOM = 64 * 1024
 #: The `NodeManage` actions the scheduler takes (`SharedComputation.manage`).
 NODE_ACTIONS = ("allocate", "deallocate", "cpus", "close")
 
+#: Bytes a job held at the scheduler counts besides its arguments (its objects),
+#: against --max_user_args: many jobs of no arguments are bounded as a few large.
+JOB_COST = 512
+
+
+@dataclass(slots=True, eq=False)
+class JobBatch:
+    """The jobs of one client message: their arguments are views of its one body,
+    which stays in memory while any of them is held here, so it counts against
+    --max_user_args whole (``size``) while ``jobs`` of them are held."""
+
+    size: int
+    jobs: int = 0
+
 
 @dataclass(slots=True, eq=False)
 class QueuedJob:
@@ -83,6 +98,8 @@ class QueuedJob:
     start_time: float = 0.0  # when, as the node said (with ``started``)
     pin: str = ""  # the only node it may run on (``submit_node``; "": any)
     cancelled: bool = False  # its client cancelled it where it was sent
+    #: The message it came in (what it counts against --max_user_args).
+    batch: JobBatch | None = None
 
 
 @dataclass(eq=False)
@@ -143,6 +160,10 @@ class SharedComputation(_NodeSide, _SentFiles):
         self.exclusive_declined = False
         self.queue: collections.deque[QueuedJob] = collections.deque()
         self.running: dict[int, QueuedJob] = {}
+        #: Bytes its jobs held here (queued and running: `QueuedJob.size`) count.
+        self.job_bytes = 0
+        #: A job of it was refused over --max_user_args (logged once).
+        self._args_refused = False
         self.upstream: dict[str, Upstream] = {}
         #: The wait before it is set up again on a node whose link to it ended while
         #: the node stayed up (`_NodeLinks._relink_later`), doubling each time.
@@ -339,11 +360,17 @@ class SharedComputation(_NodeSide, _SentFiles):
         refused: list[ResultEntry] = []
         quota = self.server.config.max_queued
         queued = self.server.queued_of(self.user) if quota is not None else 0
+        size = JOB_COST * len(message.jobs) + sum(b.nbytes for b in buffers)
+        over = size > self._args_room()
+        batch = JobBatch(size)
         offset = 0
         for item in message.jobs:
             key, attempt, count = int(item[0]), int(item[1]), int(item[2])
             job_buffers = buffers[offset : offset + count]
             offset += count
+            if over:  # (all of them: their arguments are held in one body)
+                refused.append(self._over_args(key, attempt))
+                continue
             if quota is not None and queued >= quota:
                 refused.append(
                     ResultEntry.unrun(
@@ -373,8 +400,11 @@ class SharedComputation(_NodeSide, _SentFiles):
             job_limits = limits.get(key)
             if job_limits is not None:
                 with_limits += 1
-            job = QueuedJob(key, attempt, item, job_buffers, job_limits, pin=pin)
+            job = QueuedJob(
+                key, attempt, item, job_buffers, job_limits, pin=pin, batch=batch
+            )
             self.queue.append(job)
+            self.hold(job)
             self.account.queued += 1
             if pin:
                 self.account.pinned[pin] = self.account.pinned.get(pin, 0) + 1
@@ -391,6 +421,53 @@ class SharedComputation(_NodeSide, _SentFiles):
             and with_limits == len(message.limits)
         ):
             self._as_sent = (frame, self.queue[0], self.queue[-1], len(self.queue))
+
+    def hold(self, job: QueuedJob) -> None:
+        """``job`` is held here (queued, or running): its message's body counts."""
+        batch = job.batch
+        if batch is not None:
+            batch.jobs += 1
+            if batch.jobs == 1:
+                self.job_bytes += batch.size
+
+    def let_go(self, job: QueuedJob) -> None:
+        """``job`` is no longer held here (it ended, or left the queue)."""
+        batch = job.batch
+        if batch is not None:
+            batch.jobs -= 1
+            if batch.jobs == 0:
+                self.job_bytes -= batch.size
+
+    def _args_room(self) -> float:
+        """Bytes more its user's jobs may hold here (--max_user_args)."""
+        quota = self.server.config.max_user_args
+        if not quota:
+            return math.inf
+        return quota - sum(
+            c.job_bytes for c in self.server.computations if c.user == self.user
+        )
+
+    def _over_args(self, key: int, attempt: int) -> ResultEntry:
+        """The refusal of a job over its user's --max_user_args (logged once)."""
+        quota = self.server.config.max_user_args
+        if not self._args_refused:
+            self._args_refused = True
+            logger.warning(
+                "%s: jobs refused: user %r has %d MiB of jobs' arguments at the "
+                "scheduler, its --max_user_args quota",
+                self.name,
+                self.user,
+                quota >> 20,
+            )
+        return ResultEntry.unrun(
+            key,
+            attempt,
+            CANCELLED,
+            f"refused: user {self.user!r} may have {quota >> 20} MiB of jobs' "
+            "arguments at the scheduler at once, queued or running (its "
+            "dispynb-scheduler --max_user_args quota); submit fewer jobs at once, "
+            "send large data once (a file in depends), or have it raised",
+        )
 
     def serves(self, node: str) -> bool:
         """Whether the computation is set up on ``node`` and the node takes jobs:
@@ -573,6 +650,7 @@ class SharedComputation(_NodeSide, _SentFiles):
             cancelled = []
             for job in [job for job in self.queue if job.pin == name]:
                 self.queue.remove(job)
+                self.let_go(job)
                 self.account.queued -= 1
                 self._unpin(job)
                 cancelled.append(
@@ -624,6 +702,7 @@ class SharedComputation(_NodeSide, _SentFiles):
         for job in self.queue:
             if job.key == message.key:
                 self.queue.remove(job)
+                self.let_go(job)
                 self.account.queued -= 1
                 self._unpin(job)
                 self.end_jobs(
@@ -665,6 +744,8 @@ class SharedComputation(_NodeSide, _SentFiles):
         ]
         self.account.queued -= len(self.queue)
         self.account.pinned.clear()
+        for job in self.queue:
+            self.let_go(job)
         self.queue.clear()
         self.end_jobs(cancelled)
         close = dataclasses.replace(message, comp_id=self.comp_id)

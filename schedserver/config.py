@@ -79,6 +79,9 @@ class SchedulerConfig:
     kept_memory: int = 32 * 1024 * 1024
     max_kept: int = 1024 * 1024 * 1024
     max_user_kept: int = 4 * 1024 * 1024 * 1024
+    #: Bytes of jobs' arguments one user may have at the scheduler at once (queued,
+    #: or sent to a node and not ended: held in its memory); 0: no limit.
+    max_user_args: int = 1024 * 1024 * 1024
     #: Bytes a file clients upload (``depends``, ``send_file``) may have at most (0:
     #: no limit); the scheduler keeps them on disk while a computation needs them.
     max_file_size: int = 512 * 1024 * 1024
@@ -156,15 +159,16 @@ class SchedulerConfig:
             self.kept_memory < 0
             or self.max_kept < 0
             or self.max_user_kept < 0
+            or self.max_user_args < 0
             or self.max_file_size < 0
             or self.max_files < 0
             or self.max_computations < 0
             or self.max_sessions < 0
         ):
             raise ConfigurationError(
-                "--kept_memory, --max_kept, --max_user_kept, --max_file_size, "
-                "--max_files, --max_computations and --max_sessions cannot be "
-                "negative"
+                "--kept_memory, --max_kept, --max_user_kept, --max_user_args, "
+                "--max_file_size, --max_files, --max_computations and "
+                "--max_sessions cannot be negative"
             )
         if (
             self.httpd

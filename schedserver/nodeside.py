@@ -91,6 +91,12 @@ class _NodeSide(_JobFiles):
     def held(self) -> bool:
         raise NotImplementedError  # `SharedComputation.held`
 
+    def hold(self, job: QueuedJob) -> None:
+        raise NotImplementedError  # `SharedComputation.hold`
+
+    def let_go(self, job: QueuedJob) -> None:
+        raise NotImplementedError  # `SharedComputation.let_go`
+
     def to_client(
         self,
         message: Message,
@@ -239,6 +245,7 @@ class _NodeSide(_JobFiles):
             if job is None or job.attempt != entry.attempt:
                 continue
             del self.running[entry.key]
+            self.let_go(job)
             self.server.job_left(self._whole, node)
             ended_files.extend(own_files(job.item))
             run_time = entry.end_time - entry.start_time
@@ -250,6 +257,7 @@ class _NodeSide(_JobFiles):
                 job.node = ""
                 job.started = False
                 self.queue.appendleft(job)
+                self.hold(job)
                 self.account.queued += 1
             elif entry.outcome == RETURNED and not self.closing:
                 if not node.leaving:  # it would hand back each job sent to it
@@ -262,6 +270,7 @@ class _NodeSide(_JobFiles):
                 job.node = ""  # the node shuts down: it runs elsewhere
                 job.started = False
                 self.queue.appendleft(job)
+                self.hold(job)
                 self.account.queued += 1
             else:
                 done[0] += 1
@@ -403,6 +412,7 @@ class _NodeSide(_JobFiles):
         )
         for job in lost:
             del self.running[job.key]
+            self.let_go(job)
             self.server.job_left(self._whole, upstream.node)
             if job.pin:  # it may run nowhere else (as a JobCluster's)
                 ended.append(_stranded(job, why))
@@ -412,6 +422,7 @@ class _NodeSide(_JobFiles):
                 job.node = ""
                 job.started = False
                 self.queue.appendleft(job)
+                self.hold(job)
                 self.account.queued += 1
             else:
                 ended.append(
@@ -425,6 +436,7 @@ class _NodeSide(_JobFiles):
         if self.account.pinned.get(name):  # queued for it alone: lost with it
             for job in [job for job in self.queue if job.pin == name]:
                 self.queue.remove(job)
+                self.let_go(job)
                 self.account.queued -= 1
                 self._unpin(job)
                 ended.append(_stranded(job, why))

@@ -58,7 +58,9 @@ def computation(
     """A computation of a session, with an upstream to one node (2 CPUs)."""
     client = RecordingConnection()
     server: Any = SimpleNamespace(
-        config=SimpleNamespace(pulse_interval=1.0, max_queued=None, max_kept=1 << 20),
+        config=SimpleNamespace(
+            pulse_interval=1.0, max_queued=None, max_kept=1 << 20, max_user_args=0
+        ),
         # What a user keeps in all (--max_user_kept): no limit here.
         spill=SimpleNamespace(user=lambda name: UserKept(name, 0)),
         job_left=lambda comp, node: None,
