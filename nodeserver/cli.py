@@ -501,7 +501,7 @@ def _check(args: argparse.Namespace) -> int:
             else resolve_secret(args.secret, args.secret_file, dict(os.environ))
         )
         ssl_context = (
-            client_context(args.certfile, args.keyfile, args.cafile)
+            client_context(args.certfile, args.keyfile, args.cafile, "--keyfile")
             if args.certfile or args.cafile
             else None
         )

@@ -534,10 +534,14 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         register_port=args.register_port,
         ping_interval=ping_interval,
         node_secret=secret,
-        node_ssl=client_context(args.node_certfile, args.node_keyfile, args.node_cafile)
+        node_ssl=client_context(
+            args.node_certfile, args.node_keyfile, args.node_cafile, "--node_keyfile"
+        )
         if node_tls
         else None,
-        client_ssl=server_context(args.cluster_certfile, args.cluster_keyfile)
+        client_ssl=server_context(
+            args.cluster_certfile, args.cluster_keyfile, None, "--cluster_keyfile"
+        )
         if args.cluster_certfile
         else None,
         httpd=args.httpd,

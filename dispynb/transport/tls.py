@@ -126,27 +126,59 @@ def _key_guard(certfile: str, keyfile: str | None) -> str:
         return ""  # `_check_file` says what is wrong with it
 
 
-def _load_identity(context: ssl.SSLContext, certfile: str, keyfile: str | None) -> None:
+def _holds(path: str) -> tuple[bool, bool]:
+    """Whether the PEM file ``path`` holds a certificate, and a private key."""
+    try:
+        with open(path, "rb") as handle:
+            text = handle.read(1 << 20)
+    except OSError:
+        return False, False
+    return b"BEGIN CERTIFICATE" in text, b"PRIVATE KEY" in text
+
+
+def _load_identity(
+    context: ssl.SSLContext,
+    certfile: str,
+    keyfile: str | None,
+    keyfile_option: str = "keyfile=",
+) -> None:
     """Load the certificate (and key) this side shows into ``context``, once
-    `_check_file` found the files safe to use."""
+    `_check_file` found the files safe to use; errors name ``keyfile_option``, the
+    program's name for the key's file."""
     _check_file(certfile, "certfile", _key_guard(certfile, keyfile))
     if keyfile:
         _check_file(keyfile, "keyfile", "key")
     try:
         context.load_cert_chain(certfile, keyfile)
     except (ssl.SSLError, OSError) as exc:
+        if not keyfile and _holds(certfile) == (True, False):  # "[SSL] PEM lib"
+            raise ConfigurationError(
+                f"certfile {certfile!r} holds no private key: give the file of its "
+                f"key with {keyfile_option}"
+            ) from exc
+        if getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
+            raise ConfigurationError(
+                f"keyfile {keyfile!r} is not the key of the certificate {certfile!r}: "
+                f"give with {keyfile_option} the key made with that certificate"
+            ) from exc
         raise ConfigurationError(
-            f"cannot load certificate {certfile!r} / key {keyfile!r}: {exc}"
+            f"cannot load certificate {certfile!r} / key {keyfile!r}: {exc}: the "
+            "certfile must hold the certificate in PEM ('-----BEGIN CERTIFICATE"
+            "-----'), the keyfile its private key"
         ) from exc
 
 
 def server_context(
-    certfile: str, keyfile: str | None = None, cafile: str | None = None
+    certfile: str,
+    keyfile: str | None = None,
+    cafile: str | None = None,
+    keyfile_option: str = "--keyfile",
 ) -> ssl.SSLContext:
-    """Context for a node; client certificates are checked when ``cafile`` is given."""
+    """Context for a node; client certificates are checked when ``cafile`` is given.
+    A certfile without its key says to give ``keyfile_option``."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    _load_identity(context, certfile, keyfile)
+    _load_identity(context, certfile, keyfile, keyfile_option)
     if cafile:
         _check_file(cafile, "cafile", "trust")
         context.load_verify_locations(cafile)
@@ -155,13 +187,17 @@ def server_context(
 
 
 def client_context(
-    certfile: str | None = None, keyfile: str | None = None, cafile: str | None = None
+    certfile: str | None = None,
+    keyfile: str | None = None,
+    cafile: str | None = None,
+    keyfile_option: str = "keyfile=",
 ) -> ssl.SSLContext:
     """Context for a client; the node certificate is verified when ``cafile`` is given.
 
     Without ``cafile`` the traffic is still encrypted and the shared-secret handshake
     still authenticates both sides; ``cafile`` adds protection of confidentiality
-    against an active man in the middle.
+    against an active man in the middle. A certfile without its key says to give
+    ``keyfile_option`` (a program's option; a Python client's keyword by default).
     """
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -172,7 +208,7 @@ def client_context(
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     if certfile:
-        _load_identity(context, certfile, keyfile)
+        _load_identity(context, certfile, keyfile, keyfile_option)
         _CLIENT_CERTS[context] = certfile
     return context
 

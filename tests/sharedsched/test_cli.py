@@ -597,3 +597,23 @@ def test_a_node_refusing_the_schedulers_secret_is_logged_with_the_schedulers_fix
         "secret than this node; give the scheduler the nodes' secret "
         "(--node_secret_file or DISPYNB_SECRET) (trying again)"
     ), line
+
+
+@pytest.mark.usefixtures("users")
+def test_a_cluster_certfile_without_its_key_names_cluster_keyfile(
+    tmp_path: Path,
+) -> None:
+    """``--cluster_certfile`` of a certificate alone: it said 'cannot load
+    certificate ... / key None: [SSL] PEM lib (_ssl.c:3926)'."""
+    from tests.transport.certs import make_cert
+
+    certfile, _keyfile = make_cert(tmp_path)
+    done = scheduler_cli(
+        "-n", "127.0.0.1:1", "-p", "0", "--users", str(tmp_path / "users"),
+        "--cluster_certfile", certfile,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"dispynb-scheduler: certfile {certfile!r} holds no private key: give the "
+        "file of its key with --cluster_keyfile"
+    ]

@@ -222,8 +222,22 @@ def test_server_context_missing_cafile_raises(cert, tmp_path):
 
 
 def test_server_context_mismatched_key_raises(cert, other_cert):
-    with pytest.raises(ConfigurationError, match="cannot load"):
-        server_context(cert[0], other_cert[1])
+    # OpenSSL's "[X509: KEY_VALUES_MISMATCH] key values mismatch", in words
+    with pytest.raises(ConfigurationError, match="is not the key of the certificate"):
+        server_context(cert[0], other_cert[1], keyfile_option="--cluster_keyfile")
+
+
+def test_a_certfile_without_its_key_names_the_option_that_gives_it(cert):
+    """A certificate alone, no keyfile: the node said 'cannot load certificate
+    'node.pem' / key None: [SSL] PEM lib (_ssl.c:3926)'."""
+    with pytest.raises(ConfigurationError) as refused:
+        server_context(cert[0])
+    assert str(refused.value) == (
+        f"certfile {cert[0]!r} holds no private key: give the file of its key with "
+        "--keyfile"
+    )
+    with pytest.raises(ConfigurationError, match=r"its key with keyfile=$"):
+        client_context(cert[0])
 
 
 def test_server_context_garbage_cert_raises(tmp_path):
