@@ -101,12 +101,25 @@ class _Nodes(_ClusterState):
         """
         managed = self._managed(node, "deallocate_node") or self._pending(node)
         if managed is None:
-            return -1
+            return self._refused("deallocate_node", node)
         backend, node_id = managed
         if backend.set_cpus(node_id, 0) < 0:
-            return -1
+            return self._refused("deallocate_node", node, node_id)
         self._limit(node_id, None)
         return 0
+
+    def _refused(self, what: str, node: Any, node_id: str | None = None) -> int:
+        """-1, for dispy's node method ``what`` that could not act on ``node``,
+        with the reason logged (as `set_node_cpus` and `allocate_node` give it).
+        ``node_id``: the node's, if it is one of the cluster's nodes."""
+        if node_id is not None:
+            why = f"node {node_id} is not set up for this cluster now"
+        elif self._closed or self._backend is None:
+            why = "the cluster is closed"
+        else:
+            why = f"{node!r} is not a node of this cluster"
+        logger.warning("%s: %s", what, why)
+        return -1
 
     def set_node_cpus(self, node: Any, cpus: int | str) -> int:
         """Use ``cpus`` CPUs of ``node`` (negative: all but that many).
@@ -161,10 +174,12 @@ class _Nodes(_ClusterState):
         """
         managed = self._managed(node, "close_node") or self._pending(node)
         if managed is None:
-            return -1
+            return self._refused("close_node", node)
         backend, node_id = managed
         self._limits_pending.pop(node_id, None)  # (allocate_node: all of it)
-        return 0 if backend.close_node(node_id, terminate_pending) else -1
+        if not backend.close_node(node_id, terminate_pending):
+            return self._refused("close_node", node, node_id)
+        return 0
 
     def _pending(self, node: Any) -> tuple[Backend, str] | None:
         """The backend and ``node``'s id if it is being connected or set up (again)
@@ -187,10 +202,12 @@ class _Nodes(_ClusterState):
         """
         managed = self._managed(node, "resetup_node")
         if managed is None:
-            return -1
+            return self._refused("resetup_node", node)
         backend, node_id = managed
         self._limits_pending.pop(node_id, None)  # all of it once set up again
-        return 0 if backend.resetup_node(node_id, terminate_pending) else -1
+        if not backend.resetup_node(node_id, terminate_pending):
+            return self._refused("resetup_node", node, node_id)
+        return 0
 
     def node_jobs(self, node: Any, from_node: bool = False) -> list[DispyJob] | int:
         """The jobs of this cluster running on ``node`` now; -1 (as dispy's) for a

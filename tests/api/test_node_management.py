@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 
@@ -541,3 +542,18 @@ def test_deallocate_node_and_set_node_cpus_on_a_node_allocated_again_a_moment_ag
         wait_until(lambda: "local-0" in set_up[allocated:])
         assert by_name(cluster, "local-0").cpus == 1
         assert run_all(cluster, 12) == {"local-0", "local-1"}
+
+
+def test_node_methods_returning_minus_one_log_why(two, caplog):
+    """deallocate_node, close_node and resetup_node of a node not of the cluster
+    return -1, as dispy's, and say why at warning level, as set_node_cpus and
+    allocate_node do (they said nothing: a program saw only -1)."""
+    first, _ = two.node_specs()
+    with JobCluster(node_name, nodes=[first], secret=two.secret) as cluster:
+        for method in ("deallocate_node", "close_node", "resetup_node"):
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="dispynb"):
+                assert getattr(cluster, method)("no-such-node") == -1
+            assert caplog.messages == [
+                f"{method}: 'no-such-node' is not a node of this cluster"
+            ], caplog.text
