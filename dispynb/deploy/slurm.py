@@ -27,7 +27,8 @@ network), unless ``register_host`` says otherwise.
 When SLURM ends a node's job (walltime, preemption, a failed compute node), SLURM
 sends the node SIGTERM then SIGKILL (after ``KillWait``): the cluster loses the
 node as any lost node, its reentrant jobs are resubmitted to the other nodes, and
-`exited` says why (``TIMEOUT``...).
+`exited` says why (``TIMEOUT``...). Following the jobs' states is
+`dispynb.deploy.slurmjobs`'; the batch script, `dispynb.deploy.slurmscript`'s.
 
 A node whose client is gone ends its job by itself: each node runs with
 ``--exit-without-client`` (``exit_without_client=``, default 120 s). Once no client
@@ -50,7 +51,6 @@ import time
 import weakref
 from collections.abc import Mapping, Sequence
 
-from dispynb.deploy.adaptive import ScaleEvent
 from dispynb.deploy.base import (
     REGISTER_WAIT,
     Launched,
@@ -59,21 +59,23 @@ from dispynb.deploy.base import (
     route_address,
 )
 from dispynb.deploy.registry import RegisteredNode
+from dispynb.deploy.slurmjobs import COMMAND_TIMEOUT as COMMAND_TIMEOUT
+from dispynb.deploy.slurmjobs import ENDED as ENDED
+from dispynb.deploy.slurmjobs import POLL_INTERVAL as POLL_INTERVAL
+from dispynb.deploy.slurmjobs import QUEUED, _JobStates
+from dispynb.deploy.slurmjobs import SUSPENDED as SUSPENDED
+from dispynb.deploy.slurmjobs import SlurmJob as SlurmJob
 from dispynb.deploy.slurmscript import SECRET_VARIABLE as SECRET_VARIABLE
 from dispynb.deploy.slurmscript import batch_script, sbatch_directives
 from dispynb.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
-#: Seconds between two ``squeue`` calls that follow the jobs' states.
-POLL_INTERVAL = 2.0
 #: Seconds `close` waits for SLURM to end the jobs it cancelled.
 STOP_WAIT = 60.0
 #: Default seconds a node waits without any client before it checks that its
 #: launcher lives, and ends its job if not (``dispynb-node --exit-without-client``).
 EXIT_WITHOUT_CLIENT = 120.0
-#: Seconds a SLURM command may take.
-COMMAND_TIMEOUT = 60.0
 #: Seconds `close` (and the cancel at interpreter exit) gives ``scancel``, and each
 #: ``squeue`` that follows it. A controller that answers does so in well under a
 #: second; one that is down makes SLURM's commands retry for about its
@@ -81,57 +83,9 @@ COMMAND_TIMEOUT = 60.0
 #: and an unreachable one would take `COMMAND_TIMEOUT`. The jobs left then end by
 #: themselves (``--exit-without-client``).
 CLOSE_TIMEOUT = 10.0
-#: Job states after which a job runs no more (``squeue --states=all``).
-ENDED = frozenset(
-    {
-        "BOOT_FAIL",
-        "CANCELLED",
-        "COMPLETED",
-        "DEADLINE",
-        "FAILED",
-        "NODE_FAIL",
-        "OUT_OF_MEMORY",
-        "PREEMPTED",
-        "REVOKED",
-        "SPECIAL_EXIT",
-        "TIMEOUT",
-    }
-)
-
-#: Job states of a job SLURM put back in the queue (``scontrol requeue``,
-#: preemption with ``PreemptMode=REQUEUE``, a failed compute node): it runs again.
-QUEUED = frozenset({"PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD"})
-#: The state of a job whose processes SLURM stopped (SIGSTOP) until it resumes it.
-SUSPENDED = "SUSPENDED"
 
 
-class SlurmJob:
-    """One batch job running (or waiting to run) a node server."""
-
-    def __init__(self, name: str, job_id: str, output: str | None = None) -> None:
-        self.name = name
-        self.job_id = job_id
-        #: The job's output file (its node's log), if known.
-        self.output = output
-        #: Its last line, read once the job ended (why a node could not start).
-        self.last_output = ""
-        #: SLURM's last reported state (``PENDING``, ``RUNNING``, ``TIMEOUT``...).
-        self.state = "PENDING"
-        #: SLURM's reason for the state (``Resources``, ``None``...).
-        self.reason = ""
-        #: Monotonic seconds its node last registered (None: not since it was
-        #: queued).
-        self.registered_at: float | None = None
-
-    @property
-    def ended(self) -> bool:
-        return self.state in ENDED or self.state == "UNKNOWN"
-
-    def __repr__(self) -> str:
-        return f"<SlurmJob {self.job_id} {self.name} {self.state}>"
-
-
-class SlurmNodes(NodeLauncher[SlurmJob]):
+class SlurmNodes(_JobStates, NodeLauncher[SlurmJob]):
     """Node servers as SLURM batch jobs; use as ``JobCluster(nodes=...)``.
 
     Parameters
@@ -452,80 +406,6 @@ class SlurmNodes(NodeLauncher[SlurmJob]):
             )
         return message
 
-    # -- following the jobs ------------------------------------------------------------
-
-    async def _follow(self) -> None:
-        """Poll the jobs' states until every one ended (or the launcher closed).
-
-        A controller that does not answer (restarting, down) is said once, and
-        so is its return (each failed ``squeue`` was a warning: one every 11 s,
-        ``squeue`` retrying for 9 s)."""
-        failing = False
-        while True:
-            await asyncio.sleep(POLL_INTERVAL)
-            try:
-                await self._refresh()
-            except LaunchError as exc:
-                (logger.debug if failing else logger.warning)(
-                    "cannot follow the nodes' SLURM jobs: %s (trying again every "
-                    "%g s; the nodes go on meanwhile)",
-                    exc,
-                    POLL_INTERVAL,
-                )
-                failing = True
-            else:
-                if failing:
-                    logger.info("following the nodes' SLURM jobs again")
-                failing = False
-            if self._closed and not self._live_ids:
-                return
-
-    async def _refresh(self, timeout: float = COMMAND_TIMEOUT) -> None:
-        """Read the states of the jobs that have not ended (``squeue``)."""
-        live = {job.job_id: job for job in self.jobs if not job.ended}
-        if not live:
-            return
-        asked = time.monotonic()
-        code, out, err = await self._run(
-            "squeue", "--noheader", "--states=all", f"--jobs={','.join(live)}",
-            "--format=%i|%T|%r", timeout=timeout,
-        )  # fmt: skip
-        seen: dict[str, tuple[str, str]] = {}
-        for line in out.splitlines():
-            fields = line.strip().split("|")
-            if len(fields) == 3:
-                seen[fields[0]] = (fields[1], fields[2])
-        if code != 0 and "Invalid job id" not in err:
-            raise LaunchError(f"squeue failed: {err or out}")
-        changed = []
-        for job_id, job in live.items():
-            state, reason = seen.get(job_id, ("UNKNOWN", "no longer known to SLURM"))
-            if (state, reason) != (job.state, job.reason):
-                if SUSPENDED in (state, job.state) and state != job.state:
-                    self._suspension(job, state, reason)
-                job.state, job.reason = state, reason
-                changed.append(job)
-        with self._changed:
-            stopped = {x.name for x in self._launched if x.stopped or x.draining}
-        for job in changed:
-            if (
-                job.state in QUEUED
-                and job.registered_at is not None
-                and job.registered_at < asked  # not a registration squeue missed
-            ):
-                self._requeued(job)
-            if job.ended:
-                self._live_ids.discard(job.job_id)
-                if job.state != "CANCELLED":
-                    job.last_output = _last_line(job.output)
-                # a warning only for jobs SLURM ended by itself (walltime...)
-                expected = self._closed or job.name in stopped
-                log = logger.info if expected else logger.warning
-                log("node %s ended: %s", job.name, self._exit_reason(job))
-        if changed:
-            with self._changed:
-                self._changed.notify_all()
-
     def _registered(self, node: RegisteredNode) -> None:
         job = next((j for j in self.jobs if j.name == node.name), None)
         if job is not None:
@@ -533,51 +413,6 @@ class SlurmNodes(NodeLauncher[SlurmJob]):
             if job.state in QUEUED:
                 job.state, job.reason = "RUNNING", "None"  # before squeue says so
         super()._registered(node)
-
-    def _suspension(self, job: SlurmJob, state: str, reason: str) -> None:
-        """SLURM suspended the node's job (``scontrol suspend``, gang scheduling,
-        ``PreemptMode=SUSPEND``: every process of it stopped), or let it run again.
-
-        Nothing else to do: the clusters find a stopped node silent and run its
-        reentrant jobs elsewhere, then connect to it again once it answers. A job
-        that leaves ``SUSPENDED`` other than for ``RUNNING`` is said by `_refresh`
-        (ended) or `_requeued`."""
-        detail = f"SLURM job {job.job_id} {state}"
-        if reason not in ("", "None"):
-            detail += f" ({reason})"
-        if state == SUSPENDED:
-            self.events.append(ScaleEvent(time.time(), "suspended", job.name, detail))
-            logger.warning(
-                "node %s suspended: %s; its jobs are stopped until SLURM resumes "
-                "it (clusters run its reentrant jobs elsewhere)",
-                job.name,
-                detail,
-            )
-        elif state == "RUNNING":
-            self.events.append(ScaleEvent(time.time(), "resumed", job.name, detail))
-            logger.info("node %s resumed: %s", job.name, detail)
-        # Otherwise it ended, or was requeued, while suspended: said as such.
-
-    def _requeued(self, job: SlurmJob) -> None:
-        """SLURM put the job of a registered node back in its queue: the node was
-        stopped (SIGTERM, as at a walltime); it is no longer one of `nodes` until
-        the job runs again and its new node registers."""
-        job.registered_at = None
-        with self._changed:
-            launched = next((x for x in self._launched if x.name == job.name), None)
-            if launched is None or launched.node is None:
-                return
-            launched.node = None
-            self._changed.notify_all()
-        reason = f" ({job.reason})" if job.reason not in ("", "None") else ""
-        detail = f"SLURM job {job.job_id} requeued: {job.state}{reason}"
-        self.events.append(ScaleEvent(time.time(), "requeued", job.name, detail))
-        logger.warning(
-            "node %s left: %s; its node stopped, and a new one registers when "
-            "SLURM runs the job again",
-            job.name,
-            detail,
-        )
 
     async def _close(self) -> None:
         await super()._close()
@@ -644,21 +479,6 @@ class SlurmNodes(NodeLauncher[SlurmJob]):
     def __repr__(self) -> str:
         states = ", ".join(f"{job.job_id} {job.state}" for job in self.jobs)
         return f"<SlurmNodes: {len(self.nodes)} registered; jobs: {states or 'none'}>"
-
-
-def _last_line(path: str | None) -> str:
-    """The last line of a job's output file (what a node that could not start said,
-    a shell's 'not found'...), cut short; "" if it cannot be read."""
-    if path is None:
-        return ""
-    try:
-        with open(path, "rb") as file:
-            file.seek(max(0, os.fstat(file.fileno()).st_size - 4096))
-            tail = file.read().decode(errors="replace")
-    except OSError:
-        return ""
-    lines = [line.strip() for line in tail.splitlines() if line.strip()]
-    return lines[-1][:300] if lines else ""
 
 
 def _cancel_now(scancel: str, job_ids: set[str], env: dict[str, str]) -> None:

@@ -180,7 +180,7 @@ def test_an_outage_of_slurmctld_is_said_once_and_its_end(
     answers again."""
     import asyncio
 
-    import dispynb.deploy.slurm as slurm
+    import dispynb.deploy.slurmjobs as slurmjobs
     from dispynb.deploy.launcherstate import Launched
     from dispynb.deploy.slurm import SlurmJob
 
@@ -205,7 +205,7 @@ def test_an_outage_of_slurmctld_is_said_once_and_its_end(
         with contextlib.suppress(asyncio.CancelledError):
             await follow
 
-    monkeypatch.setattr(slurm, "POLL_INTERVAL", 0.001)
+    monkeypatch.setattr(slurmjobs, "POLL_INTERVAL", 0.001)
     caplog.set_level(logging.INFO, logger="dispynb.deploy.slurm")
     job = SlurmJob("n1", "7")
     with SlurmNodes(0, secret=SECRET) as nodes:
