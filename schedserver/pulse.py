@@ -12,6 +12,13 @@ from dispynb.scheduler.link import DEAD_AFTER
 from schedserver.session import SchedulerSession
 from schedserver.state import _ServerState, logger
 
+#: Seconds of silence, at least, after which an exclusive computation's client
+#: no longer stops other users' jobs (`_Pulse._watch_exclusive`): a live client
+#: pings every half pulse from its I/O thread, but its program may hold the GIL
+#: for seconds (pickling a large argument): a few pulses would take it for
+#: stopped, and its nodes would run others' jobs for nothing.
+EXCLUSIVE_SILENCE = 10.0
+
 
 class _Pulse(_ServerState):
     """What the scheduler does every pulse."""
@@ -38,8 +45,10 @@ class _Pulse(_ServerState):
             wake.clear()
             now = loop.time()
             # Held up past a node's pulse (starved of CPU, a long callback): the
-            # nodes' pulses may be waiting unread, so no node is judged this round.
-            self._watch_nodes(now, late=now - expected > self.config.pulse_interval)
+            # nodes' pulses may be waiting unread, so no node is judged this round
+            # (nor a client, for its exclusive hold).
+            late = now - expected > self.config.pulse_interval
+            self._watch_nodes(now, late)
             # No ping for a node that has not taken what was sent: it hears from
             # us as it reads, and pings would pile up for one that never reads.
             for node in self.nodes:
@@ -62,6 +71,8 @@ class _Pulse(_ServerState):
                 elif now - session.last_heard > zombie:
                     self._zombie(session, now - session.last_heard)
                 else:
+                    if not late:
+                        self._watch_exclusive(session, now)
                     session.report(self._avail())
             for comp in self.computations:
                 comp.report_nodes()
@@ -127,6 +138,74 @@ class _Pulse(_ServerState):
             node.alive = False  # no job goes to it from now on
             for conn in conns:
                 conn.close()
+
+    def _watch_exclusive(self, session: SchedulerSession, now: float) -> None:
+        """An exclusive computation holds every node for its client only while
+        that client is heard from: silent for `DEAD_AFTER` of its pulses (or the
+        scheduler's, the longer; `EXCLUSIVE_SILENCE` at least), stopped
+        (SIGSTOP, Ctrl-Z, a paused VM) or cut off, it lets other users' jobs
+        run, and holds them again once its client is heard from (as ever, once
+        their running jobs end: none is stopped).
+        Before, one stopped notebook stopped every other user's jobs until
+        --zombie_interval (an hour) took it for gone. Its own jobs go on
+        meanwhile, as a zombie's do until that hour."""
+        silent = now - session.last_heard
+        pulse = max(self.config.pulse_interval, session.client_pulse)
+        heard = (
+            silent <= max(DEAD_AFTER * pulse, EXCLUSIVE_SILENCE)
+            or session.conn.holds_received  # a message arriving (a large one)
+            or session.conn.unread_bytes()
+        )
+        if heard:
+            if session.exclusive_paused:
+                self._exclusive_again(session)
+            return
+        if session.exclusive_paused:
+            return
+        paused = [
+            comp
+            for comp in session.computations.values()
+            if comp.session is session and comp.account.exclusive and not comp.closing
+        ]
+        if not paused:
+            return
+        for comp in paused:
+            comp.account.exclusive = False
+        session.exclusive_paused = paused
+        session.paused_since = session.last_heard
+        logger.warning(
+            "user %r (%s) silent for %.1f s (stopped, or cut off?): %s no longer "
+            "stop%s other users' jobs until it is heard from again",
+            session.user,
+            session.conn.peer,
+            silent,
+            ", ".join(comp.name for comp in paused),
+            "s" if len(paused) == 1 else "",
+        )
+        self.schedule()  # the others' jobs that waited for it
+
+    def _exclusive_again(self, session: SchedulerSession) -> None:
+        """The client of exclusive computations that `_watch_exclusive` let go is
+        heard from again: they are exclusive again, and it is told what happened."""
+        paused, session.exclusive_paused = session.exclusive_paused, []
+        again = [c for c in paused if c.session is session and not c.closing]
+        for comp in again:
+            comp.account.exclusive = True
+        if not again:
+            return
+        silent = session.last_heard - session.paused_since
+        names = ", ".join(comp.name for comp in again)
+        logger.info(
+            "user %r (%s) heard from again after %.0f s: %s exclusive again once "
+            "other users' running jobs end",
+            session.user,
+            session.conn.peer,
+            silent,
+            names,
+        )
+        session.send(
+            Error(code="exclusive", message=exclusive_paused_text(silent, names))
+        )
 
     def _zombie(self, session: SchedulerSession, silent: float) -> None:
         """A client not heard from for --zombie_interval (stopped, hung, cut off
@@ -211,6 +290,19 @@ def revoked_text(user: str) -> str:
         f"user {user!r} was revoked at the scheduler by its operator: its jobs "
         "were ended and its credential is refused from now on; ask the "
         "scheduler's operator for a new one"
+    )
+
+
+def exclusive_paused_text(silent: float, names: str) -> str:
+    """What the client of exclusive computations (``names``) is told that the
+    scheduler let other users' jobs run while it was silent for ``silent`` s."""
+    return (
+        f"the scheduler heard nothing from this client for about {silent:.0f} s "
+        "(stopped or suspended: Ctrl-Z, SIGSTOP, a paused VM; or cut off), so "
+        f"its exclusive computation {names} let other users' jobs run on its "
+        "nodes meanwhile (one silent client must not stop every user's jobs); "
+        "its own jobs went on, and it runs alone again once the others' jobs "
+        "running now have ended"
     )
 
 

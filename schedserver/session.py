@@ -126,6 +126,13 @@ class SchedulerSession:
         self._backlogged_before = False
         #: Its end was said (`end`): the connection closes once the client took it.
         self.ending = False
+        #: The longest pulse its client asked for (0: none asked): it pings at
+        #: least every half of it.
+        self.client_pulse = 0.0
+        #: Its exclusive computations that let other users' jobs run while it is
+        #: silent (`_Pulse._watch_exclusive`), and when it was last heard before.
+        self.exclusive_paused: list[SharedComputation] = []
+        self.paused_since = 0.0
 
     async def serve(self) -> None:
         """Handle the client's messages until its connection ends."""
@@ -348,6 +355,7 @@ class SchedulerSession:
         not asked): reports come at the shortest pulse its computations asked for."""
         if not isinstance(interval, int | float) or not interval > 0:
             return
+        self.client_pulse = max(self.client_pulse, min(interval, PULSE_RANGE[1]))
         every = min(self._status_every, max(PULSE_RANGE[0], interval))
         if every < self._status_every:
             self._status_every = every

@@ -189,6 +189,81 @@ def test_an_exclusive_cluster_whose_client_died_stops_nobody(
         scheduler.stop()
 
 
+#: A client (``ADDRESS CREDENTIAL MARKS RELEASE``) with an exclusive cluster: one
+#: job that runs until ``RELEASE`` exists; says "running", then (once continued)
+#: how it ended, and prints the warnings its cluster logged.
+STOPPED_EXCLUSIVE_CLIENT = """
+import logging, sys
+from dispynb import SharedJobCluster
+from tests.sharedsched.nodeuse import held
+
+logging.basicConfig(level=logging.WARNING, format="said: %(message)s")
+address, credential, marks, release = sys.argv[1:5]
+with SharedJobCluster(
+    held, scheduler_host=address, secret_file=credential, exclusive=True
+) as cluster:
+    job = cluster.submit(0, marks, release)
+    import os, time
+    while not os.path.exists(os.path.join(marks, "0")):
+        time.sleep(0.01)
+    print("running", flush=True)
+    job()
+    print("ended", int(job.status), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_stopped_exclusive_client_stops_nobody_and_holds_again_once_back(
+    tmp_path: Path, nodes: LocalCluster, users: dict[str, Path]
+) -> None:
+    """Alice's exclusive cluster runs a job; her client is stopped (SIGSTOP: Ctrl-Z,
+    a paused VM). Before, Bob's jobs waited until --zombie_interval (an hour) took
+    her for gone. Now they run once she has been silent 10 s; her job goes
+    on, and her client, continued, is told, and holds the nodes alone again."""
+    scheduler = SchedulerProcess(
+        tmp_path, nodes.node_specs(), nodes.secret, ("--exclusive_users", "alice")
+    ).start()
+    marks, release = tmp_path / "marks", tmp_path / "release"
+    marks.mkdir()
+    proc = start_client(
+        STOPPED_EXCLUSIVE_CLIENT, scheduler.address, str(users["alice"]),
+        str(marks), str(release), cwd=tmp_path, name="alice",
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "running"
+        os.killpg(proc.pid, signal.SIGSTOP)
+        try:
+            with SharedJobCluster(
+                nap, scheduler_host=scheduler.address, secret_file=str(users["bob"])
+            ) as bob:
+                his = [bob.submit(i, 0.01) for i in range(4)]
+                # Silent 10 s (a live client's program may hold its I/O thread
+                # that long), then they run.
+                assert bob.wait(timeout=30), [job.status for job in his]
+                assert [job.result for job in his] == list(range(4))
+        finally:
+            os.killpg(proc.pid, signal.SIGCONT)
+        scheduler.wait_for_log("heard from again after")
+        release.touch()
+        out, err = proc.communicate(timeout=WAIT)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        scheduler.stop()
+    assert proc.returncode == 0, out + err
+    assert f"ended {int(JobStatus.Finished)}" in out  # her job went on
+    log = scheduler.log_text()
+    assert "user 'alice' (" in log and "alice/held no longer stops other users'" in log
+    assert "alice/held exclusive again once other users' running jobs end" in log
+    assert "a zombie" not in log
+    said = [line for line in err.splitlines() if "let other users' jobs run" in line]
+    assert len(said) == 1, err
+    assert said[0].startswith(f"said: scheduler {scheduler.address} reports: "), said
+    assert "exclusive computation alice/held" in said[0]
+
+
 @pytest.mark.parametrize(
     ("given", "allowed"),
     [
