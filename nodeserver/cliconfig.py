@@ -167,7 +167,20 @@ def config_argv(parser: argparse.ArgumentParser, path: str) -> list[str]:
             continue
         dest = config_dest(key, text, _KEY_ALIASES)
         argv += option_argv(actions, dest, text, key, path)
+    check_values(parser, argv, path)
     return argv
+
+
+def check_values(parser: argparse.ArgumentParser, argv: list[str], path: str) -> None:
+    """Raise `ValueError` naming the config file ``path`` for a value of it that its
+    option refuses (``cpus = x``): argparse said it of the command line, as
+    'argument -c/--cpus: invalid int value', after a usage the admin did not type."""
+    try:
+        # argparse's own parse (CommandParser's exits), raising with exit_on_error
+        # False: the file's arguments alone, as they will be parsed.
+        argparse.ArgumentParser.parse_known_args(parser, argv)
+    except argparse.ArgumentError as exc:
+        raise ValueError(f"config file {path!r}: {exc}") from None
 
 
 def config_dest(key: str, text: str, aliases: dict[str, str]) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from nodeserver.cliconfig import config_dest, option_argv, read_config
+from nodeserver.cliconfig import check_values, config_dest, option_argv, read_config
 
 #: dispyscheduler's config keys whose option here has another destination.
 _KEY_ALIASES = {
@@ -66,6 +66,7 @@ def config_argv(parser: argparse.ArgumentParser, path: str) -> list[str]:
             continue
         dest = config_dest(key, text, _KEY_ALIASES)
         argv += option_argv(actions, dest, text, key, path)
+    check_values(parser, argv, path)
     return argv
 
 

@@ -425,6 +425,21 @@ def test_config_file_naming_an_unsupported_option_is_refused(tmp_path: Path) -> 
     assert "unknown option 'no_such_option'" in done.stderr
 
 
+def test_a_bad_value_in_a_config_file_is_named_with_the_file_in_one_line(
+    tmp_path: Path,
+) -> None:
+    """``cpus = x`` in the file: it said 'argument -c/--cpus: invalid int value',
+    after a usage, as if the admin had typed -c."""
+    config = tmp_path / "node.ini"
+    config.write_text("[DEFAULT]\ncpus = x\n")
+    done = run_node("--config", str(config))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"dispynb-node: config file {str(config)!r}: argument -c/--cpus: invalid "
+        "int value: 'x'"
+    ]
+
+
 def test_config_file_with_options_outside_default_is_refused(tmp_path: Path) -> None:
     """Options under a section of their own (``[node]``) were ignored without a word,
     the node starting with its defaults; a file without a section header said only

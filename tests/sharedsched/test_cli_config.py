@@ -171,6 +171,20 @@ def test_a_config_file_with_an_unknown_key_is_refused_in_one_line(
     )
 
 
+def test_a_bad_value_in_a_config_file_is_named_with_the_file_in_one_line(
+    tmp_path: Path,
+) -> None:
+    """``max_cpus = many``: argparse's usage and its words for a command line."""
+    config = tmp_path / "scheduler.conf"
+    config.write_text("[DEFAULT]\nnodes = ['10.0.0.1']\nmax_cpus = many\n")
+    done = scheduler_cli("--config", str(config), "--users", "u")
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        f"dispynb-scheduler: config file {str(config)!r}: argument "
+        "--max_cpus/--max-cpus: invalid int value: 'many'"
+    )
+
+
 def test_save_config_writes_what_config_reads_without_the_secret(
     tmp_path: Path,
 ) -> None:
