@@ -289,7 +289,8 @@ class LabLink:
             try:
                 found = self._discoverer(addresses)
             except Exception as exc:
-                self._reply(request_id, error=f"discovery failed: {exc}")
+                # Said once: the panel reads "Discover failed: " before it.
+                self._reply(request_id, error=str(exc) or type(exc).__name__)
             else:
                 self._discovered.add(found)
                 self._reply(request_id, found)

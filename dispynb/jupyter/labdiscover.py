@@ -8,12 +8,10 @@ import threading
 from typing import Any
 
 from dispynb._loop import LoopRunner
-from dispynb.errors import ConfigurationError
+from dispynb.jupyter.labtargets import MAX_ADDRESSES, panel_targets
 
 #: Seconds the Discover action listens for answers.
 DISCOVERY_TIMEOUT = 2.0
-#: Addresses one Discover request may ping.
-MAX_ADDRESSES = 256
 
 
 class Discovered:
@@ -62,19 +60,16 @@ def discover(
     loopback only with ``--discovery`` if it has a secret); block ``timeout`` s
     (the pings run on dispynb's I/O loop; any thread may call this).
 
-    ``addresses``: IPv4 addresses of nodes or broadcast addresses, each optionally
-    with the nodes' UDP discovery port (``'10.0.0.5'``, ``'10.0.0.255:9700'``); empty:
+    ``addresses``: as typed in the panel's box (`panel_targets`: addresses of
+    nodes, broadcast addresses or host names, each optionally with the nodes' UDP
+    discovery port: ``'10.0.0.5'``, ``'node1'``, ``'10.0.0.255:9700'``); empty:
     broadcast on every local network. Returns ``{"ip_addr", "port" (TCP), "name",
-    "cpus"}`` for each node that answered. Raises `ConfigurationError` for a bad
-    address.
+    "cpus"}`` for each node that answered. Raises `ConfigurationError` for an
+    entry that cannot be pinged, before any ping.
     """
     from dispynb.transport.discovery import BROADCAST, Discovery
 
-    if len(addresses) > MAX_ADDRESSES:
-        raise ConfigurationError(
-            f"{len(addresses)} addresses to discover: give at most {MAX_ADDRESSES} "
-            "(or a broadcast address such as 10.0.0.255)"
-        )
+    targets = panel_targets(addresses)
     discovery = Discovery(listen=False)  # replies to our pings only
     found: list[dict[str, Any]] = []
 
@@ -82,8 +77,7 @@ def discover(
         found.append({"ip_addr": ip, "port": port, "name": name, "cpus": cpus})
 
     async def run() -> None:
-        # start() parses every target first: a bad address fails before any ping.
-        await discovery.start(addresses or [BROADCAST], on_found)
+        await discovery.start(targets or [BROADCAST], on_found)
         try:
             await asyncio.sleep(timeout)
         finally:

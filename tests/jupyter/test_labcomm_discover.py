@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from dispynb.errors import ConfigurationError
 from tests.nodeproc import node_env
 from tests.transport.test_discovery_loopback_only import _unshare_reason
 
@@ -86,3 +87,22 @@ def test_discover_finds_the_nodes_on_this_machine_the_guide_says(
     assert done.returncode == 0, done.stdout + done.stderr
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert found == [["node-0"], [], ["node-2"], []], done.stderr
+
+
+def test_the_panels_box_takes_names_and_says_a_bad_port_in_its_words() -> None:
+    """What a person types in Discover's box: a host name is pinged at its address,
+    a port out of range is said with what the port is (not "use host:port", which
+    it was)."""
+    from dispynb.jupyter.labtargets import panel_targets
+
+    assert panel_targets(["localhost", "10.0.0.255", "[::1]:9000"]) == [
+        "127.0.0.1:9712",
+        "10.0.0.255:9712",
+        "[::1]:9000",
+    ]
+    with pytest.raises(ConfigurationError) as bad:
+        panel_targets(["127.0.0.1:99999"])
+    assert str(bad.value).startswith(
+        "'127.0.0.1:99999': the port after ':' is the nodes' UDP discovery port, "
+        "a number from 1 to 65535"
+    )

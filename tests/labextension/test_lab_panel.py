@@ -161,8 +161,19 @@ def test_lab_panel(lab: Lab) -> None:  # collected only in the namespace: confte
         page.locator(f"{PANEL} .dispynb-discover").click()
         message.filter(has_text="discovery found 0 nodes").wait_for()
         discovered.filter(has_text="no node answered").wait_for()
-        # ... Discover at an address: the node answers; then code that connects to it.
-        page.locator(f"{PANEL} .dispynb-addresses").fill("127.0.0.1")
+        # ... a mistake in the box: said once, with what to type (not "discovery
+        # failed" twice, nor the API's '<broadcast>' and multicast groups) ...
+        box = page.locator(f"{PANEL} .dispynb-addresses")
+        box.fill("10.0.0.300")
+        page.locator(f"{PANEL} .dispynb-discover").click()
+        message.filter(has_text="Discover failed").wait_for()
+        said = message.inner_text()
+        assert said.startswith("Discover failed: '10.0.0.300' is not an IP address,")
+        assert "host names (10.0.0.5, node1)" in said and "empty" in said, said
+        assert said.count("failed") == 1 and "<broadcast>" not in said, said
+        # ... Discover at a host name: the node answers; then code that connects
+        # to it.
+        box.fill("localhost")
         page.locator(f"{PANEL} .dispynb-discover").click()
         found = page.locator(f"{PANEL} .dispynb-discovered tbody tr")
         found.first.wait_for()
