@@ -68,9 +68,10 @@ def signed_name(key: bytes, base: str) -> str:
 
 #: The shape of every name `ResultSpool.write` gives (``r<ns>-<seq>[_<key>_<attempt>]``
 #: and its check): what a node started again counts of a spool whose key it does
-#: not know yet (`has_signed_shape`).
+#: not know yet (`has_signed_shape`). Its sequence number has 8 digits at least:
+#: more past the 10**8th result of a node process.
 _SIGNED_SHAPE = re.compile(
-    rf"r\d{{20}}-\d{{8}}(?:_-?\d+_-?\d+)?\.[0-9a-f]{{{2 * _NAME_TAG}}}"
+    rf"r\d{{20}}-\d{{8,}}(?:_-?\d+_-?\d+)?\.[0-9a-f]{{{2 * _NAME_TAG}}}"
 )
 
 

@@ -61,3 +61,19 @@ def test_a_computation_its_killed_node_ran_is_said_cut_short_across_restarts(
             "computation comp (its node was killed while it ran): no result kept; "
             "its client's recover_jobs is told until "
         ), line
+
+
+def test_a_result_spooled_past_the_hundred_millionth_is_still_offered_after_a_restart(
+    tmp_path: Path,
+):
+    """A node that spooled over 10**8 results (days of small jobs) names the next
+    with a 9-digit sequence number: its restart took that result for a file it
+    never wrote, and deleted it."""
+    spool = ResultSpool(str(tmp_path), 1 << 20)
+    directory = spool.create(RID, "comp")
+    spool._seq = 10**8 - 1
+    assert spool.write(directory, *result(1))
+    assert spool.write(directory, *result(2))
+    again = ResultSpool(str(tmp_path), 1 << 20)
+    [found] = again.load().values()
+    assert len(found.files) == 2, found.files
