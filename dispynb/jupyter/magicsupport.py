@@ -36,6 +36,7 @@ __all__ = [
     "cell_origin",
     "friendly_errors",
     "last_function",
+    "nodes_words",
     "parse_line",
     "unquote",
 ]
@@ -143,6 +144,45 @@ def friendly_errors(
             logging.getLogger(name).removeFilter(held)
         for record in held.records:
             logging.getLogger(record.name).handle(record)
+
+
+#: How the client's handshake says to give the secret a node refused: a script's
+#: words (dispynb/protocol/handshake.py), and a notebook's.
+_SCRIPT_SECRET = "(secret= or secret_file=, DISPYNB_SECRET or DISPYNB_SECRET_FILE)"
+_NOTEBOOK_SECRET = (
+    "(--secret-file FILE on the %dispy nodes line, or DISPYNB_SECRET_FILE in the "
+    "kernel's environment)"
+)
+#: Said when a node on this machine refused the notebook's secret: likely another
+#: notebook's ``%dispy local`` node (its address is in that notebook's output).
+SHARE_HINT = (
+    "another notebook's %dispy local nodes cannot be shared (their secret is "
+    "random, and they stop with their kernel): to share nodes between notebooks, "
+    "run dispynb-node --host 127.0.0.1 --secret-file FILE in a terminal, then "
+    "%dispy nodes 127.0.0.1 --secret-file FILE in each notebook"
+)
+
+
+def nodes_words(message: str, specs: list[str]) -> str:
+    """``message`` (why ``%dispy nodes`` could not use ``specs``) in a notebook's
+    words: each node named once, the secret given as the magic takes it, and how to
+    share nodes between notebooks when one on this machine refused the secret."""
+    from dispynb.transport.addressing import is_loopback, parse_address
+
+    for spec in specs:  # 'cannot use H:P: H:P: the client's proof ...'
+        message = message.replace(
+            f"cannot use {spec}: {spec}: ", f"cannot use {spec}: "
+        )
+    message = message.replace(_SCRIPT_SECRET, _NOTEBOOK_SECRET)
+    refused = "the client's proof is wrong" in message
+    try:
+        here = all(is_loopback(parse_address(spec)[0]) for spec in specs)
+    except ConfigurationError:
+        here = False
+    if refused and here:  # the most likely case first, after the error
+        first, _, rest = message.partition("\n")
+        message = f"{first}\n{SHARE_HINT}" + (f"\n{rest}" if rest else "")
+    return message
 
 
 #: A node's advice on a module it could not import (nodeserver/loading.py), which

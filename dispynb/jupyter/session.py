@@ -27,7 +27,8 @@ from IPython.core.error import UsageError
 from dispynb.backends.base import Engine
 from dispynb.cluster import ClusterFactory, new_cluster
 from dispynb.defaults import LOCAL_ENGINE_ENV
-from dispynb.jupyter.magicsupport import Adapt, friendly_errors
+from dispynb.jupyter.errors import MagicError
+from dispynb.jupyter.magicsupport import Adapt, friendly_errors, nodes_words
 from dispynb.jupyter.probing import _SessionProbes
 from dispynb.jupyter.run import Run
 from dispynb.jupyter.sessionnodes import _SessionNodes
@@ -329,15 +330,18 @@ class Session(_SessionProbes, _SessionNodes):
 
         The nodes in use are given up only then: if none of ``specs`` answers, the
         error names them and the notebook keeps its nodes (and runs)."""
-        with friendly_errors(
-            f"%dispy nodes: cannot use {' '.join(specs)}",
-            hint=self._kept(
-                "check that dispynb-node runs there with the same secret (a copy "
-                "of its file, given with --secret-file FILE) and TLS options, or "
-                "start nodes here with %dispy local"
-            ),
-        ):
-            usable, failed, replay = self._probe_each(specs, options)
+        try:
+            with friendly_errors(
+                f"%dispy nodes: cannot use {' '.join(specs)}",
+                hint=self._kept(
+                    "check that dispynb-node runs there with the same secret (a "
+                    "copy of its file, given with --secret-file FILE) and TLS "
+                    "options, or start nodes here with %dispy local"
+                ),
+            ):
+                usable, failed, replay = self._probe_each(specs, options)
+        except MagicError as exc:
+            raise MagicError(nodes_words(str(exc), specs)) from None
         self.close()
         self.nodes, self.options = usable, options
         replay()
@@ -345,9 +349,9 @@ class Session(_SessionProbes, _SessionNodes):
         if failed:
             # Said once, here: a node left in the list would fail (and be logged)
             # again at every cell, and show as in use.
+            why = nodes_words("; ".join(failed.values()), list(failed))
             print(
-                f"dispynb: not using {', '.join(failed)}: "
-                f"{'; '.join(failed.values())}\n"
+                f"dispynb: not using {', '.join(failed)}: {why}\n"
                 "check that dispynb-node runs there with the same secret (and TLS "
                 f"options), then %dispy nodes {' '.join(specs)} again",
                 file=sys.stderr,

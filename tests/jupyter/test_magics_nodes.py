@@ -258,3 +258,27 @@ def test_nodes_with_an_unreachable_host_use_the_others_and_say_it_once(
     finally:
         state.local = local
         state.nodes = local
+
+
+def test_nodes_of_another_notebook_say_how_to_share_nodes(ip):
+    """`%dispy nodes` at the address another notebook's `%dispy local` printed (its
+    nodes have a random secret): the cell names the node once, says how a notebook
+    gives a secret (not a script's secret= or secret_file=), and how to share nodes
+    between notebooks; the nodes in use stay."""
+    from dispynb.jupyter.magicsupport import SHARE_HINT
+
+    before = addresses(ip)
+    other = before[0]  # refuses this session's (absent) secret alike
+
+    with pytest.raises(MagicError) as raised:
+        ip.run_line_magic("dispy", f"nodes {other}")
+
+    message = str(raised.value)
+    first, second = message.splitlines()[:2]
+    assert first.startswith(f"%dispy nodes: cannot use {other}: the client's proof")
+    assert first.count(other) == 1, first
+    assert "--secret-file FILE on the %dispy nodes line" in first, first
+    assert "secret_file=" not in message, message
+    assert second == SHARE_HINT
+    assert f"still in use: local nodes {', '.join(before)}" in message, message
+    assert addresses(ip) == before
