@@ -299,8 +299,10 @@ class SchedulerSession:
             logger.error("user %r: cannot read back its backlog: %s", self.user, exc)
             backlog.clear()
         self.backlog = None
-        if backlog.full:
-            self.server.schedule()  # its computations may have CPUs again
+        # Its computations may have CPUs again (`SharedComputation.held`), also
+        # where ``backlog.full`` no longer says they were held: a hold of its
+        # user's --max_user_kept lifts unseen as the backlog goes out.
+        self.server.schedule()
 
     def say_last(self, message: Message) -> None:
         """Tell the client why its session ends (a revoked user, a silent client):

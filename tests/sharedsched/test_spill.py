@@ -3,10 +3,14 @@ names whom the results waited for and the option to raise."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 from dispynb.protocol.messages import CRASHED, FINISHED, JobResults
 from dispynb.protocol.records import ResultEntry
+from schedserver.session import SchedulerSession
 from schedserver.spill import KeptMessages, SpillStore
 
 
@@ -93,3 +97,53 @@ def test_a_users_computations_and_backlogs_keep_her_quota_in_all(
     first.clear()  # (as the other computation collected or closed)
     assert store.user("alice").size == 0 and not first.full
     assert not bobs.full and store.user("bob").size == bobs.size
+
+
+class _SlowReader:
+    """A client connection whose socket holds ``unsent`` bytes it has not taken."""
+
+    peer = "127.0.0.1:1"
+
+    def __init__(self) -> None:
+        self.unsent = 1 << 30
+        self.written: list[Any] = []
+
+    def write(self, message: Any, buffers: Any = ()) -> None:
+        self.written.append(message)
+
+    async def flush(self) -> None:
+        self.unsent = 0
+
+
+def test_a_backlog_over_its_users_quota_lets_her_jobs_run_once_sent(
+    tmp_path: Path,
+) -> None:
+    """A client that did not read: its backlog went over --max_user_kept, which
+    holds its computations' jobs. Once it read the backlog, the scheduler did not
+    dispatch again (the hold had lifted as room came back, unseen): its queued jobs
+    waited for some other event, for ever on a quiet scheduler."""
+    store = SpillStore(str(tmp_path), memory=1 << 20, user_quota=4096)
+    spawned: list[Any] = []
+    schedules: list[int] = []
+    server: Any = SimpleNamespace(
+        config=SimpleNamespace(pulse_interval=1.0, max_kept=1 << 20),
+        spill=store,
+        _spawn=spawned.append,
+        schedule=lambda: schedules.append(1),
+    )
+    conn = _SlowReader()
+
+    async def main() -> None:
+        session = SchedulerSession(conn, server, "alice")  # type: ignore[arg-type]
+        session.check_backlog()
+        backlog = session.backlog
+        assert backlog is not None
+        for key in range(3):
+            _result(backlog, key, 2048)
+        assert backlog.full  # held: past her quota
+        (sending,) = spawned
+        await sending
+        assert session.backlog is None and len(conn.written) == 3
+        assert schedules, "her jobs held by the backlog were never dispatched again"
+
+    asyncio.run(main())
