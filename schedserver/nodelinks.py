@@ -12,7 +12,12 @@ import resource
 from typing import Any
 
 from dispynb.defaults import CONNECT_RETRY
-from dispynb.errors import AuthenticationError, DispynbError, MessageError
+from dispynb.errors import (
+    AuthenticationError,
+    DispynbError,
+    MessageError,
+    ProtocolError,
+)
 from dispynb.protocol.handshake import PROOF_REFUSED, peer_text
 from dispynb.protocol.messages import (
     ComputationClose,
@@ -94,6 +99,11 @@ def _short_of_descriptors(exc: BaseException) -> str:
     )
 
 
+#: Refusals of a node that its or the scheduler's settings cause, said again when
+#: they follow a failure of another kind in one outage (`_NodeLinks._keep_node`).
+_SETTING_REFUSALS = (AuthenticationError, ProtocolError)
+
+
 class _NodeLinks(_ServerState):
     """The connections to the nodes and what comes over them."""
 
@@ -101,6 +111,7 @@ class _NodeLinks(_ServerState):
         """Keep a control connection to ``node``: up, down, up again."""
         delay = RECONNECT_FIRST
         failing = False  # the operator heard of this outage already
+        said = ""  # ... and of a refusal of this kind (a wrong secret...)
         stopped = False  # the node said it shut down: its operator stopped it
         loop = asyncio.get_running_loop()
         down_since = loop.time()
@@ -115,13 +126,19 @@ class _NodeLinks(_ServerState):
                 # Once per outage at warning level: a mistyped or unreachable
                 # node is visible without -d; each retry only with it. A node
                 # that was stopped (it said so) is no fault: said at info level.
-                (
-                    logger.debug
-                    if failing
-                    else logger.info
-                    if stopped
-                    else logger.warning
-                )("node %s: %s (trying again)", node.name, why)
+                # A refusal that a setting causes (another secret, another
+                # version) is said too when it follows another failure: a node
+                # not up yet at the scheduler's start, then up with another
+                # secret, was retried in silence while its users' jobs waited.
+                kind = type(exc).__name__
+                again = failing and (
+                    kind == said or not isinstance(exc, _SETTING_REFUSALS)
+                )
+                (logger.debug if again else logger.info if stopped else logger.warning)(
+                    "node %s: %s (trying again)", node.name, why
+                )
+                if not again:
+                    said = kind
                 failing = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_MAX)
