@@ -361,10 +361,14 @@ class DispyMagics(Magics):
             display(session.panel)
             return None
         started = session.local
-        session.close(ended=True)
-        kind = launcher_kind(started)
-        stopped = f", {kind} nodes stopped" if started is not None else ""
-        print(f"dispynb: runs cancelled and closed{stopped}")
+        used = session.where() if session.attached else ""
+        session.close(ended=True)  # says first which runs it stopped, if any
+        if started is not None:
+            print(f"dispynb: {launcher_kind(started)} nodes stopped")
+        elif used:  # nodes, an engine or a scheduler of others: they go on
+            print(f"dispynb: no longer using {used}; they keep running")
+        else:
+            print("dispynb: no nodes were in use")
         return None
 
     # -- %%dispy ---------------------------------------------------------------------

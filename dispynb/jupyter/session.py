@@ -425,6 +425,8 @@ class Session(_SessionProbes, _SessionNodes):
         with contextlib.suppress(ValueError, OSError):
             for line in stopped:
                 print(line, file=sys.stderr)
+            if stopped:  # before what the cell prints next on stdout, not after
+                sys.stderr.flush()
 
     def _register_atexit(self) -> None:
         if not self._atexit:

@@ -39,6 +39,8 @@ class CellOutput:
     updates: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     idle_at: float = 0.0  # time.monotonic() when the kernel went idle
     pager: str = ""  # what the pager shows (``%%dispy?``)
+    #: The streams' texts in the order the page shows them: (name, text).
+    streams: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     @property
     def error_text(self) -> str:
@@ -127,6 +129,7 @@ class Kernel:
             if kind == "stream":
                 name = "stdout" if content["name"] == "stdout" else "stderr"
                 setattr(out, name, getattr(out, name) + content["text"])
+                out.streams.append((name, content["text"]))
             elif kind == "error":  # the first names the error; a cell may show two
                 if not out.ename:
                     out.ename, out.evalue = content["ename"], content["evalue"]

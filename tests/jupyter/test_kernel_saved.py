@@ -262,3 +262,30 @@ def test_dispy_close_leaves_the_panel_as_it_last_stood_saying_so(tmp_path):
         assert gone == old - new, again
         assert "%dispy close" not in again["text/plain"], again
         started.run_ok("%dispy close")
+
+
+def test_dispy_close_says_what_it_stopped_and_only_that(tmp_path):
+    """``%dispy close`` after finished runs says its nodes stopped (it said 'runs
+    cancelled and closed' of runs that had all finished, at every tutorial's end);
+    with a ``--nowait`` run going, the line that says what it stopped comes first."""
+    with kernel(tmp_path) as started:
+        started.run_ok("%load_ext dispynb\n%dispy local --cpus 1")
+        started.run_ok(
+            '%%dispy --over "range(2)" --into two\ndef two(i):\n    return i'
+        )
+        closed = started.run_ok("%dispy close")
+        assert closed.streams == [("stdout", "dispynb: local nodes stopped\n")]
+
+        started.run_ok("%dispy local --cpus 1")
+        started.run_ok(
+            '%%dispy --over "range(4)" --into bg --nowait\n'
+            "def bg(i):\n    import time\n    time.sleep(60)"
+        )
+        closed = started.run_ok("%dispy close")
+        names = [name for name, _ in closed.streams]
+        assert names == ["stderr", "stdout"], closed.streams
+        assert closed.stderr.startswith("dispynb: run 'bg' stopped, 4 cancelled")
+        assert closed.stdout == "dispynb: local nodes stopped\n"
+        assert (
+            started.run_ok("%dispy close").stdout == "dispynb: no nodes were in use\n"
+        )

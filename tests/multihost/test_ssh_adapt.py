@@ -135,6 +135,6 @@ def test_dispy_ssh_magic_adapts(
     assert out["launched"] == 3  # 6 jobs for 1 CPU each: the maximum
     assert out["results"] == list(range(6))
     assert out["left"] == 1
-    assert out["closed"] == "dispynb: runs cancelled and closed, ssh nodes stopped\n"
+    assert out["closed"] == "dispynb: ssh nodes stopped\n"
     for host in node_hosts:
         assert node_pids(host) == []
