@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import configparser
 import datetime
 import gettext
 import io
@@ -200,6 +199,8 @@ def read_config(path: str) -> dict[str, str]:
     """The ``[DEFAULT]`` section of the INI file at ``path`` (dispy's config files),
     its keys stripped. Raises `ValueError` if it cannot be read, or if another user
     could change it (`_refuse_others`)."""
+    import configparser  # here: a node without --config never needs it (0.2 MiB)
+
     reader = configparser.ConfigParser(interpolation=None)
     try:
         with open(path, encoding="utf-8") as handle:
@@ -358,6 +359,8 @@ def save_config(
     Secrets are never written (``secret`` and the destinations in ``not_saved``);
     returns the names of those left out that were given.
     """
+    import configparser  # as in `read_config`
+
     writer = configparser.ConfigParser(interpolation=None)
     left_out = []
     for action in parser._actions:

@@ -164,6 +164,17 @@ zygote.stop()
 """
 
 
+def test_a_node_without_a_config_file_shares_no_config_parser() -> None:
+    """Every module the node imports before the zygote's fork is in the image that
+    its five processes share: ``configparser`` was 0.2 MiB of it (and 1 ms of CPU
+    at each start) for the ``--config`` files few nodes are given."""
+    done = subprocess.run(
+        [sys.executable, "-c", _BEFORE_THE_FORK],
+        capture_output=True, text=True, timeout=60, check=True, env=node_env(),
+    )  # fmt: skip
+    assert "configparser" not in json.loads(done.stdout)
+
+
 def imported_modules() -> list[str]:
     """A job: the modules its worker has."""
     import sys
