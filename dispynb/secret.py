@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import secrets
+import shlex
 import stat
 import string
 import sys
@@ -220,7 +221,9 @@ def read_secret_file(path: str | os.PathLike[str]) -> bytes:
             os.close(fd)
     except FileNotFoundError:
         raise ConfigurationError(
-            f"secret file {path!r} does not exist: create it (mode 600) or fix the path"
+            f"secret file {path!r} does not exist: fix the path, or make a new "
+            f"secret there with: dispynb secret {shlex.quote(path)} (256 random "
+            "bits, mode 600; the nodes and their clients need the same one)"
         ) from None
     except OSError as exc:
         # exc names only the path and the OS reason, never the contents.

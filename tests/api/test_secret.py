@@ -140,6 +140,11 @@ def test_resolve_secret_missing_file_error_names_path(tmp_path):
     with pytest.raises(ConfigurationError, match="does not exist") as info:
         resolve_secret(None, path)
     assert path in str(info.value)
+    # how to make one: it said "create it (mode 600)", leaving the admin to guess
+    # how many bytes of what
+    assert f"make a new secret there with: dispynb secret {path} (256" in str(
+        info.value
+    )
 
 
 @pytest.mark.parametrize("content", ["", "\n", "\r\n"])

@@ -173,8 +173,9 @@ def test_a_bad_secret_file_is_said_in_one_line_without_the_nodes_hint(ip, tmp_pa
     with pytest.raises(UsageError) as raised:
         ip.run_line_magic("dispy", f"nodes 127.0.0.1:9 --secret-file {missing}")
     assert str(raised.value) == (
-        f"--secret-file: secret file '{missing}' does not exist: create it (mode "
-        "600) or fix the path"
+        f"--secret-file: secret file '{missing}' does not exist: fix the path, or "
+        f"make a new secret there with: dispynb secret {missing} (256 random bits, "
+        "mode 600; the nodes and their clients need the same one)"
     )
     loose = tmp_path / "loose"
     loose.write_text("a-secret-of-the-lab-0123456789\n")
