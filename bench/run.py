@@ -281,9 +281,16 @@ def compile_project(packages: Sequence[str] = PROJECT_PACKAGES) -> str:
         return "not compiled: none of the project's packages found"
     with contextlib.redirect_stdout(sys.stderr):
         written = all([compileall.compile_dir(f, quiet=1) for f in folders])
+    shown = ", ".join(_shown(folder) for folder in folders)
     if not written:
-        return f"not all compiled (could not write under {', '.join(folders)})"
-    return f"compiled before the run (compileall: {', '.join(folders)})"
+        return f"not all compiled (could not write under {shown})"
+    return f"compiled before the run (compileall: {shown})"
+
+
+def _shown(folder: str) -> str:
+    """``folder`` relative to the repository when in it (the report is committed)."""
+    path = Path(folder).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def calibrate_spin(seconds: float) -> int:
