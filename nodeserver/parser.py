@@ -343,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         metavar="SECONDS",
-        help="seconds a connecting client gets to authenticate (default 5)",
+        help="seconds a connecting client gets to authenticate (default 5); "
+        "with --check, seconds the check waits for the node's answer (default 10)",
     )
     add(
         "--daemon",

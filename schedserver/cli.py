@@ -316,7 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
         *_both("keep_results"),
         type=float,
         default=3600.0,
-        help="seconds results wait for a client that went away (default 3600)",
+        help="seconds results wait for a client that went away (with a "
+        "recover_file; default 3600), and no longer than what is left of "
+        "--zombie_interval since it was last heard from",
     )
     parser.add_argument(
         *_both("dest_path_prefix"),
