@@ -112,8 +112,9 @@ class _Jobs(_ClusterState):
 
     def _pinned_node(self, node: Any) -> str | None:
         """The id of ``node`` for `submit_node`, or None (logged) if it cannot
-        take jobs of this cluster."""
-        node_id = self._node_id(node)
+        take jobs of this cluster. A node being set up again (`resetup_node`, or
+        `allocate_node` as its `close_node` went on) takes them once set up."""
+        node_id = self._node_id(node) or self._returning(node)
         if node_id is None:
             logger.warning("submit_node: %r is not a node of this cluster", node)
         elif node_id in self._deallocated:

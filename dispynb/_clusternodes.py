@@ -194,6 +194,10 @@ class _Nodes(_ClusterState):
         node_id = self._node_id(node, among)
         return None if node_id is None else (self._backend, node_id)
 
+    def _returning(self, node: Any) -> str | None:
+        pending = self._pending(node)
+        return None if pending is None else pending[1]
+
     def resetup_node(self, node: Any, terminate_pending: bool = False) -> int:
         """Close the computation on ``node`` and set it up again.
 

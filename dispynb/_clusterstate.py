@@ -109,6 +109,11 @@ class _ClusterState:
                 return node_id
         return None
 
+    def _returning(self, node: Any) -> str | None:
+        """The id of ``node`` if it is being set up again for the cluster
+        (`_clusternodes._Nodes`), else None."""
+        return None
+
     def _limit(self, node_id: str, used: int | None) -> None:
         """``node_id`` runs ``used`` of the cluster's jobs at once now (None:
         `deallocate_node`, which leaves its CPUs as shown), kept in

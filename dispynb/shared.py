@@ -77,6 +77,9 @@ class SharedJobCluster(JobCluster):
         #: `allocate_node` and `close_node` find them by any of their names, also
         #: while a close or a setup again is under way (not in its nodes then).
         self._closed_behind: dict[str, DispyNode] = {}
+        #: Of those, the ones `allocate_node` named since: ``submit_node`` queues
+        #: jobs for them, which run there once they are set up again.
+        self._allocated_again: set[str] = set()
         if scheduler_node is not None:
             # dispy's name for it up to 4.10 (and in its documentation since).
             if scheduler_host is not None and scheduler_host != scheduler_node:
@@ -180,6 +183,8 @@ class SharedJobCluster(JobCluster):
             return -1
         self._deallocated.discard(node_id)
         self._limits_pending.pop(node_id, None)
+        if node_id in self._closed_behind:
+            self._allocated_again.add(node_id)
         if used > 0:  # all its CPUs again (a closed one comes back set up anew)
             self._used_cpus(node_id, used)
         return 0
@@ -227,6 +232,7 @@ class SharedJobCluster(JobCluster):
             return -1
         if known is not None:  # allocate_node finds it by any of its names
             self._closed_behind[node_id] = known
+        self._allocated_again.discard(node_id)
         self._limits_pending.pop(node_id, None)
         return 0
 
@@ -247,6 +253,14 @@ class SharedJobCluster(JobCluster):
                 f"on{closed}"
             )
         return node_id
+
+    def _returning(self, node: Any) -> str | None:
+        if not self._shared():
+            return super()._returning(node)
+        again = {
+            i: n for i, n in self._closed_behind.items() if i in self._allocated_again
+        }
+        return self._node_id(node, among=again)
 
     def _named_behind(self, node: Any) -> str:
         """`_behind`, or the id of a node this cluster closed (`close_node`): one

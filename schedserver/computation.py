@@ -384,7 +384,7 @@ class SharedComputation(_NodeSide, _SentFiles):
                 )
                 continue
             pin = pins.get(key, "")
-            if pin and not self.serves(pin):
+            if pin and not self.serves(pin) and not self.set_up_again(pin):
                 refused.append(
                     ResultEntry.unrun(
                         key,
@@ -480,6 +480,11 @@ class SharedComputation(_NodeSide, _SentFiles):
             and upstream.node.alive
             and not upstream.node.leaving
         )
+
+    def set_up_again(self, node: str) -> bool:
+        """Whether ``node`` is being set up again for it (its client allocated it
+        as, or after, its close went on): jobs pinned to it wait for that."""
+        return node not in self.nodes_closed and self._turning(node) is not None
 
     def manage(self, message: NodeManage) -> tuple[str, int]:
         """Its client's ``deallocate_node``, ``allocate_node``, ``set_node_cpus`` or

@@ -433,7 +433,16 @@ class _NodeSide(_JobFiles):
                         f"{why} and the computation is not reentrant",
                     )
                 )
-        if self.account.pinned.get(name):  # queued for it alone: lost with it
+        again = (  # allocated again as its close went on: set up anew next
+            upstream.closing
+            and name not in self.nodes_closed
+            and node.alive
+            and not node.leaving
+            and not self.closing
+        )
+        if self.account.pinned.get(name) and not again:  # queued for it alone
+            if closed:  # (those it ran were terminated; these never started)
+                why = f"its client closed node {name} (close_node)"
             for job in [job for job in self.queue if job.pin == name]:
                 self.queue.remove(job)
                 self.let_go(job)

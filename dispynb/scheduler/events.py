@@ -71,9 +71,14 @@ class NodeJoined:
 
 @dataclass(frozen=True, slots=True)
 class NodeLeft:
-    """The node's connection was lost, or the node was removed."""
+    """The node's connection was lost, or the node was removed.
+
+    ``returning``: it is being set up again (``resetup_node``, or ``allocate_node``
+    as its ``close_node`` went on): the jobs queued for it alone wait for it.
+    """
 
     node: str
+    returning: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -200,6 +200,8 @@ class DriverNodes(DriverResults):
             logger.warning(message, link.node_id, text)
         self.last_error = exc
         self.nodes.pop(link.node_id, None)
+        # Jobs queued for it alone (submit_node as it was set up again) end.
+        self._apply(self.state.handle(NodeLeft(link.node_id)), lost_reason=text)
         self.events.node_failed(link, exc)
         self._abandon_if_no_nodes()
 
@@ -303,6 +305,8 @@ class DriverNodes(DriverResults):
             # close sent is answered: the setup made anew after the first answer
             # was closed by the second.)
             link.releasing, link.resetting = release, not release
+            if release:
+                self._cancel_pinned(node_id)
             if terminate and not link.close_terminates:
                 # Its running jobs were to finish: the node terminates them now,
                 # as dispy's does on a second close with terminate_pending.
@@ -314,14 +318,19 @@ class DriverNodes(DriverResults):
             # Connected or set up just now (allocate_node named it): closed once
             # ready (`_on_ready`), before it gets any job.
             link.releasing = True
+            self._cancel_pinned(node_id)
             return True
         self.set_cpus(node_id, 0)
-        for key in self.state.pinned_keys(node_id):
-            self._apply(self.state.handle(CancelRequested(key)))
+        self._cancel_pinned(node_id)
         link.releasing = release
         link.cpus_asked = None  # (with release it leaves; else all of it again)
         self._send_close(link, terminate)
         return True
+
+    def _cancel_pinned(self, node_id: str) -> None:
+        """Cancel the jobs queued for the node alone (`close_node`, as dispy's)."""
+        for key in self.state.pinned_keys(node_id):
+            self._apply(self.state.handle(CancelRequested(key)))
 
     def _send_close(self, link: NodeLink, terminate: bool) -> None:
         """Ask the node to close the computation; it cancels what has not started."""
@@ -350,7 +359,8 @@ class DriverNodes(DriverResults):
         link.closes_sent, link.close_terminates = 0, False
         if was_ready:  # (not if closed as it became ready: `_on_ready`)
             self._apply(
-                self.state.handle(NodeLeft(link.node_id)), lost_reason="re-setup"
+                self.state.handle(NodeLeft(link.node_id, returning=True)),
+                lost_reason="re-setup",
             )
             self.events.node_closed(link, "set up again")  # ``resetting`` still True
         link.resetting = False
@@ -410,6 +420,8 @@ class DriverNodes(DriverResults):
             self.events.node_closed(link, reason)
         elif link.releasing:  # closed as it was set up (again): never ready
             self.events.node_closed(link, reason)
+        if not was_ready:  # jobs queued for it alone (as it was set up again) end
+            self._apply(self.state.handle(NodeLeft(link.node_id)), lost_reason=reason)
         if (
             was_ready
             and not self._closing

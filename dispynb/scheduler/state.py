@@ -348,6 +348,8 @@ class SchedulerState:
     def _leave(self, event: NodeLeft, out: list[Instruction]) -> None:
         node = self._nodes.pop(event.node, None)
         if node is None:
+            if not event.returning:  # (set up again, it failed: none will run them)
+                self._strand(event.node, out)
             return
         self._open.discard(node.name)
         self._room.discard(node.name)
@@ -378,10 +380,14 @@ class SchedulerState:
         for key in reversed(requeued):
             self._queue[key] = None
             self._queue.move_to_end(key, last=False)
-        # Jobs queued for this node only are lost with it, as the ones it ran.
-        for key in self._pinned.pop(node.name, ()):
+        if not event.returning:
+            self._strand(node.name, out)
+
+    def _strand(self, name: str, out: list[Instruction]) -> None:
+        """Jobs queued for node ``name`` only are lost with it, as the ones it ran."""
+        for key in self._pinned.pop(name, ()):
             del self._jobs[key]
-            out.append(AbandonJob(key, node.name))
+            out.append(AbandonJob(key, name))
 
     def _return(self, event: JobReturned, out: list[Instruction]) -> None:
         """A job that never started comes back from its node: queue it at the front."""

@@ -557,3 +557,31 @@ def test_node_methods_returning_minus_one_log_why(two, caplog):
             assert caplog.messages == [
                 f"{method}: 'no-such-node' is not a node of this cluster"
             ], caplog.text
+
+
+def test_submit_node_to_a_node_being_set_up_again_runs_there_once_it_is(two):
+    """submit_node right after close_node and allocate_node (its close, or its
+    setup again, under way), or after resetup_node: the job runs on the node once
+    it is set up again, as the last call says. It ended Abandoned, 'node ...
+    was lost (re-setup)', or submit_node returned None."""
+    first, second = two.node_specs()
+    with JobCluster(node_name, nodes=[first, second], secret=two.secret) as cluster:
+        all_ready(cluster)
+        pinned = []
+        for delay in [0.0, 0.003, 0.01, 0.05, 0.2]:
+            assert cluster.close_node(first) == 0
+            time.sleep(delay)  # lands in another phase of the close or setup
+            assert cluster.allocate_node(first) == 0
+            pinned.append(cluster.submit_node(first, 0))
+            assert cluster.resetup_node(second) == 0
+            pinned.append(cluster.submit_node(second, 0))
+            # (done before the next close_node, which cancels one not started)
+            assert None not in pinned and all(j.wait(timeout=WAIT) for j in pinned)
+            assert {(j.status, j.exception) for j in pinned} == {
+                (DispyJob.Finished, None)
+            }
+            all_ready(cluster)  # (both set up again, for the next turn)
+        assert [(job.status, job.exception) for job in pinned] == [
+            (DispyJob.Finished, None)
+        ] * len(pinned)
+        assert [job.result for job in pinned] == ["local-0", "local-1"] * 5

@@ -156,3 +156,33 @@ def test_jobs_wait_for_a_node_allocated_again_as_its_close_goes_on(
         assert alice.deallocate_node(second) == 0
         jobs = [alice.submit(0.2) for _ in range(3)]
         assert {job() for job in jobs} == {first}, [j.exception for j in jobs]
+
+
+def test_submit_node_to_a_node_allocated_again_runs_there_once_it_is_set_up(
+    scheduler: SchedulerProcess,
+    nodes: LocalCluster,
+    users: dict[str, Path],
+) -> None:
+    """submit_node right after close_node and allocate_node (its close, or its
+    setup again, under way at the scheduler): the job runs on the node once it is
+    set up again, as the last call says. It ended Abandoned, "its client closed
+    node ... (close_node, terminate_pending)", or submit_node returned None."""
+    first, second = nodes.names
+    with SharedJobCluster(
+        where, scheduler_host=scheduler.address, secret_file=str(users["alice"])
+    ) as alice:
+        wait_until(lambda: sorted(by_name(alice)) == [first, second])
+        for delay in [0.0, 0.003, 0.01, 0.05, 0.2]:
+            assert alice.close_node(first) == 0
+            time.sleep(delay)  # lands in another phase of the close or setup
+            assert alice.allocate_node(first) == 0
+            job = alice.submit_node(first, 0.0)
+            assert job is not None
+            assert job() == first, (job.status, job.exception)
+            wait_until(lambda: first in by_name(alice))  # for the next turn
+        assert alice.close_node(first) == 0  # the last call: one pinned now ends
+        job = alice.submit_node(first, 0.0)
+        assert job is None or job() is None
+        assert job is None or job.exception.endswith(
+            " (close_node) and the job was pinned to it (submit_node)"
+        ), job.exception  # (it said "close_node, terminate_pending")
