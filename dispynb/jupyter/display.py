@@ -114,7 +114,7 @@ def run_html(run: Run) -> str:
             f"<div>stopped while submitting, {html.escape(run.submitted())}: "
             f"<pre>{html.escape(run.cut_short)}</pre></div>"
         )
-    nodes = sorted({job.ip_addr for job in run.jobs if job.ip_addr})
+    nodes = run._nodes_ran_on()
     if nodes:
         parts.append(
             f"<div style='font-size:90%'>nodes: {html.escape(', '.join(nodes))}</div>"

@@ -123,6 +123,24 @@ class _RunOutput(_RunState):
         address = format_address(node.ip_addr, node.port)
         return f" on {node.name} ({address})" if node.name else f" on {address}"
 
+    def _nodes_ran_on(self) -> list[str]:
+        """Where the run's jobs ran, each node once, as the cell names nodes
+        (``local-1 (127.0.0.1:40331)``): several nodes of one address (``%dispy
+        local --nodes 2``) are told apart; a job whose node the run did not hear
+        counts by its address."""
+        with self._lock:
+            jobs = list(self.jobs)
+            ran_on = dict(self._ran_on)
+        shown = set()
+        for job in jobs:
+            node = ran_on.get(job.id)
+            if node is not None:
+                address = format_address(node.ip_addr, node.port)
+                shown.add(f"{node.name} ({address})" if node.name else address)
+            elif job.ip_addr:
+                shown.add(job.ip_addr)
+        return sorted(shown)
+
     def _summary(self, writer: Writer) -> None:
         for kind, jobs in self._failure_kinds.items():
             if len(jobs) > 1:

@@ -60,3 +60,29 @@ def test_a_node_on_ipv6_shows_its_address_in_brackets(tmp_path):
         node.stop()
     assert all(address in html for html in shown), shown
     assert f"::1:{node.port}" not in shown[0].replace(address, "")
+
+
+def _nap(x):
+    import time
+
+    time.sleep(0.5)
+    return x
+
+
+@pytest.mark.slow
+def test_a_runs_html_names_each_node_it_ran_on():
+    """A run on two local nodes: its summary named them "nodes: 127.0.0.1", one
+    address for two nodes, where its cell, the panel and run.df name each."""
+    from dispynb.jupyter.run import Run
+
+    with LocalCluster(nodes=2, cpus=1) as local:
+        run = Run.map(_nap, range(4), nodes=local, progress="none")
+        ports = sorted(int(spec.rsplit(":", 1)[1]) for spec in local.node_specs())
+        shown = run._repr_html_()
+    names = set(run.df.node_name)
+    assert names == {"local-0", "local-1"}, run.df
+    line = shown.split("nodes: ", 1)[1].split("</div>", 1)[0]
+    for name in names:
+        node = run.df[run.df.node_name == name].node.iloc[0]
+        assert f"{name} ({node})" in line, line
+    assert sorted(int(n.rsplit(":", 1)[1]) for n in run.df.node.unique()) == ports
