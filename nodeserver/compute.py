@@ -520,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         "--loglevel", help="log to stderr at this level, as the node does"
     )
     args = parser.parse_args(argv)
+    leave_the_terminal()
     if args.loglevel is not None:
         # The node's own loggers only: the workers forked from here run jobs,
         # which set up logging of their own (into their own output).
@@ -556,6 +557,24 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         control.close()
         node.close()
+
+
+def leave_the_terminal() -> None:
+    """Lead a session of its own, with no controlling terminal (as a daemon does),
+    before setup runs: its workers are forked into it.
+
+    A node run in a terminal (the README's ``dispynb-node``) shared its process
+    group with this process: Ctrl-C there sent SIGINT to both, and this process
+    stopped its workers while the node drained, so its running jobs were killed,
+    not let finish; Ctrl-Z stopped it, and closing the terminal hung it up. And a
+    job that read the terminal (``getpass``, an ``ssh`` or ``sudo`` asking) had its
+    worker, in the terminal's session but not its foreground, stopped by SIGTTIN:
+    it hung for ever. Now the terminal's signals reach the node alone, which
+    stops as it says, and such a job fails: ``/dev/tty`` cannot be opened. A node
+    killed whole (its cgroup, by a batch system or systemd) still takes this
+    process with it, as ever (`containment.NodeWatch`)."""
+    with contextlib.suppress(OSError):  # leads a group already: never, as started
+        os.setsid()
 
 
 def lead_path(directory: str) -> None:
