@@ -163,11 +163,40 @@ def _claim(dest_path: str, port: int) -> SpoolClaim:
     if fd is None:
         raise OSError(f"cannot lock the new kept-results spool {root}")
     logger.info(
-        "other nodes use the kept-results spools in %s: this node keeps its own in %s",
+        "the kept-results spools in %s are %s: this node keeps its own in %s",
         dest_path,
+        _whose(spools, port),
         root,
     )
     return _own(root, fd, port)
+
+
+def _whose(spools: list[tuple[str, int]], port: int) -> str:
+    """Why none of ``spools`` (path, owner's port) is this node's of ``port``: held
+    by nodes running there, or kept for the nodes of other ports, which may start
+    again (it said "other nodes use" them with no other node running: a node
+    moved to another port, or started with --port 0, found its old spool kept)."""
+    running = 0
+    waiting: set[int] = set()
+    for path, owner in spools:
+        with contextlib.suppress(OSError):
+            fd = lock_dir(path)
+            if fd is None:
+                running += 1
+                continue
+            os.close(fd)
+            if owner and owner != port:
+                waiting.add(owner)
+    said = []
+    if running:
+        said.append(f"used by {counted(running, 'other node')} running there")
+    if waiting:
+        ports = ", ".join(str(p) for p in sorted(waiting))
+        said.append(
+            f"kept for the {'node' if len(waiting) == 1 else 'nodes'} of port "
+            f"{ports} (their clients' results wait for them to start again there)"
+        )
+    return " and ".join(said) or "used by other nodes"
 
 
 def _spools(dest_path: str) -> list[str]:

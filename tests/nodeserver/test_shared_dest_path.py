@@ -226,3 +226,30 @@ def test_a_node_of_a_fixed_port_leaves_no_empty_spool_behind(
             node.stop()
     finally:
         first.stop()
+
+
+def test_a_node_on_another_port_says_whose_the_kept_spool_is(tmp_path):
+    """A node started on another port than the last one on its directory (moved
+    to another port, or --port 0) logged 'other nodes use the kept-results spools',
+    no other node running: the admin looked for a node that was not there. The
+    spool is kept for the node of the old port (its clients may come back)."""
+    dest = tmp_path / "dest"
+    holder = PortHolder()
+    try:
+        old, new = holder(), holder()
+        first = start_node(tmp_path / "a", "--dest-path", str(dest), "--port", str(old))
+        assert first.stop() == 0
+        second = start_node(
+            tmp_path / "b", "--dest-path", str(dest), "--port", str(new)
+        )
+        try:
+            log = second.log_text()
+        finally:
+            assert second.stop() == 0
+    finally:
+        holder.close()
+    assert "other nodes use" not in log and "running there" not in log, log
+    assert (
+        f"are kept for the node of port {old} (their clients' results wait for "
+        "them to start again there): this node keeps its own in"
+    ) in log, log
