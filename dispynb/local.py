@@ -320,7 +320,14 @@ class LocalCluster:
         from dispynb._live import live_clusters
 
         for cluster in list(getattr(self, "_clusters", ())):  # (a failed start)
-            if cluster in live_clusters():
+            if cluster in live_clusters() and getattr(cluster, "_outstanding", 1) == 0:
+                # Its jobs are all done (a notebook's cluster left open to the
+                # end): nothing is cut short, nothing to warn of.
+                try:
+                    cluster.close()
+                except Exception:
+                    logger.exception("closing cluster %r failed", cluster.name)
+            elif cluster in live_clusters():
                 logger.warning(
                     "LocalCluster closed before cluster %r, which ran on it: the "
                     "cluster is closed now and its jobs not done are cancelled "

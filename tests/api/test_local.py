@@ -6,6 +6,7 @@ shared fixtures of conftest.py.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import subprocess
@@ -164,6 +165,23 @@ def test_closing_the_local_cluster_first_ends_the_jobs_of_a_cluster_on_it(
     assert (
         len(warnings) == 1 and "closed before cluster 'mark_and_sleep'" in warnings[0]
     )
+
+
+def test_closing_the_local_cluster_after_a_clusters_jobs_ended_warns_of_nothing(
+    caplog,
+):
+    """A notebook's `JobCluster` left open, its jobs all done, when the cell at the
+    end closes the LocalCluster: the cluster is closed without the warning that
+    its jobs not done are cancelled (there were none; it showed in red in the
+    cell)."""
+    local = LocalCluster(cpus=1)
+    cluster = JobCluster(jobs.square, nodes=local)
+    assert cluster.submit(3)() == 9
+    local.close()
+    with pytest.raises(ClusterError, match="closed"):
+        cluster.submit(2)
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not said, said
 
 
 def test_local_cluster_close_twice_is_harmless():
