@@ -202,9 +202,11 @@ class _Nodes(_ClusterState):
         """Close the computation on ``node`` and set it up again.
 
         `NodeAllocate.allocate` runs again, so new per-node ``depends`` and
-        ``setup_args`` take effect (dispy's way to replace in-memory data).
+        ``setup_args`` take effect (dispy's way to replace in-memory data). On a
+        node being set up (again) it returns 0 too: the node is set up anew once
+        that setup is over, its ``allocate`` asked after this call.
         """
-        managed = self._managed(node, "resetup_node")
+        managed = self._managed(node, "resetup_node") or self._pending(node)
         if managed is None:
             return self._refused("resetup_node", node)
         backend, node_id = managed

@@ -281,8 +281,9 @@ class Driver(DriverNodes):
                 f"node {link.node_id} is ready with {message.workers} workers"
             )
         self._settle(link)
-        if link.releasing and not link.closes_sent:
-            # close_node came while it was set up: closed at once, never used.
+        if (link.releasing or link.resetting) and not link.closes_sent:
+            # close_node (or resetup_node) came while it was set up: closed at
+            # once, never used (then set up anew: its allocate() runs again).
             self._send_close(link, terminate=False)
             return
         link.ready = True

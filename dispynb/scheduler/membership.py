@@ -313,12 +313,14 @@ class DriverNodes(DriverResults):
                 self._send_close(link, terminate)
             return True
         if not link.ready:
-            if not (release and link.setting_up):
+            if not link.setting_up:
                 return False
-            # Connected or set up just now (allocate_node named it): closed once
-            # ready (`_on_ready`), before it gets any job.
-            link.releasing = True
-            self._cancel_pinned(node_id)
+            # Connected or set up just now (allocate_node named it, or set up
+            # again): closed once ready (`_on_ready`), before it gets any job, then
+            # released, or set up anew (resetup_node): the last call decides.
+            link.releasing, link.resetting = release, not release
+            if release:
+                self._cancel_pinned(node_id)
             return True
         self.set_cpus(node_id, 0)
         self._cancel_pinned(node_id)

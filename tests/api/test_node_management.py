@@ -585,3 +585,50 @@ def test_submit_node_to_a_node_being_set_up_again_runs_there_once_it_is(two):
             (DispyJob.Finished, None)
         ] * len(pinned)
         assert [job.result for job in pinned] == ["local-0", "local-1"] * 5
+
+
+class _Counting(NodeAllocate):
+    """Gives ``setup`` the number of times its allocate() was asked, and when."""
+
+    asked: list[float] = []
+
+    def allocate(self, cluster, ip_addr, name, cpus, avail_info=None, platform=""):
+        self.asked.append(time.monotonic())
+        self.setup_args = (len(self.asked),)
+        return cpus
+
+
+def _slow_setup(count: int) -> int:
+    import time
+
+    global SETUP_COUNT
+    SETUP_COUNT = count
+    time.sleep(0.5)  # a setup under way while the test calls resetup_node again
+    return 0
+
+
+def _setup_count(_: int) -> int:
+    return SETUP_COUNT  # type: ignore[name-defined]
+
+
+def test_resetup_node_while_the_node_is_set_up_again_sets_it_up_anew(two):
+    """resetup_node as the node's setup again (an earlier resetup_node's) is under
+    way: 0, and the node is set up anew after it, its allocate() asked after the
+    call, as the last call says. It returned -1 (the node was none of the
+    cluster's nodes at that moment)."""
+    first, _ = two.node_specs()
+    host, port = first.rsplit(":", 1)
+    allocation = _Counting(host, port=int(port))
+    allocation.asked = []
+    with JobCluster(
+        _setup_count, nodes=[allocation], setup=_slow_setup, secret=two.secret
+    ) as cluster:
+        assert cluster.submit(0)() == 1
+        node = by_name(cluster, "local-0")
+        assert cluster.resetup_node(node) == 0
+        wait_until(lambda: len(allocation.asked) == 2)  # its setup again began
+        called = time.monotonic()
+        assert cluster.resetup_node(node) == 0
+        wait_until(lambda: len(allocation.asked) == 3)
+        assert allocation.asked[-1] > called
+        assert cluster.submit(0)() == 3
