@@ -431,11 +431,15 @@ class ComputationProcess:
         self._kill_trees()
         try:
             self._reap(block=True)
-        except ConnectionClosedError:
+        except ConnectionClosedError:  # the node died: nobody to report them to
             for pid in list(self.workers):
                 kill_group(pid, self._cgroups.get(pid))
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, 0)
+                if CONTEXT.job_path:
+                    # What it was writing of a result (as `_reap` does): left,
+                    # it held its bytes of the machine's memory until a reboot.
+                    shm.unlink_partial_result(shm.result_prefix(CONTEXT.job_path), pid)
             self.workers.clear()
         for cgroup in self._cgroups.values():
             remove_cgroup(cgroup)

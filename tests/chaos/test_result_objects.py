@@ -9,7 +9,9 @@ in /dev/shm do not matter.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from dispynb import DispyJob, JobCluster
 from dispynb.protocol import shm
 from tests import localnodes
 from tests.jobs import WAIT, wait_for_path, wait_until
+from tests.nodeproc import start_node
 
 pytestmark = pytest.mark.slow
 
@@ -102,3 +105,50 @@ def test_the_result_of_a_job_past_its_timeout_leaves_no_object(local1, record):
         assert job.status == DispyJob.Terminated
         wait_for_path(record)
         wait_until(lambda: not left(record))  # the cluster still open
+
+
+def stuck_before_rename(marks: str, data: bytes) -> bytes:
+    """Return ``data`` twice; the worker writes it to shared memory, then stops
+    before the rename that makes it whole (as one still writing a large result
+    does), recording the name it wrote under in ``marks``."""
+    import os
+    import time
+
+    def rename_later(source: str, target: str) -> None:
+        with open(os.path.join(marks, ".name"), "w") as handle:
+            handle.write(os.path.basename(source))
+        os.replace(os.path.join(marks, ".name"), os.path.join(marks, str(os.getpid())))
+        time.sleep(60)  # killed meanwhile
+
+    os.rename = rename_later  # type: ignore[assignment]
+    return data + data
+
+
+def test_a_killed_node_leaves_no_result_its_workers_were_writing(tmp_path):
+    """The node is killed (kill -9, the out-of-memory killer) while both its
+    workers write a large result: each computation process, following its node,
+    kills its workers and unlinks what they were writing. Before, only the first
+    worker's was unlinked: reporting it to the dead node failed, and the others
+    were reaped without a look."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    node = start_node(tmp_path / "node", cpus=2)
+    names: list[str] = []
+    try:
+        with JobCluster(
+            stuck_before_rename, nodes=[node.spec], secret=node.secret
+        ) as cluster:
+            for _ in range(2):
+                cluster.submit(str(marks), os.urandom(2 * MB))
+            wait_until(lambda: len(list(marks.iterdir())) == 2)
+            names = [path.read_text() for path in marks.iterdir()]
+            assert all((shm.SHM_DIR / name).exists() for name in names)
+            node.proc.send_signal(signal.SIGKILL)
+            node.proc.wait(WAIT)
+            wait_until(lambda: not any((shm.SHM_DIR / n).exists() for n in names))
+            cluster.close(terminate=True)
+    finally:
+        node.stop()
+        for name in names:  # (a partial name: not one `shm.unlink` takes)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(shm.SHM_DIR / name)
