@@ -24,7 +24,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from dispynb.daemon import replace_file
+from dispynb.daemon import replace_file, to_journal
 from dispynb.errors import ConfigurationError
 from dispynb.secret import foreign_owner
 
@@ -80,6 +80,15 @@ class CommandParser(argparse.ArgumentParser):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(exit_on_error=False, **kwargs)
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        """Exit as argparse does; under systemd, the error's lines at the journal's
+        error priority (``<3>``), as `dispynb.daemon.run_daemon` writes the others:
+        a bad option or --config file was filed as information, and
+        ``journalctl -p err`` did not show why the service failed."""
+        if status and message and to_journal():
+            message = "".join(f"<3>{line}" for line in message.splitlines(True))
+        super().exit(status, message)
 
     def parse_known_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: Any = None

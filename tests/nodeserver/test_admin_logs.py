@@ -98,6 +98,26 @@ def test_under_systemd_each_line_carries_its_priority_for_the_journal(tmp_path):
         )
     assert failed.returncode == 2
     assert log.read_text().startswith("<3>dispynb-node: secret file "), log.read_text()
+    # ... and a refused option, or a bad --config file: argparse's lines came at
+    # the default priority (info), which 'journalctl -p err' leaves out
+    config = tmp_path / "node.ini"
+    config.write_text("[DEFAULT]\ncpus = x\n")
+    with open(log, "wb") as handle:
+        info = os.fstat(handle.fileno())
+        env["JOURNAL_STREAM"] = f"{info.st_dev}:{info.st_ino}"
+        for args in (["--config", str(config)], ["--init", "x"], ["--cpus", "x"]):
+            refused = subprocess.run(
+                node_command(*args), env=env, stdout=handle, stderr=handle,
+                timeout=NODE_WAIT,
+            )  # fmt: skip
+            assert refused.returncode == 2
+    said = log.read_text().splitlines()
+    assert (
+        f"<3>dispynb-node: config file {str(config)!r}: argument -c/--cpus: "
+        in (said[0])
+    ), said
+    assert said[1].startswith("<3>dispynb-node: --init is not supported"), said
+    assert said[-1].startswith("<3>dispynb-node: error: argument -c/--cpus"), said
 
 
 def test_an_address_the_machine_lacks_is_named_with_the_fix(tmp_path, secret_file):
