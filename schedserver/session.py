@@ -475,9 +475,16 @@ class SchedulerSession:
             self._refuse("malformed jobs in results-journaled")
             return
         held = comp.kept.full
-        comp.kept.journaled(jobs)
+        dropped = comp.kept.journaled(jobs)
+        account = comp.kept.account
         if held and not comp.kept.full:
             self.server.schedule()  # back under its quota: CPUs for it again
+        elif dropped and account is not None and account.holding:
+            # Room freed in its user's --max_user_kept, where another of her
+            # computations (its client away) or sessions is held: it may run
+            # again (`KeptMessages.full` says so, and flags those still held).
+            account.holding = False
+            self.server.schedule()
 
     def _on_message(self, message: Message, buffers: list[memoryview]) -> bool:
         if self.ending:

@@ -141,6 +141,10 @@ class UserKept:
         self.user = user
         self.quota = quota
         self.size = 0
+        #: Something of it was held over the quota when last looked at
+        #: (`KeptMessages.full`): room freed in it is to be handed out at once
+        #: (`SchedulerSession._on_journaled`), not at the next dispatch.
+        self.holding = False
 
     def room(self) -> float:
         """Bytes the user may still have kept."""
@@ -300,6 +304,9 @@ class KeptMessages:
                 "run again while its client is away",
                 self.name,
             )
+        elif self._by_user:
+            assert self.account is not None
+            self.account.holding = True
         return self._over
 
     def _needed(self) -> int:
@@ -563,6 +570,7 @@ class KeptMessages:
         self._by_user = by_user and disk is None
         if self._by_user:
             assert self.account is not None
+            self.account.holding = True
             logger.warning(
                 "%s: %s was not kept for its client: user %r keeps %.1f MiB already "
                 "in all its computations and sessions (--max_user_kept); its queued "

@@ -8,8 +8,15 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from dispynb.protocol.messages import CRASHED, FINISHED, JobResults
+from dispynb.protocol.messages import (
+    CRASHED,
+    FINISHED,
+    ComputationSetup,
+    JobResults,
+    ResultsJournaled,
+)
 from dispynb.protocol.records import ResultEntry
+from schedserver.computation import SharedComputation
 from schedserver.session import SchedulerSession
 from schedserver.spill import KeptMessages, SpillStore
 
@@ -145,5 +152,53 @@ def test_a_backlog_over_its_users_quota_lets_her_jobs_run_once_sent(
         await sending
         assert session.backlog is None and len(conn.written) == 3
         assert schedules, "her jobs held by the backlog were never dispatched again"
+
+    asyncio.run(main())
+
+
+def test_room_acknowledged_in_her_quota_lets_her_held_computation_run(
+    tmp_path: Path,
+) -> None:
+    """Alice's computation whose client went away is held over --max_user_kept,
+    most of it taken by what her connected client's computation keeps for its
+    journal. That client then acknowledged its results, freeing the room: the
+    scheduler did not dispatch again (it did only for a computation that was held
+    itself), and the held one's queued jobs waited for some other event, for ever
+    on a quiet scheduler, though the README says it runs again once room is freed
+    in her quota."""
+    store = SpillStore(str(tmp_path), memory=1 << 20, user_quota=8192)
+    schedules: list[int] = []
+
+    async def main() -> None:
+        server: Any = SimpleNamespace(
+            config=SimpleNamespace(
+                pulse_interval=1.0, max_queued=None, max_kept=1 << 20, max_user_args=0
+            ),
+            spill=store,
+            schedule=lambda: schedules.append(1),
+            schedule_soon=lambda: schedules.append(1),
+        )
+        session = SchedulerSession(_SlowReader(), server, "alice")  # type: ignore[arg-type]
+        journaling = SharedComputation(
+            server, session, ComputationSetup(comp_id=1, name="b", workers=0), [], 1
+        )
+        session.computations[1] = journaling
+        journaling.kept.tracking = True
+        away = SharedComputation(
+            server, session, ComputationSetup(comp_id=2, name="a", workers=0), [], 2
+        )
+        away.session = None  # its client went away
+        server.computations = [journaling, away]
+        for key in range(3):
+            _result(journaling.kept, key, 2048)
+        _result(away.kept, 10, 1024)
+        _result(away.kept, 11, 2048)  # over her quota: held
+        assert away.held and not journaling.held
+        session._on_journaled(
+            ResultsJournaled(comp_id=1, jobs=[[k, 0] for k in range(3)])
+        )
+        assert not journaling.kept
+        assert schedules, "her held computation was not given CPUs again"
+        assert not away.held
 
     asyncio.run(main())
