@@ -140,6 +140,56 @@ def _check_head(address: str | None) -> None:
         )
 
 
+#: The connection to Ray that a `RayEngine` made in this process, if any: the
+#: address it was given and the GCS address Ray then reported (at most one entry).
+_made: list[tuple[str | None, str]] = []
+
+
+def _gcs_address(ray: Any) -> str:
+    """``HOST:PORT`` of the GCS this process's Ray connection reaches ("" if Ray
+    does not say, as through Ray Client)."""
+    try:
+        return str(ray.get_runtime_context().gcs_address or "")
+    except Exception:  # Ray Client's context has none
+        return ""
+
+
+def _same_gcs(address: str, gcs: str) -> bool:
+    """Whether ``address`` (``HOST:PORT``) names the GCS at ``gcs`` (``IP:PORT``)."""
+    host, _, port = address.rpartition(":")
+    gcs_host, _, gcs_port = gcs.rpartition(":")
+    if not host or port != gcs_port:
+        return False
+    try:
+        found = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+    except (OSError, ValueError):
+        return False
+    return gcs_host.strip("[]") in {str(info[4][0]) for info in found}
+
+
+def _refuse_another_cluster(ray: Any, address: str | None) -> None:
+    """Raise `ConfigurationError` when this process is connected to Ray through a
+    `RayEngine` given another cluster's address than ``address``: Ray keeps one
+    connection per process, so the jobs would run on that other cluster (as
+    ``%dispy ray B`` after ``%dispy ray A`` did, checking A in B's name). A
+    connection the program made itself (``ray.init``) is used as documented."""
+    if not _made or address in (None, "auto") or address.startswith("ray://"):
+        return
+    given, gcs = _made[-1]
+    if address == given or not gcs or _gcs_address(ray) != gcs:
+        return  # the same address, or a connection dispynb did not make
+    if _same_gcs(address, gcs):
+        return
+    where = given or f"{gcs} (a local Ray that RayEngine() started)"
+    raise ConfigurationError(
+        f"this process is connected to the Ray cluster at {where}, and Ray keeps "
+        f"one connection per process: RayEngine({address!r}) would run its jobs "
+        "there. To use another Ray cluster, close the clusters of the first and "
+        "disconnect from it first (%dispy close in a notebook, or the first "
+        "engine's close(), or ray.shutdown())"
+    )
+
+
 class RayEngine:
     """Run a `JobCluster`'s jobs on a Ray cluster.
 
@@ -150,7 +200,9 @@ class RayEngine:
         (its GCS), ``'ray://HOST:10001'`` (Ray Client), ``'auto'``; None starts a
         local Ray in this process. If this process is already connected to Ray
         (``ray.init`` was called), that connection is used and ``address`` is
-        ignored.
+        ignored; but a connection that another `RayEngine` made to another
+        address is a `ConfigurationError` (Ray keeps one connection per process:
+        close that engine first).
     cpus:
         CPUs (actors, one job each at a time) to use on each Ray node; None: all of
         the node's ``CPU`` resource.
@@ -202,6 +254,7 @@ class RayEngine:
         """Connect this process to the Ray cluster (once); the ``ray`` module."""
         ray = _ray()
         if ray.is_initialized():
+            _refuse_another_cluster(ray, self.address)
             return ray
         options: dict[str, Any] = {
             "logging_level": logging.WARNING,
@@ -215,6 +268,7 @@ class RayEngine:
             _check_head(self.address)
             ray.init(address=self.address, **options)
             self._connected = True
+            _made[:] = [(self.address, _gcs_address(ray))]
         except (OSError, RuntimeError, ValueError) as exc:
             where = self.address or "a local Ray"
             raise TransportError(
@@ -275,6 +329,7 @@ class RayEngine:
                     logger.debug("the Ray inbox is gone: %s", exc)
         if self._connected:
             self._connected = False
+            _made.clear()
             _ray().shutdown()
 
     def open(self, events: JobEvents, config: ClusterConfig) -> RayBackend:

@@ -23,7 +23,12 @@ import pytest
 import dispynb
 from dispynb import JobCluster
 from dispynb.backends.ray import RayEngine
-from dispynb.errors import NotSupportedError, SerializationError, SetupError
+from dispynb.errors import (
+    ConfigurationError,
+    NotSupportedError,
+    SerializationError,
+    SetupError,
+)
 from dispynb.job import DispyJob, JobStatus
 from tests.backends.rayhead import RayHead
 from tests.backends.raywork import (
@@ -343,6 +348,53 @@ def test_magics_run_a_cell_on_ray(head: RayHead) -> None:
             shell.run_cell_magic("dispy", '--over "range(4)" --into squares', cell)
         assert shell.user_ns["squares"].results == [0, 1, 4, 9]
         assert "squaring 3" in ran.stdout, ran.stdout
+    finally:
+        with capture_output():
+            shell.run_line_magic("dispy", "close")
+        shell.run_line_magic("unload_ext", "dispynb")
+        InteractiveShell.clear_instance()
+
+
+def test_dispy_ray_at_another_address_is_refused_and_keeps_the_cluster_in_use(
+    head: RayHead,
+) -> None:
+    """``%dispy ray A`` then ``%dispy ray B``: this process is connected to A (Ray
+    keeps one connection per process), so B was never checked: the magic said it
+    used B and dropped A, its jobs then running on A anyway. It refuses B, saying
+    so and how to switch, and keeps A in use."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+    from traitlets.config import Config
+
+    from dispynb.jupyter.errors import MagicError
+    from tests.backends.rayhead import free_port
+
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"
+    shell = InteractiveShell.instance(config=config)
+    shell.run_line_magic("load_ext", "dispynb")
+    other = f"127.0.0.1:{free_port()}"  # no Ray head there
+    try:
+        with capture_output():
+            shell.run_line_magic("dispy", f"ray {head.address}")
+        with capture_output(), pytest.raises(MagicError) as raised:
+            shell.run_line_magic("dispy", f"ray {other}")
+        message = str(raised.value)
+        assert f"connected to the Ray cluster at {head.address}" in message, message
+        assert "%dispy close" in message and "ray.shutdown()" in message, message
+        assert f"still in use: ray engine: {head.address}" in message, message
+        status = repr(shell.run_line_magic("dispy", "status"))
+        assert f"ray engine: {head.address}" in status, status
+        with capture_output():
+            shell.run_cell_magic(
+                "dispy",
+                '--over "range(3)" --into squares',
+                "def sq(x):\n    return x * x\n",
+            )
+        assert shell.user_ns["squares"].results == [0, 1, 4]
+        # The plain API says the same.
+        with pytest.raises(ConfigurationError, match=f"at {head.address}"):
+            JobCluster(compute, engine=RayEngine(other))
     finally:
         with capture_output():
             shell.run_line_magic("dispy", "close")
