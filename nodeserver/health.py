@@ -45,7 +45,11 @@ from dispynb.errors import (
     DispynbError,
     MessageError,
 )
-from dispynb.protocol.handshake import NODE_WITHOUT_SECRET, PROOF_REFUSED
+from dispynb.protocol.handshake import (
+    HEALTH_PROBE,
+    NODE_WITHOUT_SECRET,
+    PROOF_REFUSED,
+)
 from dispynb.protocol.messages import NodeHealth
 from dispynb.transport.addressing import format_address, parse_address
 from dispynb.wording import counted
@@ -54,8 +58,6 @@ if TYPE_CHECKING:
     from dispynb.transport.tls import TlsOptions
     from nodeserver.server import NodeServer
 
-#: The client name a health probe gives in its hello.
-HEALTH_PROBE = "<dispynb-node --check>"
 
 #: Exit statuses, as monitoring plugins give them.
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3

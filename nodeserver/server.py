@@ -15,6 +15,7 @@ from typing import Any
 from dispynb.daemon import replace_file
 from dispynb.errors import ConfigurationError
 from dispynb.protocol import shm
+from dispynb.protocol.handshake import HEALTH_PROBE
 from dispynb.protocol.messages import Welcome
 from dispynb.transport.addressing import format_address, is_loopback
 from dispynb.transport.admission import Tally
@@ -28,7 +29,7 @@ from nodeserver.budget import CpuBudget
 from nodeserver.config import NodeConfig
 from nodeserver.descriptors import Admission
 from nodeserver.filestore import FileStore, claim_store
-from nodeserver.health import HEALTH_PROBE, health_of
+from nodeserver.health import health_of
 from nodeserver.keeper import ResultKeeper
 from nodeserver.launcher import PROCESS_LAUNCHER, Launcher
 from nodeserver.leftovers import Removals

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, cast
 
 from dispynb.defaults import MAX_MESSAGE_SIZE, PRE_AUTH_MAX_FRAME
 from dispynb.errors import DispynbError
+from dispynb.protocol.handshake import HEALTH_PROBE
 from dispynb.protocol.messages import (
     ComputationClose,
     ComputationSetup,
@@ -19,7 +20,6 @@ from dispynb.protocol.messages import (
 )
 from dispynb.transport.connection import Connection
 from dispynb.wording import counted
-from nodeserver.health import HEALTH_PROBE
 from schedserver.computation import SharedComputation
 from schedserver.session import SchedulerSession
 from schedserver.state import _ServerState, logger

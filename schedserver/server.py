@@ -23,6 +23,7 @@ from dispynb.deploy.registry import RegisteredNode, Registrar
 from dispynb.errors import ConfigurationError
 from dispynb.httpd.security import is_loopback
 from dispynb.node import NodeAllocate, parse_node_specs
+from dispynb.protocol.handshake import HEALTH_PROBE
 from dispynb.protocol.messages import (
     ComputationClose,
     NodeHealth,
@@ -31,7 +32,6 @@ from dispynb.protocol.messages import (
 )
 from dispynb.transport.addressing import format_address
 from dispynb.transport.listener import Listener
-from nodeserver.health import HEALTH_PROBE
 from nodeserver.privatedir import private_dir
 from schedserver.clients import _Clients
 from schedserver.dispatch import _Dispatch

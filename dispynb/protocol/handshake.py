@@ -47,6 +47,11 @@ NODE = "node"
 #: How a node (or scheduler) begins its refusal of a client's proof.
 PROOF_REFUSED = "the client's proof is wrong"
 
+#: The client name a health probe gives in its hello (``dispynb-node --check``,
+#: ``dispynb-scheduler --check``): no user; a scheduler checks it against its node
+#: secret.
+HEALTH_PROBE = "<dispynb-node --check>"
+
 #: How a node without a secret refuses a client's proof made with one.
 NODE_WITHOUT_SECRET = "it uses a secret and this node has none"
 
@@ -251,6 +256,12 @@ class NodeHandshake:
             self._secret, CLIENT, PROTOCOL_VERSION, self._client_nonce, self._nonce
         )
         if not auth.check_proof(expected, received.proof):
+            if self._lookup is not None and self.client_name == HEALTH_PROBE:
+                # no user: a monitoring check, which proves the node secret
+                raise AuthenticationError(
+                    f"{PROOF_REFUSED}: the health check (--check) does not use this "
+                    "server's node secret"
+                )
             if self._lookup is not None:  # the same words for unknown names
                 raise AuthenticationError(
                     f"{PROOF_REFUSED}: it does not hold the credential this server "

@@ -57,6 +57,13 @@ def test_a_probe_says_how_the_scheduler_is_and_is_no_user(
     log = scheduler.log_text()
     assert log.count("connected from") == 1, log  # alice's only
     assert "health probe" not in log
+    # The refusal in the operator's log: it said "it does not hold the credential
+    # this server has for user '<dispynb-node --check>'", a user that is none.
+    assert (
+        "the client's proof is wrong: the health check (--check) does not use this "
+        "server's node secret"
+    ) in log, log
+    assert "credential" not in log
 
 
 def test_a_scheduler_with_no_node_up_is_a_warning(tmp_path: Path) -> None:
