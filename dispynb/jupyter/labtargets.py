@@ -31,7 +31,10 @@ _WHAT_TO_TYPE = (
 
 def panel_targets(addresses: list[str]) -> list[str]:
     """The discovery targets for what was typed in the panel's box: each address
-    or host name (resolved to its address) with the port typed, if any.
+    or host name (resolved to its address) with the port typed, if any. A port
+    that is not the default discovery port may be a node's TCP port, as the
+    panel's list (and every cell) shows a node: that host's default discovery
+    port is pinged too.
 
     Raises `ConfigurationError` naming the first entry that cannot be pinged (a
     name that does not resolve, a port out of range) and what to type instead.
@@ -43,14 +46,18 @@ def panel_targets(addresses: list[str]) -> list[str]:
             f"{len(addresses)} addresses to discover: give at most {MAX_ADDRESSES} "
             "(or a broadcast address such as 10.0.0.255)"
         )
-    targets = []
+    targets: list[str] = []
     for typed in addresses:
         text = typed.strip()
         if text == BROADCAST:
             targets.append(text)
             continue
         host, port = _split(text)
-        targets.append(format_address(_resolve(host, text), port or DISCOVERY_PORT))
+        address = _resolve(host, text)
+        for each in (port or DISCOVERY_PORT, DISCOVERY_PORT):
+            target = format_address(address, each)
+            if target not in targets:
+                targets.append(target)
     return targets
 
 

@@ -95,10 +95,13 @@ def test_the_panels_box_takes_names_and_says_a_bad_port_in_its_words() -> None:
     it was)."""
     from dispynb.jupyter.labtargets import panel_targets
 
+    # A node's address as the panel lists it (its TCP port): its host's default
+    # discovery port is pinged too.
     assert panel_targets(["localhost", "10.0.0.255", "[::1]:9000"]) == [
         "127.0.0.1:9712",
         "10.0.0.255:9712",
         "[::1]:9000",
+        "[::1]:9712",
     ]
     with pytest.raises(ConfigurationError) as bad:
         panel_targets(["127.0.0.1:99999"])

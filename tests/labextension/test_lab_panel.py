@@ -171,9 +171,10 @@ def test_lab_panel(lab: Lab) -> None:  # collected only in the namespace: confte
         assert said.startswith("Discover failed: '10.0.0.300' is not an IP address,")
         assert "host names (10.0.0.5, node1)" in said and "empty" in said, said
         assert said.count("failed") == 1 and "<broadcast>" not in said, said
-        # ... Discover at a host name: the node answers; then code that connects
-        # to it.
-        box.fill("localhost")
+        # ... Discover at a host name and the node's address as lists show it
+        # (its TCP port, not its discovery port): the node answers; then code
+        # that connects to it.
+        box.fill(f"localhost:{lab.node_port}")
         page.locator(f"{PANEL} .dispynb-discover").click()
         found = page.locator(f"{PANEL} .dispynb-discovered tbody tr")
         found.first.wait_for()
