@@ -60,7 +60,9 @@ class _Clients(_ServerState):
     def _over_sessions(self, user: str) -> str:
         """Why one more session of ``user`` is refused ("" if it is not)."""
         quota = self.config.max_sessions
-        have = sum(1 for session in self.sessions if session.user == user)
+        # One ended, waiting for its client to take why (`SchedulerSession.end`:
+        # a zombie stopped with its socket full), is not its user's any more.
+        have = sum(1 for s in self.sessions if s.user == user and not s.ending)
         if not quota or have < quota:
             return ""
         return (

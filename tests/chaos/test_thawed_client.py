@@ -18,11 +18,19 @@ from pathlib import Path
 
 import pytest
 
-from dispynb import DispyJob
+from dispynb import DispyJob, SharedJobCluster
 from tests.chaos.onenode import scheduler_over_one_node
 from tests.sharedsched.harness import env_for
 
 pytestmark = pytest.mark.slow
+
+
+def nap(n: int, seconds: float) -> int:
+    import time
+
+    time.sleep(seconds)
+    return n
+
 
 #: ``ADDRESS CREDENTIAL``: four long jobs on two CPUs; says ``running`` once two
 #: run, then (a line on stdin) prints how they ended and a new job's result as JSON.
@@ -132,7 +140,7 @@ def test_a_zombie_with_results_waiting_for_it_is_told_so_all_the_same(
     the session: the client, continued, ended those jobs 'scheduler ... was lost'."""
     client = None
     go = tmp_path / "go"
-    zombie = ("--zombie_interval", "0.1")
+    zombie = ("--zombie_interval", "0.1", "--max_sessions", "1")
     with scheduler_over_one_node(tmp_path, *zombie, cpus=2) as (scheduler, credential):
         try:
             client = subprocess.Popen(
@@ -153,6 +161,12 @@ def test_a_zombie_with_results_waiting_for_it_is_told_so_all_the_same(
                 go.touch()
                 scheduler.wait_for_log("does not read what is sent to it", timeout=40)
                 scheduler.wait_for_log("a zombie", timeout=40)
+                # Its session waits for it to take the word, but is no longer
+                # one of its user's (--max_sessions 1): a new client is served.
+                with SharedJobCluster(
+                    nap, scheduler_host=scheduler.address, secret_file=str(credential)
+                ) as again:
+                    assert again.submit(5, 0.0)() == 5
             finally:
                 os.killpg(client.pid, signal.SIGCONT)
             out, err = client.communicate("\n", timeout=60)
