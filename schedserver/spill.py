@@ -301,8 +301,9 @@ class KeptMessages:
             self._wanted = 0
             logger.info(
                 "%s: room freed in the --max_user_kept quota of its user: its jobs "
-                "run again while its client is away",
+                "run again (their results kept for %s)",
                 self.name,
+                self.whose,
             )
         elif self._by_user:
             assert self.account is not None

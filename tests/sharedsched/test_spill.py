@@ -4,9 +4,12 @@ names whom the results waited for and the option to raise."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+
+import pytest
 
 from dispynb.protocol.messages import (
     CRASHED,
@@ -202,3 +205,28 @@ def test_room_acknowledged_in_her_quota_lets_her_held_computation_run(
         assert not away.held
 
     asyncio.run(main())
+
+
+def test_a_backlog_given_room_again_is_not_said_of_a_client_away(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The hold of --max_user_kept lifted on a connected client's backlog: the
+    log said 'its jobs run again while its client is away' of a client that
+    was there all along, only not reading."""
+    store = SpillStore(str(tmp_path), memory=1 << 20, user_quota=4096)
+    backlog = KeptMessages(
+        store,
+        "user 'alice'",
+        1 << 20,
+        whose="a client that does not read",
+        user="alice",
+    )
+    for key in range(3):
+        _result(backlog, key, 2048)
+    assert backlog.full
+    with caplog.at_level(logging.INFO, logger="schedserver"):
+        backlog.pop()  # its client reads: room comes back in her quota
+        assert not backlog.full and backlog  # (as a dispatch looks meanwhile)
+    (said,) = [m for r in caplog.records if "room freed" in (m := r.getMessage())]
+    assert "client is away" not in said, said
+    assert said.endswith("(their results kept for a client that does not read)")
