@@ -217,10 +217,17 @@ class _Nodes(_ClusterState):
 
     def node_jobs(self, node: Any, from_node: bool = False) -> list[DispyJob] | int:
         """The jobs of this cluster running on ``node`` now; -1 (as dispy's) for a
-        node that is not one of this cluster's, or a closed cluster."""
+        node that is not one of this cluster's, or a closed cluster. A node it
+        released (`close_node`, which `print_status` still lists) or sets up
+        again runs none of them: ``[]``, as dispy's, whose cluster keeps it."""
         self._require(base.NODE_JOBS, "node_jobs")
         node_id = self._node_id(node)
         if node_id is None or self._backend is None:
+            if self._backend is not None and (
+                self._node_id(node, among=self._released_nodes) is not None
+                or self._returning(node) is not None
+            ):
+                return []
             return -1
         keys = self._backend.running_jobs(node_id)
         return [job for key in keys if (job := self._jobs.get(key)) is not None]

@@ -235,6 +235,10 @@ def test_close_node_releases_node_for_good_until_allocated_again(two, tmp_path):
         assert cluster.wait(timeout=WAIT)
         assert {j.result for j in marker_jobs + sleepers} == {"local-1"}
         assert cluster.close_node(closed) == -1  # not a node of the cluster now
+        # As dispy's, whose cluster keeps a closed node (print_status lists it):
+        # it runs none of the cluster's jobs (it said -1, as for a stranger).
+        assert cluster.node_jobs(closed) == []
+        assert cluster.node_jobs("no-such-node") == -1
         # allocate_node brings it back.
         assert cluster.allocate_node(closed) == 0
         wait_until(lambda: len(cluster.status().nodes) == 2)

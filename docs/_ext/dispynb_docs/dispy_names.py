@@ -298,7 +298,8 @@ METHODS = [
     Name(
         "node_jobs",
         note="A node not of the cluster: -1, as dispy's ``JobCluster`` (``[]`` on "
-        "a ``SharedJobCluster``, as dispy's).",
+        "a ``SharedJobCluster``, as dispy's); one it released with ``close_node`` "
+        "or sets up again: ``[]``, as dispy's.",
     ),
     Name(
         "set_node_cpus",
