@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 
 logger = logging.getLogger("dispynb")
-for _level in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+# (WARN and FATAL: dispy's logger, pycos's, names those levels so too)
+for _level in ("DEBUG", "INFO", "WARN", "WARNING", "ERROR", "FATAL", "CRITICAL"):
     setattr(logger, _level, getattr(logging, _level))
 
 

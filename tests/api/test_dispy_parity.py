@@ -154,6 +154,9 @@ def test_logger_has_dispy_level_attributes():
     assert dispynb.logger.DEBUG == 10
     assert dispynb.logger.INFO == 20
     assert dispynb.logger.name == "dispynb"
+    # dispy's logger (pycos's) also names two levels as logging's shorthands do:
+    # loglevel=dispy.logger.WARN was an AttributeError.
+    assert (dispynb.logger.WARN, dispynb.logger.FATAL) == (30, 50)
 
 
 class Scaler:
