@@ -167,6 +167,7 @@ class _NodeSide(_JobFiles):
         if (
             waiting
             or session is None
+            or session.ending  # told why it ends: it is sent nothing more
             or session.gathering
             or session.backlog is not None
             or self.replaying
