@@ -217,6 +217,9 @@ class _Nodes(_DaskState):
             if key is None or key not in self.futures:
                 continue
             self.started.pop(key, None)
+            # Dask sends a worker tasks ahead, to wait behind its running ones:
+            # only a job whose start was announced is known to have run.
+            ran = key in self.running[address]
             self.running[address].discard(key)
             count = self.lost[key] = self.lost.get(key, 0) + 1
             if count < self.max_attempts:
@@ -226,7 +229,12 @@ class _Nodes(_DaskState):
             self.lost.pop(key, None)
             self.sizes.pop(key, None)
             why = "not reentrant" if not self.reentrant else "max_attempts reached"
-            reason = f"its Dask worker {address} was lost while it ran ({why})"
+            when = (
+                "while it ran"
+                if ran
+                else "while the job waited there or had just begun"
+            )
+            reason = f"its Dask worker {address} was lost {when} ({why})"
             self.events.job_abandoned(key, node, reason)
         self.running.pop(address, None)
         if address in self.workers or node.cpus or not self.closed:

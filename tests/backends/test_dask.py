@@ -537,3 +537,63 @@ def test_timeouts_setup_failures_and_what_dask_cannot_do(
         kind, text = errors[name]
         assert kind == "NotSupportedError", (name, errors[name])
         assert "a Dask Future (of client.scatter or client.submit) cannot" in text
+
+
+LOST_WORKER_PROGRAM = """
+import signal
+
+from distributed import Client
+
+
+def nap(marker, n):
+    with open(marker, "a") as handle:
+        handle.write(f"{n}\\n")
+    time.sleep(60)
+    return n
+
+
+def main(args):
+    # Two workers of one thread: Dask sends each two tasks, one to run, one to
+    # wait behind it (its worker-saturation).
+    with local_cluster(workers=2) as dask_cluster, Client(dask_cluster) as client:
+        with dispynb.JobCluster(nap, engine=DaskEngine(client)) as cluster:
+            jobs = [cluster.submit(args["marker"], n) for n in range(4)]
+            deadline = time.monotonic() + 60
+            while sum(job.status == dispynb.DispyJob.Running for job in jobs) < 2:
+                assert time.monotonic() < deadline, "the jobs never started"
+                time.sleep(0.05)
+            workers = client.run(os.getpid)
+            os.kill(workers[min(workers)], signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while sum(job.status == dispynb.DispyJob.Abandoned for job in jobs) < 2:
+                assert time.monotonic() < deadline, "no job was abandoned"
+                time.sleep(0.05)
+            started = open(args["marker"]).read().split()
+            lost = [
+                [str(n) in started, job.exception]
+                for n, job in enumerate(jobs)
+                if job.status == dispynb.DispyJob.Abandoned
+            ]
+            cluster.close(terminate=True)
+            return sorted(lost)
+"""
+
+
+def test_a_lost_workers_job_that_had_not_started_is_not_said_to_have_run(
+    net: Network, tmp_path: Path
+) -> None:
+    """A Dask worker killed with a job running and one waiting behind it: both end
+    Abandoned (not reentrant), the running one "lost while it ran", the waiting one
+    not (it said so too: a user deciding whether its effects happened was told it
+    ran)."""
+    marker = tmp_path / "started"
+    marker.touch()
+    lost = run(net, tmp_path, LOST_WORKER_PROGRAM, marker=str(marker))
+    assert [ran for ran, _ in lost] == [False, True], lost
+    waited, ran = (reason for _, reason in lost)
+    assert " was lost while it ran (not reentrant)" in ran, ran
+    assert "while it ran" not in waited, waited
+    assert (
+        " was lost while the job waited there or had just begun (not reentrant)"
+        in waited
+    ), waited
