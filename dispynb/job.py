@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import enum
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable, Generator
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
     from dispynb.node import DispyNode
 
 __all__ = ["FINAL_STATUSES", "DispyJob", "JobStatus"]
+
+logger = logging.getLogger("dispynb.job")
 
 
 class JobStatus(enum.IntEnum):
@@ -256,6 +259,11 @@ class DispyJob:
         Provisional results (``dispy_provisional_result``) do not end the wait: they
         reach ``job_status`` and ``cluster_status`` callbacks and ``job.result``.
 
+        A job that failed (``Terminated``: its function raised; ``Abandoned``: its
+        node was lost) returns None, as dispy's does; ``job.exception`` holds why.
+        The first such call of the process logs a warning saying so, with the
+        error, so that a list of results with ``None`` in it is not a mystery.
+
         Parameters
         ----------
         clear:
@@ -265,13 +273,17 @@ class DispyJob:
         """
         if self._done:
             with _lock:  # `_complete` holds it while it sets the fields
-                return self.result
-        try:
-            self.wait()
-        except KeyboardInterrupt as interrupted:  # Ctrl-C: shown at the user's call
-            _interruptible.at_the_call(interrupted)  # at the user's line
-            raise
-        return self.result
+                result = self.result
+        else:
+            try:
+                self.wait()
+            except KeyboardInterrupt as interrupted:  # Ctrl-C: shown at the user's call
+                _interruptible.at_the_call(interrupted)  # at the user's line
+                raise
+            result = self.result
+        if result is None and self.status in _FAILED:
+            _say_failed(self)
+        return result
 
     @property
     def finish(self) -> threading.Event:
@@ -546,6 +558,33 @@ class DispyJob:
         if job_future is not None:
             job_future._end()
         return True
+
+
+#: Final statuses of a job that failed: ``job()`` returns None for them.
+_FAILED = frozenset({JobStatus.Terminated, JobStatus.Abandoned})
+# Whether `_say_failed` has said it: once a process, the lesson is learned.
+_failure_said = False
+
+
+def _say_failed(job: DispyJob) -> None:
+    """Warn, the first time in this process, that ``job()`` of a failed job returned
+    None: dispy's contract, which otherwise leaves a newcomer's ``[job() for job in
+    jobs]`` showing ``None`` with no word of the exception behind it."""
+    global _failure_said
+    with _lock:
+        if _failure_said:
+            return
+        _failure_said = True
+    lines = str(job.exception or "").strip().splitlines()
+    why = f" ({lines[-1].strip()})" if lines else ""
+    logger.warning(
+        "job %r ended %s%s: job() returns None for a job that failed, as dispy's "
+        "does; job.exception holds its traceback, and job.status == "
+        "DispyJob.Finished tells a result from a failure (said once)",
+        job.id,
+        job.status.name,
+        why,
+    )
 
 
 #: The attributes a copy of a job takes (all but the weak-reference slot).

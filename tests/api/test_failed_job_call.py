@@ -1,0 +1,70 @@
+"""``job()`` of a job that failed returns None, as dispy's does: a newcomer's
+``print([job() for job in jobs])`` printed ``[0, 1, None, None]`` and not a word of
+the ``ValueError`` behind the Nones. The first such ``job()`` of a process now warns,
+naming the job, its status and its error, and where the traceback is."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dispynb import job as job_module
+from dispynb.job import DispyJob, JobStatus
+
+SCRIPT = """\
+from dispynb import JobCluster, LocalCluster
+
+
+def compute(n):
+    if n >= 2:
+        raise ValueError(f"bad n {n}")
+    return n * n
+
+
+if __name__ == "__main__":
+    with LocalCluster(cpus=2) as local, JobCluster(compute, nodes=local) as cluster:
+        jobs = [cluster.submit_job_id(i, i) for i in range(4)]
+        print([job() for job in jobs])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_scripts_failed_jobs_are_said_once_where_job_returned_none(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "script.py").write_text(SCRIPT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISPYNB_")}
+    done = subprocess.run(
+        [sys.executable, "script.py"],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "[0, 1, None, None]\n"
+    assert done.stderr == (
+        "job 2 ended Terminated (ValueError: bad n 2): job() returns None for a job "
+        "that failed, as dispy's does; job.exception holds its traceback, and "
+        "job.status == DispyJob.Finished tells a result from a failure (said once)\n"
+    )
+
+
+def test_a_cancelled_or_finished_job_returns_without_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """None from a job the program cancelled, or a result of None, is no news."""
+    monkeypatch.setattr(job_module, "_failure_said", False)
+    cancelled, finished = DispyJob(1, (), {}), DispyJob(2, (), {})
+    cancelled._complete(JobStatus.Cancelled, exception="cancelled")
+    finished._complete(JobStatus.Finished, result=None)
+    assert cancelled() is None
+    assert finished() is None
+    assert caplog.records == []
