@@ -95,21 +95,28 @@ async def register(
                 _attempt(host, client_port, secret, reg, peer), ATTEMPT_TIMEOUT
             )
         except _UNREACHED as exc:
-            why = str(exc) or type(exc).__name__
+            why = unreached(exc, client_port, peer)
             if deadline is not None and loop.time() + delay > deadline:
                 raise DispynbError(
                     f"cannot register with {peer} at {where}: {why}"
                 ) from exc
-            if deadline is not None:
-                logger.info("registration with %s failed (%s); retrying", where, why)
-            elif not failures:
+            if failures:  # said once: each attempt only with -d
+                logger.debug("registration with %s failed (%s)", where, why)
+            elif deadline is not None:
+                logger.info(
+                    "cannot register with %s at %s yet (%s): retrying for %g s",
+                    peer,
+                    where,
+                    why,
+                    patience,
+                )
+            else:
                 logger.warning(
-                    "cannot register with %s yet (%s): trying until it answers",
+                    "cannot register with %s at %s yet (%s): trying until it answers",
+                    peer,
                     where,
                     why,
                 )
-            else:
-                logger.debug("registration with %s failed (%s)", where, why)
             failures += 1
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
@@ -161,7 +168,7 @@ async def keep_registered(
                 )
             )
         except (*_UNREACHED, DispynbError) as exc:  # also rejected, or garbled
-            why = str(exc) or type(exc).__name__
+            why = unreached(exc, client_port, peer)
             if lost:
                 logger.debug("registering again with %s failed: %s", where, why)
             else:
@@ -181,6 +188,25 @@ async def keep_registered(
         else:
             logger.debug("registered again with %s at %s", peer, where)
         lost, alone = False, True
+
+
+def unreached(exc: BaseException, port: int, party: str = CLIENT) -> str:
+    """Why an attempt to register on ``port`` failed, in words: asyncio's are
+    "[Errno 111] Connect call failed ('10.0.0.1', 9714)"."""
+    if isinstance(exc, ConnectionRefusedError):
+        hint = (
+            "; is dispynb-scheduler running there, with --register_port?"
+            if party == SCHEDULER
+            else ""
+        )
+        return f"connection refused: nothing listens on port {port} there{hint}"
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {ATTEMPT_TIMEOUT:g} s"
+    if isinstance(exc, asyncio.IncompleteReadError):
+        return "it closed the connection before answering"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror[:1].lower() + exc.strerror[1:]
+    return str(exc) or type(exc).__name__
 
 
 def _client_address(address: str) -> tuple[str, int]:

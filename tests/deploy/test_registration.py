@@ -12,6 +12,7 @@ from collections.abc import Callable
 import pytest
 
 from dispynb.deploy.registry import RegisteredNode, Registrar
+from dispynb.errors import DispynbError
 from dispynb.protocol.discovery import new_boot_id
 from dispynb.protocol.registration import (
     ACCEPTED,
@@ -359,3 +360,37 @@ def test_a_registered_node_keeps_registering_quietly_through_an_outage(
         assert records("lost", logging.WARNING) == 1  # not once per attempt
 
     run(scenario(), timeout=20)
+
+
+def test_a_client_not_listening_is_said_once_in_words(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``--register`` to a port where nothing listens: each retry was logged at
+    info level (a dozen lines in 30 s) in asyncio's words, "[Errno 111] Connect
+    call failed ('127.0.0.1', 9714)"; now one line, then the error, in words."""
+    from tests.ports import held_ports
+
+    caplog.set_level(logging.INFO, logger="nodeserver.register")
+    with held_ports() as ports:
+        port = ports()  # bound, not listening: refused
+        with pytest.raises(DispynbError) as failed:
+            run(
+                register(
+                    f"127.0.0.1:{port}",
+                    secret=SECRET,
+                    name="n1",
+                    port=9300,
+                    cpus=1,
+                    patience=1.0,
+                ),
+                timeout=30,
+            )
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [
+        f"cannot register with the client at 127.0.0.1:{port} yet (connection "
+        f"refused: nothing listens on port {port} there): retrying for 1 s"
+    ], said
+    assert str(failed.value) == (
+        f"cannot register with the client at 127.0.0.1:{port}: connection refused: "
+        f"nothing listens on port {port} there"
+    )

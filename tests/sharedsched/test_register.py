@@ -208,6 +208,13 @@ def test_a_node_waits_for_a_scheduler_started_after_it(
         # Past its first attempts (debug lines), said once: it waits, quietly.
         wait_for_node_log(node, "registration with 127.0.0.1", count=3)
         assert node.log_text().count("trying until it answers") == 1
+        # in words, naming the scheduler and what to check (asyncio's were
+        # "[Errno 111] Connect call failed ('127.0.0.1', PORT)")
+        assert (
+            f"cannot register with the scheduler at 127.0.0.1:{port} yet (connection "
+            f"refused: nothing listens on port {port} there; is dispynb-scheduler "
+            "running there, with --register_port?): trying until it answers"
+        ) in node.log_text(), node.log_text()
         sched = SchedulerProcess(
             tmp_path, [], SECRET, args=("--register_port", str(port))
         )
