@@ -58,7 +58,7 @@ from dispynb.wording import counted
 from nodeserver import descriptors
 from nodeserver.computation import Computation, JobLimits, NodeJob
 from nodeserver.monitor import avail_info
-from nodeserver.outbox import CLIENT_GONE
+from nodeserver.outbox import CLIENT_GONE, OUT_HIGH
 from nodeserver.sessionfiles import _SessionFiles
 from nodeserver.sessionrecovery import _SessionRecovery
 from nodeserver.sessionstate import HAND_BACK_TIMEOUT, logger
@@ -110,13 +110,18 @@ class ClientSession(_SessionFiles, _SessionRecovery):
             while True:
                 await self.conn.dispatch(self._on_message, self._on_bad_message)
                 deferred, self._deferred_file = self._deferred_file, None
-                if deferred is None:
-                    break
-                await self._store_file_off_loop(*deferred)
+                if deferred is not None:
+                    await self._store_file_off_loop(*deferred)
                 # Not held by this frame any more: a session ended by its client's
                 # death keeps its frame alive (its computation kept for recovery, an
                 # hour), and with it the file's whole message body.
                 deferred = None
+                if self._unread():
+                    # The client does not take what was sent to it: what it sends
+                    # waits unread (in its socket) until it has, as the answers to
+                    # it (errors, recoveries not found...) piled up here without
+                    # bound. (Raises once the connection ended.)
+                    await self.conn.flush()
         except (MessageError, FramingError) as exc:
             # A message whose parts disagree cannot be trusted (nor what follows
             # it), a frame this node cannot take (out of memory) leaves the stream
@@ -166,9 +171,12 @@ class ClientSession(_SessionFiles, _SessionRecovery):
     # -- handlers ------------------------------------------------------------------
 
     def _on_bad_message(self, error: BadMessageError) -> None:
-        """A message this node does not understand: say so; the session goes on."""
+        """A message this node does not understand: say so (not to a client that
+        does not read what it is sent: counted only); the session goes on."""
         text = peer_text(error)
         self._log_refusal(text)
+        if self._unread():
+            return
         self.outbox.send_error(
             "protocol",
             f"{text}: ignored (are client and node the same dispynb version?)",
@@ -176,15 +184,21 @@ class ClientSession(_SessionFiles, _SessionRecovery):
 
     def _on_message(self, message: Message, buffers: list[memoryview]) -> bool:
         """Handle one message; True stops the dispatch (a file to store off the
-        loop first)."""
+        loop first, or the client does not read: `_unread`)."""
         self._last_heard = time.monotonic()
         handler = self._handlers.get(type(message))
         if handler is None:
             self._log_refusal(f"unexpected message {message.op!r}")
             self.outbox.send_error("protocol", f"unexpected message {message.op!r}")
-            return False
-        handler(message, buffers)
-        return self._deferred_file is not None
+        else:
+            handler(message, buffers)
+        return self._deferred_file is not None or self._unread()
+
+    def _unread(self) -> bool:
+        """The client has not taken `OUT_HIGH` bytes sent to it (its workers are
+        held: `ResultOutbox`), or many small messages (`Connection.unread`):
+        `serve` reads none of its messages until it has."""
+        return self.conn.unread(OUT_HIGH)
 
     def _log_refusal(self, text: str) -> None:
         """Log a message of the client the node cannot use: the first, then a

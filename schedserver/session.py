@@ -71,6 +71,13 @@ SEND_HIGH = 32 * 1024 * 1024
 #: the client's socket.
 BACKLOG_UNSENT = 8 * 1024 * 1024
 
+#: Bytes written to a client that its socket has not taken, past which its
+#: messages wait unread until it has taken them (`serve`): most are answered (a
+#: refusal, a node's use...), and a client that sent without reading grew the
+#: scheduler by the answers, 560 bytes a message, without bound. (Past it, results
+#: go to a backlog: `check_backlog`.)
+READ_HOLD = SEND_HIGH
+
 
 #: Jobs a client's `ResultsJournaled` may name beyond those kept for it. A client
 #: never needs it: every result sent to a client that acknowledges is kept, and
@@ -124,6 +131,8 @@ class SchedulerSession:
         #: An exclusive computation of its user was declined (logged once).
         self._exclusive_declined = False
         self._backlogged_before = False
+        #: The task sending the backlog out (`_send_backlog`), while there is one.
+        self._backlog_task: asyncio.Task[None] | None = None
         #: Its end was said (`end`): the connection closes once the client took it.
         self.ending = False
         #: The longest pulse its client asked for (0: none asked): it pings at
@@ -135,8 +144,32 @@ class SchedulerSession:
         self.paused_since = 0.0
 
     async def serve(self) -> None:
-        """Handle the client's messages until its connection ends."""
-        await self.conn.dispatch(self._on_message, self._on_bad)
+        """Handle the client's messages until its connection ends; while it has
+        not taken `READ_HOLD` bytes sent to it, what it sends waits unread (in its
+        socket, then its own), so that the answers to what it sends cannot pile
+        up here."""
+        while True:
+            await self.conn.dispatch(self._on_message, self._on_bad)
+            await self._taken()
+
+    def _unread(self) -> bool:
+        """What was sent to the client waits for it: `READ_HOLD` bytes in its
+        socket, or a backlog (`check_backlog`) with no room left (the answers to
+        its messages would go there, and on to the disk, without bound)."""
+        backlog = self.backlog
+        return self.conn.unread(READ_HOLD) or (
+            backlog is not None and backlog.size >= backlog.quota
+        )
+
+    async def _taken(self) -> None:
+        """Wait until the client took what was sent to it (`_unread`); raises
+        `ConnectionClosedError` once its connection ended."""
+        while self._unread():
+            task = self._backlog_task
+            if not self.conn.unread(READ_HOLD) and task is not None:
+                await asyncio.wait([task])  # (it ends with the connection too)
+            else:
+                await self.conn.flush()
 
     def send(
         self,
@@ -280,7 +313,7 @@ class SchedulerSession:
             self.conn.unsent / 2**20,
         )
         self._backlogged_before = True
-        self.server._spawn(self._send_backlog())
+        self._backlog_task = self.server._spawn(self._send_backlog())
 
     async def _send_backlog(self) -> None:
         """Send the backlog, oldest first, as the client takes it."""
@@ -375,7 +408,11 @@ class SchedulerSession:
         )
 
     def _on_bad(self, error: BadMessageError) -> None:
-        self._refuse(f"message not understood: {peer_text(error)}")
+        text = f"message not understood: {peer_text(error)}"
+        if self._unread():  # (not answered: what it was sent waits for it)
+            self._log_refusal(text)  # counted, as a dispatch goes on for these
+        else:
+            self._refuse(text)
 
     def _comp(self, comp_id: int) -> SharedComputation | None:
         comp = self.computations.get(comp_id)
@@ -487,15 +524,21 @@ class SchedulerSession:
             self.server.schedule()
 
     def _on_message(self, message: Message, buffers: list[memoryview]) -> bool:
+        """Handle a message of the client; True once what was sent to it waits
+        unread past `READ_HOLD` (`serve` then reads no more until it is taken)."""
+        self._handle(message, buffers)
+        return self._unread()
+
+    def _handle(self, message: Message, buffers: list[memoryview]) -> None:
         if self.ending:
-            return False  # told why it ends (`end`): nothing of it is served
+            return  # told why it ends (`end`): nothing of it is served
         self.last_heard = self._clock()
         server = self.server
         if isinstance(message, JobSubmit):
             malformed = _malformed_submit(message, len(buffers))
             if malformed:
                 self._refuse(f"{malformed} in job-submit; its jobs refused")
-                return False
+                return
             comp = self._comp(message.comp_id)
             if comp is not None and not comp.closing:
                 comp.submit(message, buffers, self.conn.last_frame)
@@ -596,7 +639,6 @@ class SchedulerSession:
                 server.schedule()  # (allocated: its jobs may go there now)
         else:
             self._refuse(f"unexpected {message.op!r} from a client")
-        return False
 
 
 def _malformed_submit(message: JobSubmit, buffers: int) -> str:

@@ -56,6 +56,14 @@ logger = logging.getLogger(__name__)
 
 #: Reading pauses while this many bytes of received messages wait for `recv`.
 INBOX_HIGH = 16 * 1024 * 1024
+#: What each received message waiting counts against `INBOX_HIGH` besides its
+#: bytes (its objects): 16 MiB of messages of 60 bytes took 70 MiB.
+FRAME_COST = 256
+
+#: Pieces of messages written and not taken by the kernel past which a peer is
+#: said not to read (`Connection.unread`), whatever their bytes: about 10,000
+#: small messages, some 10 MiB here.
+QUEUED_HIGH = 32 * 1024
 
 #: Signed messages from this size on are hashed as they are sent and received, so
 #: the MAC overlaps the transfer instead of preceding (sender) or following (receiver)
@@ -432,6 +440,14 @@ class Connection:
         """Bytes written that the kernel has not taken yet (a slow or stuck reader)."""
         return self._link.unsent if self._link is not None else 0
 
+    def unread(self, high: int) -> bool:
+        """Whether what was written and not taken by the kernel is past ``high``
+        bytes, or past `QUEUED_HIGH` pieces of messages: a peer that sends
+        requests without reading their answers (each small, each taking many
+        times its bytes here) is to be read no more until it has taken them."""
+        link = self._link
+        return link is not None and (link.unsent > high or link.queued > QUEUED_HIGH)
+
     def hold_reading(self, hold: bool) -> None:
         """Stop reading from the peer (``hold``) or read again: back-pressure that
         the owner applies, e.g. while what it would send on is not being taken."""
@@ -490,7 +506,7 @@ class Connection:
         """Check and decode the oldest received frame."""
         prefix, count, body, checked = self._inbox.popleft()
         size = len(body)
-        self._inbox_bytes -= size
+        self._inbox_bytes -= size + FRAME_COST
         if self._paused and self._inbox_bytes <= INBOX_HIGH // 2:
             self._paused = False
             if self._link is not None and not self._held:
@@ -602,7 +618,7 @@ class Connection:
         for prefix, count, body in frames:
             checked = None if verifier is None else self._verify(verifier, prefix, body)
             self._inbox.append((prefix, count, body, checked))
-            self._inbox_bytes += len(body)
+            self._inbox_bytes += len(body) + FRAME_COST
         if verifier is not None and self.decoder.big is not None:
             self._hash_partial(verifier)
         if not frames:

@@ -125,6 +125,11 @@ class Link(Protocol):
     def unsent(self) -> int:
         """Bytes written that the kernel has not taken yet (0 once ended)."""
 
+    @property
+    def queued(self) -> int:
+        """Pieces of messages waiting behind ``unsent`` (each its objects: many
+        small messages take many times their bytes); 0 where not counted."""
+
     def pause_reading(self) -> None:
         """Stop reading until `resume_reading` (backpressure on the peer)."""
 
@@ -196,6 +201,11 @@ class SocketLink:
     def unsent(self) -> int:
         """Bytes written that the kernel has not taken yet."""
         return self._unsent
+
+    @property
+    def queued(self) -> int:
+        """Pieces of messages waiting behind `unsent` (about three a message)."""
+        return len(self._out)
 
     # -- reading -----------------------------------------------------------------------
 

@@ -229,6 +229,11 @@ class TransportLink:
             return 0
         return self._unsent + self._transport.get_write_buffer_size()
 
+    @property
+    def queued(self) -> int:
+        """Not counted (the transport buffers the bytes): 0."""
+        return 0
+
     def pause_reading(self) -> None:
         """Stop reading until `resume_reading`."""
         if not self.closed:
