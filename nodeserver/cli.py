@@ -311,6 +311,7 @@ async def serve(
             ready,
             stop,
             client_lives if register_to is not None else None,
+            register_peer,
         )
         lonely = asyncio.create_task(watch)
         tasks.append(lonely)

@@ -99,9 +99,11 @@ async def exit_without_client(
     ready: asyncio.Event,
     stop: asyncio.Event,
     client_lives: Callable[[], Awaitable[bool]] | None = None,
+    peer: str = CLIENT,
 ) -> None:
     """Set ``stop`` once no client session has been up for ``seconds`` (and
-    ``client_lives``, if given, says the launcher's client is gone).
+    ``client_lives``, if given, says the launcher's client is gone; ``peer``: what
+    the log calls it, a client or the scheduler).
 
     The clock starts when ``ready`` is set (listening, or registered with the
     launcher's client) and restarts when the last session ends; a session that came
@@ -128,7 +130,7 @@ async def exit_without_client(
     logger.warning(
         "no client connected for %g s (--exit-without-client)%s: stopping",
         seconds,
-        "" if client_lives is None else " and the client it registered with is gone",
+        "" if client_lives is None else f" and {peer} it registered with is gone",
     )
     stop.set()
 

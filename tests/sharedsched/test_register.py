@@ -317,3 +317,29 @@ def test_forget_registered_out_of_range_is_refused_in_one_line() -> None:
     )
     with pytest.raises(ConfigurationError, match="--forget_registered must be within"):
         config.validate()
+
+
+def test_a_scheduler_host_node_without_its_scheduler_says_the_scheduler_is_gone(
+    tmp_path: Path,
+) -> None:
+    """``--scheduler_host`` with ``--exit-without-client``: the scheduler killed,
+    the node stops, saying 'the scheduler it registered with is gone' (it said
+    'the client', which in a node's log are the users' programs)."""
+    sched, address = registering_scheduler(tmp_path)
+    node = start_node(
+        tmp_path / "node", "--scheduler_host", address,
+        "--exit-without-client", "1", secret=SECRET,
+    )  # fmt: skip
+    try:
+        sched.wait_for_log(f"node {node.spec} is up with")
+        sched.stop(signal.SIGKILL)
+        assert node.proc.wait(60) == 0, node.log_text()
+    finally:
+        node.stop()
+    log = node.log_text()
+    assert (
+        "no client connected for 1 s (--exit-without-client) and the scheduler it "
+        "registered with is gone: stopping"
+    ) in log, log
+    assert "the scheduler this node registered with is gone" in log
+    assert "the client" not in log
