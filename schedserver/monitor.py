@@ -277,7 +277,15 @@ def file_token(path: str) -> str:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except FileExistsError:
-        token = read_secret_file(path).decode(errors="replace").strip()
+        try:
+            token = read_secret_file(path).decode(errors="replace").strip()
+        except ConfigurationError as exc:  # its words are a secret's: name the option
+            if str(exc).endswith("is empty: write the shared secret into it"):
+                raise ConfigurationError(
+                    f"--httpd_token_file {path}: the file is empty: remove it to "
+                    "have a new token written"
+                ) from None
+            raise ConfigurationError(f"--httpd_token_file: {exc}") from None
         try:
             return check_token(token)
         except ConfigurationError:

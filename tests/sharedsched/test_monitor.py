@@ -292,6 +292,21 @@ def test_a_token_file_others_may_read_is_refused(
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
     assert f"chmod 600 {token_file}" in done.stderr
+    # which option's file: it said only "secret file ... is accessible"
+    assert done.stderr.startswith(
+        "dispynb-scheduler: --httpd_token_file: secret file "
+    ), done.stderr
+    token_file.write_text("")  # emptied: a new one is what it needs, not a secret
+    token_file.chmod(0o600)
+    done = scheduler_cli(
+        "-n", "127.0.0.1:1", "--users", str(tmp_path / "users"), "-p", "0",
+        "--httpd", "--httpd_port", "0", "--httpd_token_file", str(token_file),
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (
+        f"dispynb-scheduler: --httpd_token_file {token_file}: the file is empty: "
+        "remove it to have a new token written"
+    )
 
 
 def test_a_monitor_on_another_address_needs_https(
