@@ -11,7 +11,10 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
-from dispynb import _joblibhook
+from dispynb import (
+    _check_python,  # noqa: F401  # first: it stops Python < 3.11
+    _joblibhook,
+)
 from dispynb._version import __version__
 
 if TYPE_CHECKING:

@@ -67,9 +67,11 @@ def test_import_is_light() -> None:
         check=True,
     ).stdout
     # dispynb._joblibhook: joblib's "dispynb" backend name, registered without
-    # importing joblib (a finder on sys.meta_path; no client, no third party).
+    # importing joblib (a finder on sys.meta_path; no client, no third party);
+    # dispynb._check_python: stops a Python older than 3.11, saying so.
     assert out.strip() == (
-        "['dispynb', 'dispynb._joblibhook', 'dispynb._version', 'dispynb.cli']"
+        "['dispynb', 'dispynb._check_python', 'dispynb._joblibhook', "
+        "'dispynb._version', 'dispynb.cli']"
     )
 
 
