@@ -79,7 +79,11 @@ class NodeFinder:
         ping_interval: float | None = None,
         ready: Callable[[], bool] | None = None,
         warn_after: float = NO_NODE_WARNING,
-        name_them: str = "JobCluster(..., nodes=['host1', 'host2'])",
+        name_them: str = (
+            "JobCluster(..., nodes=['host1', 'host2']); or, to run on this machine "
+            "alone, start nodes with the program: with LocalCluster() as local: "
+            "JobCluster(..., nodes=local)"
+        ),
         local: bool = False,
     ) -> None:
         self.specs = specs

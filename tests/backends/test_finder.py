@@ -123,6 +123,8 @@ def test_no_node_warning_names_the_likely_causes(
         "127.0.0.1",
         "firewall dropping UDP 9712-9713",
         "nodes=[",
+        # A newcomer's JobCluster(compute) on one machine, with no node started:
+        "with LocalCluster() as local: JobCluster(..., nodes=local)",
     ):
         assert cause in message
     # A node with another secret answers discovery (it carries no secret), then
