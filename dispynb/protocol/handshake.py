@@ -52,6 +52,9 @@ PROOF_REFUSED = "the client's proof is wrong"
 #: secret.
 HEALTH_PROBE = "<dispynb-node --check>"
 
+#: How a node refuses a client's proof made with another secret (or none).
+OTHER_SECRET = f"{PROOF_REFUSED}: it uses another secret than this node"
+
 #: How a node without a secret refuses a client's proof made with one.
 NODE_WITHOUT_SECRET = "it uses a secret and this node has none"
 
@@ -164,6 +167,10 @@ class ClientHandshake:
             raise MessageError("node's proof out of turn")
         if isinstance(message, Error) and message.code == "auth":
             refused = peer_text(message.message)
+            if not self._secret and not self._user and refused == OTHER_SECRET:
+                # The node cannot tell a proof without a secret from one with
+                # another: "it uses another secret", of a client that has none.
+                refused = f"{PROOF_REFUSED}: this client has no secret, the node has"
             raise AuthenticationError(f"{refused}; {self._refused_remedy(refused)}")
         confirm = _expect(message, Auth)
         expected = auth.proof(
@@ -189,8 +196,8 @@ class ClientHandshake:
             )
         if not self._secret:  # a shell without DISPYNB_SECRET, say
             return (
-                "this client has no secret: give it the secret the node was started "
-                "with (secret= or secret_file=, DISPYNB_SECRET or DISPYNB_SECRET_FILE)"
+                "give it the secret the node was started with (secret= or "
+                "secret_file=, DISPYNB_SECRET or DISPYNB_SECRET_FILE)"
             )
         return (
             "give this client the secret the node was started with (secret= or "
@@ -269,9 +276,7 @@ class NodeHandshake:
                 )
             if not self._secret:  # a node for its own user on loopback
                 raise AuthenticationError(f"{PROOF_REFUSED}: {NODE_WITHOUT_SECRET}")
-            raise AuthenticationError(
-                f"{PROOF_REFUSED}: it uses another secret than this node"
-            )
+            raise AuthenticationError(OTHER_SECRET)
         self._client_verified = True
         return Auth(
             proof=auth.proof(

@@ -305,16 +305,17 @@ def test_a_module_missing_on_the_node_names_it_and_depends_in_a_short_traceback(
 @pytest.mark.timeout(90)
 def test_a_client_without_a_secret_is_told_it_has_none(tmp_path: Path) -> None:
     """The first-hour mistake of a shell without DISPYNB_SECRET: the message says
-    this client has no secret, not only that it uses another."""
+    this client has no secret (it said first, in the node's words, that the client
+    'uses another secret than this node', then that it has none)."""
     with running_node(tmp_path / "node", secret="the-nodes-secret-4f9c2a7e1b") as node:
         done = run_script(tmp_path, node.spec, "")
     assert done.returncode == 1, done.stdout + done.stderr
     traceback = traceback_of(done.stderr)
     assert traceback[-1] == (
         f"dispynb.errors.AuthenticationError: {node.spec}: the client's proof is "
-        "wrong: it uses another secret than this node; this client has no secret: "
-        "give it the secret the node was started with (secret= or secret_file=, "
-        "DISPYNB_SECRET or DISPYNB_SECRET_FILE)"
+        "wrong: this client has no secret, the node has; give it the secret the "
+        "node was started with (secret= or secret_file=, DISPYNB_SECRET or "
+        "DISPYNB_SECRET_FILE)"
     ), traceback[-1]
     assert_short(traceback)
 
