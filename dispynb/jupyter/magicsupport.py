@@ -167,6 +167,7 @@ def nodes_words(message: str, specs: list[str]) -> str:
     """``message`` (why ``%dispy nodes`` could not use ``specs``) in a notebook's
     words: each node named once, the secret given as the magic takes it, and how to
     share nodes between notebooks when one on this machine refused the secret."""
+    from dispynb.protocol.handshake import PROOF_REFUSED
     from dispynb.transport.addressing import is_loopback, parse_address
 
     for spec in specs:  # 'cannot use H:P: H:P: the client's proof ...'
@@ -174,7 +175,7 @@ def nodes_words(message: str, specs: list[str]) -> str:
             f"cannot use {spec}: {spec}: ", f"cannot use {spec}: "
         )
     message = message.replace(_SCRIPT_SECRET, _NOTEBOOK_SECRET)
-    refused = "the client's proof is wrong" in message
+    refused = PROOF_REFUSED in message
     try:
         here = all(is_loopback(parse_address(spec)[0]) for spec in specs)
     except ConfigurationError:
