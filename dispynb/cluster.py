@@ -67,12 +67,15 @@ TERMINATE_WAIT = 10.0
 SETTLE_WAIT = 3.0
 
 
+# Its parts: `_clusterevents` (the engine's events), `_clusterjobs` (jobs),
+# `_clusternodes` (dispy's node methods); their shared state and helpers
+# (callbacks, listeners) are in `_clusterstate`. Said here, not in the docstring
+# that help(JobCluster) shows a user.
 class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
     """Run a computation over many inputs on a set of nodes (dispy-compatible).
 
-    Its parts: `_clusterevents` (the engine's events), `_clusterjobs` (jobs),
-    `_clusternodes` (dispy's node methods); their shared state and helpers
-    (callbacks, listeners) are in `_clusterstate`.
+    ``submit(*args)`` runs it on some node and returns a `DispyJob` at once;
+    ``job()`` waits for its result, ``wait()`` for every job.
 
     Parameters
     ----------
