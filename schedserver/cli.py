@@ -361,10 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_size,
         default=SchedulerConfig.max_user_args,
         metavar="SIZE",
-        help="quota: bytes of jobs' arguments one user may have at the scheduler "
-        "at once, queued or running (held in its memory; default 1G, 0: no "
-        "limit); past it a client's jobs are refused with an error naming this "
-        "option",
+        help="quota: bytes one user may have in the scheduler's memory at once: "
+        "its computations' functions and its jobs' arguments, queued or running "
+        "(default 1G, 0: no limit); past it a client's jobs, or a cluster's setup, "
+        "are refused with an error naming this option",
     )
     parser.add_argument(
         *_both("max_file_size"),

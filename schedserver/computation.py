@@ -74,6 +74,15 @@ NODE_ACTIONS = ("allocate", "deallocate", "cpus", "close")
 JOB_COST = 512
 
 
+def args_room(server: SchedulerServer, user: str) -> float:
+    """Bytes more ``user``'s computations may hold in the scheduler's memory (their
+    bundles and their jobs' arguments: --max_user_args)."""
+    quota = server.config.max_user_args
+    if not quota:
+        return math.inf
+    return quota - sum(c.held_bytes for c in server.computations if c.user == user)
+
+
 @dataclass(slots=True, eq=False)
 class JobBatch:
     """The jobs of one client message: their arguments are views of its one body,
@@ -160,8 +169,9 @@ class SharedComputation(_NodeSide, _SentFiles):
         self.exclusive_declined = False
         self.queue: collections.deque[QueuedJob] = collections.deque()
         self.running: dict[int, QueuedJob] = {}
-        #: Bytes its jobs held here (queued and running: `QueuedJob.size`) count.
-        self.job_bytes = 0
+        #: Bytes it holds here against --max_user_args: its bundle (kept to set it
+        #: up on nodes that join later) and its jobs' messages (`JobBatch`).
+        self.held_bytes = sum(b.nbytes for b in bundle)
         #: A job of it was refused over --max_user_args (logged once).
         self._args_refused = False
         self.upstream: dict[str, Upstream] = {}
@@ -428,7 +438,7 @@ class SharedComputation(_NodeSide, _SentFiles):
         if batch is not None:
             batch.jobs += 1
             if batch.jobs == 1:
-                self.job_bytes += batch.size
+                self.held_bytes += batch.size
 
     def let_go(self, job: QueuedJob) -> None:
         """``job`` is no longer held here (it ended, or left the queue)."""
@@ -436,16 +446,11 @@ class SharedComputation(_NodeSide, _SentFiles):
         if batch is not None:
             batch.jobs -= 1
             if batch.jobs == 0:
-                self.job_bytes -= batch.size
+                self.held_bytes -= batch.size
 
     def _args_room(self) -> float:
         """Bytes more its user's jobs may hold here (--max_user_args)."""
-        quota = self.server.config.max_user_args
-        if not quota:
-            return math.inf
-        return quota - sum(
-            c.job_bytes for c in self.server.computations if c.user == self.user
-        )
+        return args_room(self.server, self.user)
 
     def _over_args(self, key: int, attempt: int) -> ResultEntry:
         """The refusal of a job over its user's --max_user_args (logged once)."""

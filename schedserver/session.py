@@ -42,6 +42,7 @@ from dispynb.protocol.messages import (
 )
 from dispynb.transport.connection import BadMessageError, Connection
 from dispynb.wording import counted
+from schedserver.computation import args_room
 from schedserver.spill import KeptMessages
 
 if TYPE_CHECKING:
@@ -465,6 +466,20 @@ class SchedulerSession:
         self.send(Error(code="refused", message=refused))
         return dataclasses.replace(setup, exclusive=False)
 
+    def _bundle_too_large(self, bundle: list[memoryview]) -> str:
+        """Why a computation's ``bundle`` (its functions, kept here while it lives)
+        is refused ("" if it is not): over what its user may hold here."""
+        size = sum(b.nbytes for b in bundle)
+        if size <= args_room(self.server, self.user):
+            return ""
+        quota = self.server.config.max_user_args
+        return (
+            f"refused: its functions take {size >> 20} MiB, and user {self.user!r} "
+            f"may have {quota >> 20} MiB of computations and jobs' arguments at the "
+            "scheduler at once (its dispynb-scheduler --max_user_args quota); send "
+            "large data as a file in depends, close other clusters, or have it raised"
+        )
+
     def _files_too_large(self, setup: ComputationSetup) -> str:
         """Why the files ``setup`` depends on are refused ("" if they are not)."""
         for entry in setup.files:
@@ -570,6 +585,7 @@ class SchedulerSession:
                 message.bad_seconds()
                 or bad_dest_path(message.dest_path, MAX_DEST_PATH_PARTS)
                 or self._files_too_large(message)
+                or self._bundle_too_large(buffers)
             ):
                 self._log_refusal(refused)
                 self.send(ComputationFailed(comp_id=message.comp_id, message=refused))

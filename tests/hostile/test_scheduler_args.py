@@ -19,6 +19,7 @@ import pytest
 from dispynb.protocol import serialize
 from dispynb.protocol.messages import (
     CANCELLED,
+    ComputationFailed,
     ComputationReady,
     ComputationSetup,
     JobResults,
@@ -117,4 +118,72 @@ def test_one_users_job_arguments_are_bounded_at_the_scheduler(
     assert len(refused) >= sent - QUOTA // ARGUMENT
     assert "--max_user_args" in why and "'mallory'" in why
     assert lines == 1
+    assert alices == [0, 1, 4, 9]
+
+
+#: Computations mallory sets up, each with functions of this size (what the scheduler
+#: keeps whole, to set it up on nodes that join later).
+SETUPS = 6
+BUNDLE = 48 * MiB
+
+
+async def _large_setups(
+    sched: SchedulerProcess, people: dict[str, Path]
+) -> tuple[int, int, list[str], int, list[int] | str]:
+    assert sched.proc is not None
+    scheduler = psutil.Process(sched.proc.pid)
+    big = b"b" * BUNDLE
+
+    def sized(n: int) -> int:
+        return len(big) + n
+
+    bundle = serialize.dumps({"func": sized, "setup": None, "setup_args": ()})
+    sessions = []
+    failed: list[str] = []
+    ready = 0
+    before = peak = scheduler.memory_info().rss
+    try:
+        for i in range(SETUPS):
+            conn = await raw_scheduler_session(sched.port, people["mallory"])
+            sessions.append(conn)
+            conn.write(ComputationSetup(comp_id=1, name=f"big-{i}", workers=1), bundle)
+            async with asyncio.timeout(60):
+                while True:
+                    message, _ = await conn.recv()
+                    if isinstance(message, ComputationReady):
+                        ready += 1
+                        break
+                    if isinstance(message, ComputationFailed):
+                        failed.append(message.message)
+                        break
+            peak = max(peak, scheduler.memory_info().rss)
+        alices = await alices_jobs_meanwhile(sched.address, people["alice"])
+        return before, peak, failed, ready, alices
+    finally:
+        for conn in sessions:
+            conn.close()
+
+
+@pytest.mark.attack(
+    id="sched-large-bundles",
+    title=f"A scheduler user sets up {SETUPS} clusters whose functions take "
+    f"{BUNDLE // MiB} MiB each, with --max_user_args {QUOTA // MiB}M",
+    goal=f"scheduler RSS growth under {BOUND // MiB} MiB; the setups past the quota "
+    "fail with an error naming it; the victim's jobs run (was: each kept whole, "
+    "without bound but --max_computations)",
+)
+def test_one_users_computations_are_bounded_at_the_scheduler(
+    tmp_path: Path, people: dict[str, Path], measure
+) -> None:
+    with shared_nodes(tmp_path, people, "--max_user_args", f"{QUOTA // MiB}M") as sched:
+        before, peak, failed, ready, alices = asyncio.run(_large_setups(sched, people))
+    grown = peak - before
+    measure(
+        f"scheduler RSS {before // MiB} -> peak {peak // MiB} MiB (+{grown // MiB} "
+        f"MiB); {ready} set up, {len(failed)} refused "
+        f"({failed[0][:80] if failed else 'none'}...); alice's results {alices}"
+    )
+    assert grown < BOUND
+    assert ready == QUOTA // BUNDLE and len(failed) == SETUPS - ready
+    assert "--max_user_args" in failed[0]
     assert alices == [0, 1, 4, 9]
