@@ -22,6 +22,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
+from dispynb import wording
+
 #: Connections allowed in their handshake at once, from all sources together.
 MAX_PENDING_HANDSHAKES = 64
 
@@ -224,13 +226,13 @@ class Tally:
         for what, counted in self._counted.items():
             total = sum(counted.values())
             top = max(counted, key=counted.__getitem__)
+            # "from 1 source", "from 10 sources": it said "from 1 source(s)".
             self._log.log(
                 self.level,
-                "%d more %s from %d source(s) in the last %g s (most from %s: %d; "
-                "last: %s)",
+                "%d more %s from %s in the last %g s (most from %s: %d; last: %s)",
                 total,
                 what,
-                len(counted),
+                wording.counted(len(counted), "source"),
                 self.period,
                 top,
                 counted[top],

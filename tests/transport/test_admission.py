@@ -99,7 +99,7 @@ def test_tally_logs_a_few_sources_at_once_then_counts():
     finally:
         log.removeHandler(lines)
     assert len(lines.lines) == Tally.IMMEDIATE + 1
-    assert lines.lines[-1].startswith("97 more rejected connections from 10 source(s)")
+    assert lines.lines[-1].startswith("97 more rejected connections from 10 sources")
     assert "last: reason 99" in lines.lines[-1]
 
 
