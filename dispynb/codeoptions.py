@@ -7,7 +7,9 @@ from __future__ import annotations
 import inspect
 import os
 import posixpath
+import reprlib
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Any
@@ -48,12 +50,32 @@ def _check_computation(value: object) -> Callable[..., Any] | str:
             return os.path.abspath(found)
         raise ConfigurationError(
             f"program {name!r} was not found: give the path of an existing file "
-            "or the name of a program on PATH"
+            f"or the name of a program on PATH{_named_function(name)}"
+        )
+    got = "None"
+    if value is not None:  # a value: most likely what calling the function returned
+        kind = type(value).__name__
+        got = (
+            f"{reprlib.repr(value)}, {'an' if kind[:1] in 'aeiou' else 'a'} {kind} "
+            "(was the function called, JobCluster(f(x))? give it uncalled: "
+            "JobCluster(f))"
         )
     raise ConfigurationError(
         "computation must be a callable (a function, a method, a functools.partial, "
-        "a callable object) or the name or path of a program; "
-        f"got a {type(value).__name__}"
+        f"a callable object) or the name or path of a program; got {got}"
+    )
+
+
+def _named_function(name: str) -> str:
+    """If ``name`` names a function of the running program (a script's or a
+    notebook's ``__main__``), the advice to pass the function itself, as
+    ``JobCluster(compute)``, not its name ('compute' is taken for a program)."""
+    main = sys.modules.get("__main__")
+    if not name.isidentifier() or not callable(getattr(main, name, None)):
+        return ""
+    return (
+        f"; {name} is a function of this program: give the function itself, "
+        f"JobCluster({name}), not its name"
     )
 
 

@@ -6,6 +6,8 @@ import functools
 import logging
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -481,3 +483,45 @@ def test_options_invalid_value_error_does_not_reveal_secret():
     with pytest.raises(ConfigurationError) as info:
         build(secret=SECRET, ping_interval=0)
     assert SECRET not in str(info.value)
+
+
+#: A newcomer's two ways to give the function wrongly: its result, its name.
+MISTAKES = """\
+import dispynb
+
+
+def compute(n):
+    return n * n
+
+
+for computation in (compute(3), "compute"):
+    try:
+        dispynb.JobCluster(computation)
+    except dispynb.errors.ConfigurationError as exc:
+        print(exc)
+"""
+
+
+def test_a_function_called_or_named_instead_of_given_is_said_so(tmp_path):
+    """``JobCluster(compute(3))`` said 'got a int'; ``JobCluster("compute")``
+    looked for a program named compute on PATH. Each now says what to write."""
+    (tmp_path / "script.py").write_text(MISTAKES)
+    done = subprocess.run(
+        [sys.executable, "script.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PATH": str(tmp_path)},
+    )
+    assert done.returncode == 0, done.stderr
+    called, named = done.stdout.splitlines()
+    assert called.endswith(
+        "got 9, an int (was the function called, JobCluster(f(x))? give it "
+        "uncalled: JobCluster(f))"
+    )
+    assert named == (
+        "program 'compute' was not found: give the path of an existing file or the "
+        "name of a program on PATH; compute is a function of this program: give the "
+        "function itself, JobCluster(compute), not its name"
+    )
