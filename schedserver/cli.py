@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
         *_both("node_secret_file"),
         metavar="FILE",
         default=None,
-        help="file holding the nodes' secret (or DISPYNB_SECRET)",
+        help="file holding the nodes' secret (or DISPYNB_SECRET, or "
+        "DISPYNB_SECRET_FILE naming such a file, as the guides do)",
     )
     parser.add_argument(
         *_both("node_secret"),
