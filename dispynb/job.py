@@ -433,7 +433,8 @@ class DispyJob:
         """Wait, without blocking the loop, for a final status; then return ``result``.
 
         Works from any asyncio loop in any thread: the cluster's thread wakes the
-        waiter with ``loop.call_soon_threadsafe``.
+        waiter with ``loop.call_soon_threadsafe``. A job that failed gives None, as
+        ``job()`` does, and so does the warning the first time.
         """
         original = self._original
         if original is not None:  # a snapshot: its job's end ends the wait
@@ -453,7 +454,10 @@ class DispyJob:
                     yield from future.__await__()
                 finally:
                     self._forget(waiter)
-        return self.result
+        result = self.result
+        if result is None and self.status in _FAILED:
+            _say_failed(self)  # as job() does
+        return result
 
     def _forget(self, waiter: tuple[asyncio.AbstractEventLoop, Any]) -> None:
         """Drop a waiter that is done or was cancelled (as by ``asyncio.wait_for``)."""

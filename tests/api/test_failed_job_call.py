@@ -5,6 +5,7 @@ naming the job, its status and its error, and where the traceback is."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -68,3 +69,24 @@ def test_a_cancelled_or_finished_job_returns_without_a_warning(
     assert cancelled() is None
     assert finished() is None
     assert caplog.records == []
+
+
+def test_awaiting_a_failed_job_warns_as_calling_it_does(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``await job`` in a notebook cell is ``job()`` without blocking the kernel:
+    its None for a failed job was as silent."""
+    monkeypatch.setattr(job_module, "_failure_said", False)
+    failed = DispyJob(7, (0,), {})
+
+    async def end_then_await() -> object:
+        asyncio.get_running_loop().call_soon(
+            lambda: failed._complete(JobStatus.Abandoned, exception="node lost")
+        )
+        return await failed
+
+    assert asyncio.run(end_then_await()) is None
+    (record,) = caplog.records
+    assert record.getMessage().startswith(
+        "job 7 ended Abandoned (node lost): job() returns None for a job that failed"
+    )
