@@ -179,9 +179,10 @@ class NodeConfig:
                 f"refusing to listen on {public[0]!r} without a secret or client "
                 "certificates: anyone who can reach the port could run code as this "
                 "user (--certfile alone proves the node to its clients, not them to "
-                "it). Give a secret (--secret-file FILE with mode 600, or "
-                "DISPYNB_SECRET), or --cafile with the CA of the clients' "
-                "certificates, or listen on 127.0.0.1"
+                "it). Give a secret (--secret-file FILE, made with 'dispynb secret "
+                "FILE' and given to the clients too; or DISPYNB_SECRET), or "
+                "--cafile with the CA of the clients' certificates, or listen on "
+                "127.0.0.1"
             )
         if self.secret and public:
             check_strength(self.secret, f"for a node listening on {public[0]!r}")

@@ -50,6 +50,7 @@ def test_node_cli_public_host_without_secret_or_tls_exits_2_with_fix(tmp_path):
     assert done.returncode == 2
     assert "refusing to listen on '0.0.0.0'" in done.stderr
     assert "--secret-file" in done.stderr  # how to fix it
+    assert "made with 'dispynb secret FILE'" in done.stderr  # ... and make one
     assert "--certfile" in done.stderr
     assert "127.0.0.1" in done.stderr
     assert not port_file.exists()  # it never listened
