@@ -73,8 +73,8 @@ async def register(
     return the client's IP address as this node reached it.
 
     Retries a refused or unreachable client for ``patience`` seconds (None: until it
-    answers; one line is logged at its first failure, the retries only at debug
-    level). Raises `AuthenticationError` if the client rejects the proof (a
+    answers); one line is logged at its first failure, the retries only at debug
+    level. Raises `AuthenticationError` if the client rejects the proof (a
     different secret), and `DispynbError` if it cannot be reached. Registering
     again with the same ``boot`` id is how a node checks that its client still
     lives: the client accepts it without reporting the node twice. ``peer`` is
