@@ -26,7 +26,8 @@ def user_command(argv: list[str]) -> int:
         "action",
         choices=["add", "revoke", "list"],
         help="add NAME: issue a credential (the users file is made if it does not "
-        "exist); revoke NAME: refuse it, ending its sessions and jobs; list: the "
+        "exist, and its directory, mode 0700, if only that is missing); revoke "
+        "NAME: refuse it, ending its sessions and jobs; list: the "
         "users' names",
     )
     parser.add_argument("name", nargs="?", help="the user (add, revoke)")
@@ -57,8 +58,14 @@ def user_command(argv: list[str]) -> int:
         users.revoke(args.name)
         print(f"revoked {args.name}: a running scheduler ends its sessions")
         return 0
-    credential = users.add(args.name)
     path = args.credential_file or f"{args.name}.credential"
+    where = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(where):  # checked first: the user added, its credential lost
+        raise ConfigurationError(
+            f"no directory {where} for the credential file {path}: check the "
+            "--credential-file path, or make the directory first"
+        )
+    credential = users.add(args.name)
     write_credential(path, credential)
     print(
         f"user {args.name} added; credential in {path} (give it to the user: "

@@ -138,7 +138,7 @@ class UsersFile:
         """The users, read afresh under an exclusive lock held until the block's
         end: two ``user add``/``revoke`` at once would otherwise both rewrite the
         file from what they read, and one of them would lose the other's change."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._make_directory()
         lock = self.path.with_name(f".{self.path.name}.lock")
         # Only locked, never written or followed (a symlink planted there by
         # another user leads nowhere).
@@ -149,6 +149,26 @@ class UsersFile:
             yield dict(self.load())
         finally:
             os.close(fd)  # releases the lock
+
+    def _make_directory(self) -> None:
+        """Make the users file's directory if it is missing (mode 0700: the
+        file's is the scheduler's), as ``/etc/dispynb`` for ``/etc/dispynb/users``;
+        a longer missing path is a typo more likely than a wish: refused, not made
+        (it was, all of it, as root even at ``/``)."""
+        directory = self.path.parent
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            if not directory.is_dir():
+                raise ConfigurationError(
+                    f"{directory} is not a directory: give --users a path in one"
+                ) from None
+        except FileNotFoundError:
+            raise ConfigurationError(
+                f"no directory {directory.parent} for the users file {self.path}: "
+                f"check the --users path (a typo?), or make it first (mkdir -p -m "
+                f"700 {directory})"
+            ) from None
 
     def add(self, name: str) -> str:
         """Add user ``name`` with a new token; return its credential."""

@@ -355,6 +355,32 @@ def test_user_list_of_a_missing_users_file_says_so(tmp_path: Path) -> None:
     assert "issue a credential" in scheduler_cli("user", "--help").stdout
 
 
+def test_user_add_makes_only_the_users_files_own_directory(tmp_path: Path) -> None:
+    """``user add --users /missing/dir/users`` made the whole path (as root, even
+    at /): an operator's typo is refused, saying so, and nothing is made or
+    issued; the file's own directory (``/etc/dispynb`` of the README's
+    ``/etc/dispynb/users``) is made, private. A credential's missing directory is
+    refused before the user is added (its credential was lost, the name taken)."""
+    typo = tmp_path / "missing" / "dir" / "users"
+    done = scheduler_cli("user", "add", "alice", "--users", str(typo), cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert f"no directory {typo.parent.parent} for the users file {typo}" in (
+        done.stderr
+    )
+    assert not (tmp_path / "missing").exists()
+    assert not list(tmp_path.glob("*.credential"))
+    users = tmp_path / "etc" / "users"
+    lost = tmp_path / "nowhere" / "alice.credential"
+    done = scheduler_cli("user", "add", "alice", "--users", str(users), "-o", str(lost))
+    assert done.returncode == 2 and "for the credential file" in done.stderr
+    assert not users.exists()
+    done = scheduler_cli("user", "add", "alice", "--users", str(users), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (users.parent.stat().st_mode & 0o777) == 0o700
+    listed = scheduler_cli("user", "list", "--users", str(users))
+    assert listed.stdout.split() == ["alice"]
+
+
 def test_version_is_printed_as_the_nodes_is(tmp_path: Path) -> None:
     """``dispynb-scheduler --version`` was an unrecognized argument (exit 2), while
     ``dispynb-node --version`` answered."""
