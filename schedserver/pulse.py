@@ -158,7 +158,7 @@ class _Pulse(_ServerState):
         )
         if heard:
             if session.exclusive_paused:
-                self._exclusive_again(session)
+                self._exclusive_again(session, now)
             return
         if session.exclusive_paused:
             return
@@ -184,7 +184,7 @@ class _Pulse(_ServerState):
         )
         self.schedule()  # the others' jobs that waited for it
 
-    def _exclusive_again(self, session: SchedulerSession) -> None:
+    def _exclusive_again(self, session: SchedulerSession, now: float) -> None:
         """The client of exclusive computations that `_watch_exclusive` let go is
         heard from again: they are exclusive again, and it is told what happened."""
         paused, session.exclusive_paused = session.exclusive_paused, []
@@ -193,7 +193,8 @@ class _Pulse(_ServerState):
             comp.account.exclusive = True
         if not again:
             return
-        silent = session.last_heard - session.paused_since
+        # (Heard by its bytes waiting unread, maybe: not yet by a message.)
+        silent = now - session.paused_since
         names = ", ".join(comp.name for comp in again)
         logger.info(
             "user %r (%s) heard from again after %.0f s: %s exclusive again once "

@@ -262,6 +262,8 @@ def test_a_stopped_exclusive_client_stops_nobody_and_holds_again_once_back(
     assert len(said) == 1, err
     assert said[0].startswith(f"said: scheduler {scheduler.address} reports: "), said
     assert "exclusive computation alice/held" in said[0]
+    silent = said[0].partition("heard nothing from this client for about ")[2]
+    assert int(silent.split(" ")[0]) >= 10, said  # the time it was stopped
 
 
 @pytest.mark.parametrize(
