@@ -352,10 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_size,
         default=SchedulerConfig.max_user_kept,
         metavar="SIZE",
-        help="quota: bytes of results one user may have kept in all, its "
-        "computations and its sessions together (default 4G, 0: no limit), so that "
-        "one user cannot fill the disk under --dest_path_prefix that the others' "
-        "kept results need; past it as past --max_kept, the error naming this option",
+        help="quota: bytes one user may hold on the scheduler's disk in all: the "
+        "results kept for its computations and sessions, and the files it sent "
+        "(depends, send_file) together (default 4G, 0: no limit), so that one user "
+        "cannot fill the disk under --dest_path_prefix that the others' kept results "
+        "and files need; past it results are dropped as past --max_kept and files "
+        "refused, the error naming this option",
     )
     parser.add_argument(
         *_both("max_user_args"),
@@ -373,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=SchedulerConfig.max_file_size,
         metavar="SIZE",
         help="bytes a file a client sends (depends, send_file) may have at most "
-        "(default 512M, 0: no limit); kept on disk while its computation lives",
+        "(default 512M, 0: no limit); kept on disk while its computation lives, "
+        "within its user's --max_user_kept",
     )
     parser.add_argument(
         *_both("max_computations"),

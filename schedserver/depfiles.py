@@ -48,7 +48,8 @@ def room_kept(total: int) -> int:
 
 class ClientFiles:
     """Uploaded files by digest, on disk; ``max_file_size`` bytes each at most (0:
-    no limit), ``max_files`` per user at once (0: no limit)."""
+    no limit), ``max_files`` per user at once (0: no limit), and their bytes within
+    what each user may hold in all (``store.user(name)``: --max_user_kept)."""
 
     def __init__(
         self, store: SpillStore, max_file_size: int, max_files: int = 0
@@ -140,6 +141,16 @@ class ClientFiles:
                 "--max_files); they go when the computations that list them close, "
                 "and a job's own files when no job of its client needs them"
             )
+        account = self.store.user(user)
+        if digest not in self._files and data.nbytes > account.room():
+            return (
+                f"file {digest[:16]}... of {data.nbytes} bytes refused: user "
+                f"{user!r} holds {account.size} bytes at the scheduler already, "
+                "files and kept results together, of the "
+                f"{account.quota} it may (dispynb-scheduler --max_user_kept); files "
+                "go when the computations that list them close, results as their "
+                "client collects them: send less at once, or have the quota raised"
+            )
         if not self._claims.get(digest) or digest in self._uploaded:
             self.claim(uploader, [digest])
             self._uploaded.add(digest)
@@ -169,6 +180,7 @@ class ClientFiles:
         self._files[digest] = (fd, view.nbytes)
         self._owner[digest] = user
         self._counts[user] += 1
+        account.size += view.nbytes
         return ""
 
     def _no_room(self, fd: int, digest: str, size: int) -> str:
@@ -219,6 +231,8 @@ class ClientFiles:
             os.close(kept[0])
         owner = self._owner.pop(digest, None)
         if owner is not None:
+            if kept is not None:
+                self.store.user(owner).size -= kept[1]
             self._counts[owner] -= 1
             if not self._counts[owner]:
                 del self._counts[owner]

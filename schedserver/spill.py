@@ -31,8 +31,9 @@ computation held over its quota gets CPUs again once acknowledgements bring what
 keeps back under it (logged).
 
 Each user may keep ``--max_user_kept`` bytes at most in all (`UserKept`): what its
-computations and its sessions' backlogs keep together, so that one user's many
-computations and sessions cannot fill the disk the other users' kept results need.
+computations and its sessions' backlogs keep together, and the files it sent
+(`ClientFiles`), so that one user's many computations, sessions and files cannot
+fill the disk the other users' kept results need.
 Past it, its results are not kept as past ``--max_kept`` (the error names the
 option), and its computation is held until its client comes back, or until room
 is freed in the user's quota (its other computations' results collected,
@@ -133,9 +134,9 @@ def _jobs_of(message: Message) -> set[tuple[int, int]]:
 
 
 class UserKept:
-    """What one user's computations and sessions keep in all (bytes counted as
-    `KeptMessages.size` counts them), and its quota (``--max_user_kept``; 0: no
-    limit)."""
+    """What one user holds at the scheduler in all: what its computations and
+    sessions keep (bytes counted as `KeptMessages.size` counts them) and the files
+    it sent (`ClientFiles`); and its quota (``--max_user_kept``; 0: no limit)."""
 
     def __init__(self, user: str, quota: int) -> None:
         self.user = user
@@ -500,9 +501,10 @@ class KeptMessages:
             reason = (
                 "its result was not kept: the scheduler keeps at most "
                 f"{account.quota / 2**20:.0f} MiB of results for user "
-                f"{account.user!r} in all, its computations and sessions together "
-                "(--max_user_kept); collect them sooner (recover_jobs), close the "
-                "computations you no longer need, or have it raised"
+                f"{account.user!r} in all, its computations, sessions and files "
+                "sent together (--max_user_kept); collect them sooner "
+                "(recover_jobs), close the computations you no longer need, or "
+                "have it raised"
             )
         elif disk is None:
             reason = (

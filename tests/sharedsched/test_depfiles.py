@@ -447,6 +447,36 @@ def test_a_file_that_cannot_be_written_drops_no_other(tmp_path: Path) -> None:
         store.close()
 
 
+def test_files_count_in_their_users_max_user_kept(tmp_path: Path) -> None:
+    """A user's files count in what she may hold in all (--max_user_kept), with
+    her kept results: past it a file is refused, naming it; the other users'
+    room is theirs; a file released gives its room back."""
+    from schedserver.depfiles import ClientFiles
+    from schedserver.spill import SpillStore
+
+    store = SpillStore(str(tmp_path / "spill"), 0, user_quota=100)
+    files = ClientFiles(store, 0)
+    hers, his = object(), object()
+
+    def put(text: bytes, session: object, user: str) -> str:
+        data = memoryview(text)
+        return files.put(hashlib.sha256(data).hexdigest(), data, session, user)
+
+    try:
+        assert put(b"a" * 60, hers, "alice") == ""
+        assert store.user("alice").size == 60
+        refused = put(b"b" * 50, hers, "alice")
+        assert "--max_user_kept" in refused and "'alice' holds 60 bytes" in refused
+        assert put(b"b" * 50, his, "bob") == ""
+        files.release(hers)
+        assert store.user("alice").size == 0 and store.user("bob").size == 50
+        assert put(b"c" * 90, hers, "alice") == ""
+    finally:
+        files.close()
+        store.close()
+    assert store.user("alice").size == store.user("bob").size == 0
+
+
 def run_tool(name: str) -> str:
     import subprocess
 

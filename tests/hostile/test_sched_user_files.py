@@ -1,0 +1,127 @@
+"""One user of a scheduler hoards the disk with the files she sends.
+
+The scheduler keeps each file a client sends (``depends``, ``send_file``) on disk
+under ``--dest_path_prefix`` while a computation or the session that sent it lives:
+``--max_file_size`` bytes each (512 MiB), ``--max_files`` files per user. Counted
+apart from ``--max_user_kept``, one user's 128 files held 64 GiB there, up to 1 GiB
+short of a full disk, which left the other users' kept results that last GiB. Her
+files count in her ``--max_user_kept`` now: past it they are refused, naming it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from dispynb import SharedJobCluster
+from dispynb.errors import DispynbError
+from dispynb.protocol.files import digest_of
+from dispynb.protocol.messages import Error, FilePut
+from dispynb.transport.connection import Connection
+from tests.hostile.test_scheduler import people, shared_nodes
+from tests.sharedsched.harness import raw_scheduler_session
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+__all__ = ["people"]  # the fixture
+
+MiB = 1 << 20
+#: Each file mallory sends, how many, and what each user may hold in all (3 files).
+FILE = 3 * MiB
+FILES = 6
+USER_QUOTA = 10 * MiB
+#: Seconds each step may take.
+WAIT = 30
+
+
+async def _send(conn: Connection, count: int, refusals: int) -> list[str]:
+    """Send ``count`` distinct files of `FILE` bytes (no computation lists them:
+    the session holds them); the scheduler's refusals, once ``refusals`` came (or
+    `WAIT` seconds passed)."""
+    for i in range(count):
+        data = memoryview(bytes([i]) * FILE)
+        conn.write(FilePut(digest=digest_of(data), size=data.nbytes), [data])
+        await conn.flush()
+    errors: list[str] = []
+    try:
+        async with asyncio.timeout(WAIT):
+            while len(errors) < refusals:
+                message, _ = await conn.recv()
+                if isinstance(message, Error):
+                    errors.append(message.message)
+    except TimeoutError:
+        pass
+    return errors
+
+
+def file_size(name: str) -> int:
+    """A job: the size of a file in its directory."""
+    import os
+
+    return os.path.getsize(name)
+
+
+def _run_with(address: str, credential: Path, path: Path) -> int | str:
+    """A real client's cluster that depends on ``path``: its job's answer, or
+    what the client met instead."""
+    try:
+        with SharedJobCluster(
+            file_size,
+            scheduler_host=address,
+            secret_file=str(credential),
+            depends=[str(path)],
+        ) as cluster:
+            return int(cluster.submit(path.name)())
+    except DispynbError as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+@pytest.mark.attack(
+    id="sched-user-files-hoard",
+    title=f"A scheduler user sends {FILES} files of {FILE // MiB} MiB from one "
+    f"session and keeps it open (--max_user_kept {USER_QUOTA // MiB}M); then her "
+    "cluster, and another user's, depend on one more",
+    goal="her files past the quota refused, naming --max_user_kept, and so her "
+    "cluster's setup; the other user's cluster runs (was: files counted apart, "
+    "64 GiB a user)",
+)
+def test_one_users_files_count_in_her_quota(
+    tmp_path: Path, people: dict[str, Path], measure
+) -> None:
+    extra = {name: tmp_path / f"{name}.bin" for name in ("mallory", "alice")}
+    for path in extra.values():  # distinct: files are shared by digest
+        path.write_bytes(os.urandom(2 * MiB))
+    with shared_nodes(
+        tmp_path, people,
+        "--max_user_kept", f"{USER_QUOTA // MiB}M",
+        "--dest_path_prefix", str(tmp_path / "spill"),
+    ) as sched:  # fmt: skip
+
+        async def attack() -> tuple[list[str], int | str, int | str]:
+            conn = await raw_scheduler_session(sched.port, people["mallory"])
+            try:
+                refused = await _send(conn, FILES, FILES - USER_QUOTA // FILE)
+                # While her session holds her files: her cluster, then alice's.
+                hers, alices = [
+                    await asyncio.to_thread(
+                        _run_with, sched.address, people[name], extra[name]
+                    )
+                    for name in ("mallory", "alice")
+                ]
+                return refused, hers, alices
+            finally:
+                conn.close()
+
+        refused, hers, alices = asyncio.run(attack())
+    measure(
+        f"mallory: {FILES - len(refused)} of {FILES} files kept, {len(refused)} "
+        f"refused ({refused[0][:110] if refused else 'none'}...); her cluster: "
+        f"{str(hers)[:90]}; alice's cluster: {alices}"
+    )
+    assert len(refused) == FILES - USER_QUOTA // FILE
+    assert all("--max_user_kept" in text for text in refused)
+    assert isinstance(hers, str) and "--max_user_kept" in hers
+    assert alices == 2 * MiB
