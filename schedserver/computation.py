@@ -167,6 +167,9 @@ class SharedComputation(_NodeSide, _SentFiles):
         #: Its client asked for it exclusive; its user is not among
         #: --exclusive_users (`SchedulerSession._exclusive`): it runs shared.
         self.exclusive_declined = False
+        #: The exclusive computation its client was told its jobs wait for
+        #: (`_Dispatch._tell_who_waits`): told once per exclusive computation.
+        self.told_waiting: SharedComputation | None = None
         self.queue: collections.deque[QueuedJob] = collections.deque()
         self.running: dict[int, QueuedJob] = {}
         #: Bytes it holds here against --max_user_args: its bundle (kept to set it

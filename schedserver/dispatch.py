@@ -9,7 +9,7 @@ import math
 from typing import Any
 
 from dispynb.errors import DispynbError
-from dispynb.protocol.messages import Message
+from dispynb.protocol.messages import Error, Message
 from dispynb.scheduler.policy import window
 from dispynb.transport.connection import describe_error
 from schedserver.computation import SharedComputation, Upstream
@@ -47,13 +47,55 @@ class _Dispatch(_ServerState):
         self._dispatch_due = False
         computations = self.computations
         active = []
+        exclusive = None
         for c in computations:
             if c.queue:  # (only a computation with jobs queued is picked)
                 held = c.account.held = c.held
                 if not c.closing and not held:
                     active.append(c)
+            if (
+                c.account.exclusive
+                and not c.closing
+                and (exclusive is None or c.account.order < exclusive.account.order)
+            ):
+                exclusive = c  # the one `FairShare.pick` lets run alone
         if active:
             self._dispatch(active)
+            if exclusive is not None:
+                self._tell_who_waits(active, exclusive)
+
+    def _tell_who_waits(
+        self, active: list[SharedComputation], exclusive: SharedComputation
+    ) -> None:
+        """Tell the client of each computation of ``active`` (jobs queued) that
+        ``exclusive`` keeps waiting why, once per exclusive computation: before,
+        another user's jobs waited, for as long as an exclusive cluster stayed open,
+        with no word of why (its user's name is not said: a user learns nothing of
+        another's)."""
+        for comp in active:
+            if (
+                comp is exclusive
+                or comp.told_waiting is exclusive
+                or comp.session is None
+                or not comp.queue
+            ):
+                continue
+            comp.told_waiting = exclusive
+            whose = (
+                f"your exclusive cluster {exclusive.name.partition('/')[2]!r}"
+                if exclusive.user == comp.user
+                else "another user's exclusive cluster (exclusive=True)"
+            )
+            comp.session.send(
+                Error(
+                    code="waiting",
+                    message=(
+                        f"the jobs of {comp.name.partition('/')[2]!r} wait: {whose} "
+                        "runs alone on this scheduler's nodes, and they start once "
+                        "it closes"
+                    ),
+                )
+            )
 
     def schedule_soon(self) -> None:
         """Hand free slots out once the messages read with this one are handled:

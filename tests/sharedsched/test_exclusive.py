@@ -81,13 +81,18 @@ def test_exclusive_is_declined_by_default_and_the_cluster_runs_shared(
 
 @pytest.mark.slow
 def test_an_exclusive_cluster_of_a_user_named_runs_alone(
-    tmp_path: Path, nodes: LocalCluster, users: dict[str, Path]
+    tmp_path: Path,
+    nodes: LocalCluster,
+    users: dict[str, Path],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """``--exclusive_users alice,carol``: as dispy's, her exclusive cluster waits
     for the running jobs of others, then runs alone; others' jobs wait until it
-    closes. The scheduler's log says who may at start, warning of carol, who is no
-    user (a typo would go unseen: that user's exclusive clusters run shared), and
-    that alice's runs exclusive."""
+    closes, and their client is told why, once, without alice's name (before, bob's
+    jobs waited with no word, for as long as her cluster stayed open). The
+    scheduler's log says who may at start, warning of carol, who is no user (a typo
+    would go unseen: that user's exclusive clusters run shared), and that alice's
+    runs exclusive."""
     scheduler = SchedulerProcess(
         tmp_path,
         nodes.node_specs(),
@@ -98,9 +103,12 @@ def test_an_exclusive_cluster_of_a_user_named_runs_alone(
         log = scheduler.log_text()
         assert "exclusive clusters: for alice, carol only (--exclusive_users)" in log
         assert "WARNING --exclusive_users names 'carol', not in the users file" in log
-        with SharedJobCluster(
-            nap, scheduler_host=scheduler.address, secret_file=str(users["bob"])
-        ) as bob:
+        with (
+            caplog.at_level(logging.WARNING, logger="dispynb"),
+            SharedJobCluster(
+                nap, scheduler_host=scheduler.address, secret_file=str(users["bob"])
+            ) as bob,
+        ):
             first = [bob.submit(i, 1.0) for i in range(4)]
             # all four in flight (as dispy's, an exclusive cluster waits for running
             # jobs only: queued ones of others wait for it)
@@ -127,6 +135,12 @@ def test_an_exclusive_cluster_of_a_user_named_runs_alone(
             # ... and bob's later jobs waited until alice had closed
             assert [job() for job in later] == list(range(4, 8))
             assert min(job.start_time for job in later) >= alice_end - 0.05
+        told = [r.getMessage() for r in caplog.records if " wait: " in r.getMessage()]
+        assert told == [
+            f"scheduler {scheduler.address} reports: the jobs of 'nap' wait: another "
+            "user's exclusive cluster (exclusive=True) runs alone on this "
+            "scheduler's nodes, and they start once it closes"
+        ]
         log = scheduler.log_text()
         assert "alice/nap runs exclusive: no other user's job starts" in log
         assert "alice/nap closed: other users' jobs run again" in log
