@@ -121,7 +121,11 @@ class ClientSession(_SessionFiles, _SessionRecovery):
                     # waits unread (in its socket) until it has, as the answers to
                     # it (errors, recoveries not found...) piled up here without
                     # bound. (Raises once the connection ended.)
-                    await self.conn.flush()
+                    self._catching_up = True
+                    try:
+                        await self.conn.flush()
+                    finally:
+                        self._catching_up = False
         except (MessageError, FramingError) as exc:
             # A message whose parts disagree cannot be trusted (nor what follows
             # it), a frame this node cannot take (out of memory) leaves the stream
@@ -363,6 +367,7 @@ class ClientSession(_SessionFiles, _SessionRecovery):
         orphan_timeout = self.server.config.orphan_timeout
         while True:
             await asyncio.sleep(self._status_interval or STATUS_INTERVAL)
+            self._heard_as_it_reads()
             if orphan_timeout and time.monotonic() - self._last_heard > orphan_timeout:
                 logger.warning(
                     "client %r at %s silent for %.0f s: freeing its computations",
@@ -380,6 +385,17 @@ class ClientSession(_SessionFiles, _SessionRecovery):
                 continue
             avail = avail_info(self.server.config.dest_path)
             self.outbox.write(NodeStatus(avail=avail))
+
+    def _heard_as_it_reads(self) -> None:
+        """A client whose messages wait unread (`serve`, after `_unread`: its
+        pings too) is alive while it takes what is sent to it: on a slow link,
+        catching up on 32 MiB of results took longer than --orphan-timeout, and
+        the node freed the computations of a client that pinged all along. One
+        that takes nothing more (stopped, cut off) is silent, as ever."""
+        taken = self.conn.bytes_sent - self.conn.unsent
+        if taken > self._taken and self._catching_up:
+            self._last_heard = time.monotonic()
+        self._taken = taken
 
     def _on_ping(self, message: Ping, buffers: list[memoryview]) -> None:
         """The client is alive (recorded for every message received)."""

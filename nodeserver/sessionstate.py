@@ -69,6 +69,11 @@ class _SessionState:
         # that goes silent while connected frees them, as one without recovery.
         self._crash_only: set[int] = set()
         self._orphaned = False  # this node closed the connection of a silent client
+        #: Its messages wait unread until its client has taken what was sent to
+        #: it; and what its client had taken at the last pulse
+        #: (`ClientSession._heard_as_it_reads`).
+        self._catching_up = False
+        self._taken = 0
         #: The kept computations it claimed, each with the callback its recovery
         #: gave (`Kept.deliver`, unless a later recovery's replaced it).
         self._claims: list[tuple[Kept, Any]] = []
