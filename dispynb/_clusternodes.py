@@ -116,6 +116,11 @@ class _Nodes(_ClusterState):
             why = f"node {node_id} is not set up for this cluster now"
         elif self._closed or self._backend is None:
             why = "the cluster is closed"
+        elif (released := self._node_id(node, among=self._released_nodes)) is not None:
+            why = (
+                f"node {released} was released (close_node): allocate_node gives "
+                "it back"
+            )
         else:
             why = f"{node!r} is not a node of this cluster"
         logger.warning("%s: %s", what, why)

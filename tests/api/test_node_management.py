@@ -203,7 +203,7 @@ def test_node_jobs_lists_the_running_jobs_not_those_queued_at_the_node(
         assert cluster.wait(timeout=WAIT)
 
 
-def test_close_node_releases_node_for_good_until_allocated_again(two, tmp_path):
+def test_close_node_releases_node_for_good_until_allocated_again(two, tmp_path, caplog):
     events: list[tuple[int, str]] = []
 
     def cluster_status(
@@ -234,7 +234,13 @@ def test_close_node_releases_node_for_good_until_allocated_again(two, tmp_path):
         ]
         assert cluster.wait(timeout=WAIT)
         assert {j.result for j in marker_jobs + sleepers} == {"local-1"}
-        assert cluster.close_node(closed) == -1  # not a node of the cluster now
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="dispynb"):
+            assert cluster.close_node(closed) == -1  # not a node of the cluster now
+        assert caplog.messages == [
+            f"close_node: node {closed.ip_addr}:{closed.port} was released "
+            "(close_node): allocate_node gives it back"
+        ], caplog.text  # (it said nothing; then that it was no node of the cluster)
         # As dispy's, whose cluster keeps a closed node (print_status lists it):
         # it runs none of the cluster's jobs (it said -1, as for a stranger).
         assert cluster.node_jobs(closed) == []
