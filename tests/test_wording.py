@@ -29,7 +29,8 @@ def test_one_is_singular_and_the_others_plural() -> None:
 def test_a_scheduler_quota_of_one_session_says_one_session() -> None:
     """``--max_sessions 1`` refused a second cluster saying 'has 1 sessions open'."""
     server = SimpleNamespace(
-        config=SimpleNamespace(max_sessions=1), sessions=[SimpleNamespace(user="al")]
+        config=SimpleNamespace(max_sessions=1),
+        sessions=[SimpleNamespace(user="al", ending=False)],  # (a live one)
     )
     said = _Clients._over_sessions(server, "al")  # type: ignore[arg-type]
     assert said.startswith("refused: user 'al' has 1 session open at the scheduler")
