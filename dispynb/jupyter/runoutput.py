@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import reprlib
 import sys
 
 from dispynb._interruptible import HeldInterrupts
@@ -84,10 +85,28 @@ class _RunOutput(_RunState):
                     shown = without_client_advice(shown)
                 writer(
                     "stderr",
-                    f"job {job.id} (input {index}){where} failed:\n"
+                    f"job {job.id} (input {index}: {self._call_of(job)}){where} "
+                    "failed:\n"
                     f"{shown}\n{_missing_file_hint(job)}{_missing_name_hint(job)}{own}"
                     f"{self._reentrant_hint(job)}",
                 )
+
+    def _call_of(self, job: DispyJob) -> str:
+        """``fragile(0)``: the call a job made, its arguments cut short as `reprlib`
+        does. 'job 14 (input 1) failed' alone read as the input 1 to a newcomer,
+        whose failing input was 0, the second one."""
+        computation = getattr(
+            getattr(self.cluster, "_options", None), "computation", None
+        )
+        if isinstance(computation, str):  # a program
+            name = os.path.basename(computation)
+        else:
+            name = getattr(computation, "__name__", None) or self.name
+        shown = reprlib.Repr()  # no keywords before Python 3.12
+        shown.maxlevel, shown.maxstring, shown.maxother = 2, 40, 40
+        given = [shown.repr(arg) for arg in job._args]
+        given += [f"{key}={shown.repr(value)}" for key, value in job._kwargs.items()]
+        return f"{name}({', '.join(given)})"
 
     def _reach(self, path: str) -> str:
         """How the person reaches ``path`` of this run: ``r.failures``, or ``the

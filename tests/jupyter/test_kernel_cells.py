@@ -556,7 +556,7 @@ def test_a_failure_names_the_node_it_ran_on_among_nodes_of_one_address(tmp_path)
         session = "get_ipython().magics_manager.registry['DispyMagics'].session"
         port = k.value(f"{session}.local.addresses[1][1]")  # local-1's
     assert out.status == "ok", out.text
-    found = re.search(r"job \d+ \(input 1\) on (.+) failed:", out.stderr)
+    found = re.search(r"job \d+ \(input 1: where\(1\)\) on (.+) failed:", out.stderr)
     assert found, out.stderr
     assert found.group(1) == f"local-1 (127.0.0.1:{port})", out.stderr
 

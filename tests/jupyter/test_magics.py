@@ -176,7 +176,8 @@ def test_magic_cell_remote_output_and_traceback_appear_in_the_cell(ip):
     assert {f"[job {ids[i]}] warning {i}" for i in range(3)} <= set(err.splitlines())
     assert "Traceback (most recent call last)" in err
     assert "KeyError: 2" in err
-    assert "(input 2)" in err
+    # Which input failed, and the call it made: 'input 2' alone read as the value.
+    assert f"job {ids[2]} (input 2: noisy(2)) on " in err
     assert ip.user_ns["noisy"].df.loc[0, "stdout"] == "hello from job 0\n"
 
 
