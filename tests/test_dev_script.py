@@ -64,3 +64,30 @@ def test_dev_says_it_sets_the_venv_up_then_that_it_is_ready(checkout: Path) -> N
     again = dev(checkout, "demo")
     assert again.returncode == 0, again.stderr
     assert "setting up" not in again.stderr  # set up already: nothing to say
+
+
+OLD_PYTHON = """#!/bin/sh
+if [ "$1" = --version ]; then echo "Python 3.10.13"; else exit 1; fi
+"""
+
+
+def test_dev_names_the_python_too_old_it_found(checkout: Path) -> None:
+    """``python3`` 3.10 was refused with 'set PYTHON=...' and no word of which
+    Python was tried, or what it was."""
+    old = checkout / "python3.10"
+    old.write_text(OLD_PYTHON)
+    old.chmod(old.stat().st_mode | stat.S_IXUSR)
+    for python, said in [(str(old), "Python 3.10.13"), ("no-such-python", "not found")]:
+        done = subprocess.run(
+            ["./dev", "demo"],
+            cwd=checkout,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHON": python},
+        )
+        assert done.returncode == 1
+        first, _, rest = done.stderr.partition(f"; {python} is ")
+        assert first == "dispynb needs Python 3.11 or newer", done.stderr
+        assert rest == f"{said}: set PYTHON=/path/to/python3.11 (or newer)\n"
+    assert not (checkout / "ran.log").exists()  # nothing installed or run
