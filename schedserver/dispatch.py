@@ -15,6 +15,12 @@ from dispynb.transport.connection import describe_error
 from schedserver.computation import SharedComputation, Upstream
 from schedserver.state import NodeState, _ServerState, logger
 
+#: Mean job duration (s) from which a node gets no job ahead of a free CPU, even
+#: while one user alone has jobs: sending ahead hides a round trip (a millisecond),
+#: nothing for jobs this long, and the jobs sent ahead run before those of a user
+#: who comes next (who waited a whole job more: an hour, for hour-long jobs).
+NO_AHEAD_FROM = 1.0
+
 
 class _Dispatch(_ServerState):
     """Jobs handed out to the nodes' free slots, fairly."""
@@ -152,7 +158,7 @@ class _Dispatch(_ServerState):
                 # burst of long jobs must not all go to the node ready first.
                 ahead = (
                     node.cpus
-                    if node.mean is None
+                    if node.mean is None or node.mean >= NO_AHEAD_FROM
                     else min(window(node.cpus, node.mean), node.cpus * per_cpu)
                 )
                 if node.in_flight >= ahead:

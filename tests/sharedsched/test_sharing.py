@@ -86,6 +86,47 @@ def test_equal_load_gets_equal_shares(
     assert abs(shares[0] - shares[1]) <= 0.1 * (sum(shares) / 2), shares
 
 
+def test_a_user_who_comes_next_gets_the_first_cpu_freed_after_long_jobs(
+    scheduler: SchedulerProcess, users: dict[str, Path]
+) -> None:
+    """Alice alone runs jobs of 1.2 s on the 4 CPUs; bob submits while her second
+    round runs: his first job takes the first CPU freed. Before, her jobs of the
+    third round had been sent ahead to the nodes (as for short jobs, to hide a
+    round trip) and ran first, so bob waited a whole job more than a free CPU (an
+    hour, for hour-long jobs)."""
+    with SharedJobCluster(
+        nap, scheduler_host=scheduler.address, secret_file=str(users["alice"])
+    ) as alice:
+        hers = [alice.submit(i, 1.2) for i in range(16)]
+        # her first round ended (the scheduler knows how long her jobs take) and
+        # the second runs
+        wait_until(lambda: sum(job.status == JobStatus.Finished for job in hers) >= 4)
+        wait_until(lambda: sum(job.status == JobStatus.Running for job in hers) >= 4)
+        # ... for 0.4 s: her client had time to send her next jobs, which went
+        # ahead to the nodes before (not needed for the test to pass, but for it
+        # to fail without the change)
+        second = max(job.start_time for job in hers if job.start_time is not None)
+        wait_until(lambda: time.time() > second + 0.4)
+        with SharedJobCluster(
+            nap, scheduler_host=scheduler.address, secret_file=str(users["bob"])
+        ) as bob:
+            since = time.time()
+            his = [bob.submit(i, 0.01) for i in range(4)]
+            assert [job() for job in his] == list(range(4))
+            first = min(job.start_time for job in his)
+        later = [
+            job.start_time
+            for job in hers
+            if job.start_time is not None and job.start_time > since
+        ]
+        for job in hers:
+            if not job.done():
+                alice.cancel(job)
+        assert later, [job.status for job in hers]
+        # no job of hers that started after bob submitted started before his first
+        assert first <= min(later) + 0.05, (first - since, sorted(later))
+
+
 def test_quotas_cap_running_and_queued_jobs(
     tmp_path: Path, nodes: LocalCluster, users: dict[str, Path]
 ) -> None:
