@@ -13,8 +13,9 @@ when it reads end of file (``--parent-pipe``); ``--exit-with-parent`` (re-parent
 backs that up when a forked child of this process holds a copy of the write end.
 
 ``engine="dask"`` (or ``$DISPYNB_LOCAL_ENGINE=dask``) starts a Dask cluster on this
-machine instead, with the same API (`dispynb.backends._dasklocal`): the same
-programs and notebooks then run on the Dask engine.
+machine instead, with the same API, run through `dispynb.backends.dask.DaskEngine`
+(see ``docs/howto/choose-engine.md``): the same programs and notebooks then run on
+the Dask engine.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from dispynb.defaults import LOCAL_ENGINE_ENV, SECRET_ENV, SECRET_FILE_ENV
 from dispynb.errors import ClusterError, ConfigurationError
 from dispynb.secret import random_secret
 from dispynb.transport import localsockets
+from dispynb.wording import counted
 
 #: Runs dispynb's own node server (``python -c _NODE_MAIN ROOT ARGS``, ROOT the
 #: directory holding dispynb and nodeserver). ``python -m nodeserver`` imported a
@@ -104,15 +106,37 @@ def local_engine(engine: str | None) -> str:
     return chosen
 
 
-def cpus_per_node(nodes: int, cpus: int | None) -> int:
-    """``cpus``, checked; by default this machine's CPUs shared among ``nodes``."""
-    if nodes < 1:
-        raise ConfigurationError("a LocalCluster needs at least one node")
+def cpus_per_node(nodes: Any, cpus: Any) -> int:
+    """``cpus``, checked; by default this machine's CPUs shared among ``nodes``
+    (checked too). More CPUs than the machine has are taken, with a warning that
+    names the machine's count: dispynb-node takes them too (its jobs then share
+    the CPUs), for jobs that mostly wait."""
+    count = _count(nodes, "nodes", "node server processes to start")
+    available = os.cpu_count() or 1
     if cpus is None:
-        cpus = max((os.cpu_count() or 1) // nodes, 1)
-    if cpus < 1:
-        raise ConfigurationError("cpus must be a positive number of CPUs per node")
-    return cpus
+        return max(available // count, 1)
+    each = _count(cpus, "cpus", "CPUs of each node (or None: this machine's shared)")
+    if each > available:
+        logger.warning(
+            "LocalCluster(cpus=%d): this machine has %s; each node runs up to %s "
+            "at once, which share them (leave out cpus= to share the machine's "
+            "CPUs among the nodes)",
+            each,
+            counted(available, "CPU"),
+            counted(each, "job"),
+        )
+    return each
+
+
+def _count(value: Any, name: str, what: str) -> int:
+    """``value``; a `ConfigurationError` unless it is a whole number >= 1 (not a
+    bool, not text: ``nodes="2"`` failed inside with a bare TypeError)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(
+            f"LocalCluster's {name} must be a whole number, at least 1 ({what}); "
+            f"got {value!r}"
+        )
+    return value
 
 
 class LocalCluster:
@@ -123,14 +147,17 @@ class LocalCluster:
     nodes:
         How many node-server processes to start.
     cpus:
-        CPUs of each node; default: this machine's CPUs shared among the nodes.
+        CPUs of each node (jobs it runs at once); default: this machine's CPUs
+        shared among the nodes. More than this machine has are taken, with a
+        warning (their jobs share its CPUs).
     secret:
         Shared secret; default: a new random one (see the ``secret`` attribute).
     loglevel:
         The nodes' log level (their logs go to this process's stderr).
     engine:
         ``"nodes"`` (dispynb's node servers) or ``"dask"`` (a Dask cluster on this
-        machine, used through the Dask engine; see `dispynb.backends._dasklocal`).
+        machine, used through `dispynb.backends.dask.DaskEngine`; its ``engine``
+        attribute is that engine, its ``scheduler_address`` the Dask scheduler's).
         Default: ``$DISPYNB_LOCAL_ENGINE``, else ``"nodes"``.
     max_message_size:
         The largest message the nodes take, and so the largest result they send

@@ -11,6 +11,7 @@ import os
 import stat
 import subprocess
 import sys
+import tempfile
 
 import psutil
 import pytest
@@ -206,8 +207,59 @@ def test_local_cluster_node_fails_to_start_raises_cluster_error():
 
 
 def test_local_cluster_zero_nodes_raises_configuration_error():
-    with pytest.raises(ConfigurationError, match="at least one node"):
+    with pytest.raises(ConfigurationError, match="nodes must be a whole number, at"):
         LocalCluster(nodes=0)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "wrong"),
+    [
+        ({"nodes": "2"}, "nodes must be a whole number, at least 1 .*got '2'"),
+        ({"nodes": 1.5}, "nodes must be a whole number, at least 1 .*got 1.5"),
+        ({"nodes": True}, "nodes must be a whole number, at least 1 .*got True"),
+        ({"cpus": "4"}, "cpus must be a whole number, at least 1 .*got '4'"),
+        ({"cpus": 2.0}, "cpus must be a whole number, at least 1 .*got 2.0"),
+        ({"cpus": 0}, "cpus must be a whole number, at least 1 .*got 0"),
+        ({"nodes": "2", "cpus": 1}, "nodes must be .*got '2'"),
+    ],
+)
+def test_local_cluster_wrong_arguments_say_what_is_expected(arguments, wrong):
+    """Before: nodes="2" raised a bare TypeError from a comparison inside."""
+    before = set(os.listdir(tempfile.gettempdir()))
+    with pytest.raises(ConfigurationError, match=f"^LocalCluster's {wrong}$"):
+        LocalCluster(**arguments)
+    # Refused before anything started: no node directory left behind.
+    after = set(os.listdir(tempfile.gettempdir()))
+    assert not {name for name in after - before if name.startswith("dispynb-local-")}
+
+
+def test_more_cpus_than_the_machine_has_are_taken_with_a_warning_naming_its_count(
+    caplog,
+):
+    """Before: accepted silently. dispynb-node takes them (its jobs share the
+    CPUs), so LocalCluster does too, and says how many the machine has."""
+    available = os.cpu_count() or 1
+    asked = available + 3
+    with (
+        caplog.at_level(logging.WARNING, logger="dispynb"),
+        LocalCluster(cpus=asked) as local,
+        JobCluster(jobs.square, nodes=local) as cluster,
+    ):
+        wait_until(lambda: len(cluster.status().nodes) == 1)
+        assert cluster.status().nodes[0].cpus == asked
+    warned = [r.getMessage() for r in caplog.records if r.name == "dispynb.local"]
+    machine = f"{available} CPU" + ("" if available == 1 else "s")
+    assert warned == [
+        f"LocalCluster(cpus={asked}): this machine has {machine}; each node runs up "
+        f"to {asked} jobs at once, which share them (leave out cpus= to share the "
+        "machine's CPUs among the nodes)"
+    ]
+
+
+def test_cpus_within_the_machine_warn_of_nothing(caplog):
+    with caplog.at_level(logging.WARNING, logger="dispynb"), LocalCluster(cpus=1):
+        pass
+    assert not [r for r in caplog.records if r.name == "dispynb.local"]
 
 
 def test_local_cluster_default_cpus_share_this_machine():
