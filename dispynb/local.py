@@ -29,12 +29,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import weakref
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from dispynb import lockeddirs
 from dispynb.defaults import LOCAL_ENGINE_ENV, SECRET_ENV, SECRET_FILE_ENV
 from dispynb.errors import ClusterError, ConfigurationError
 from dispynb.secret import random_secret
@@ -78,6 +78,11 @@ STOP_TIMEOUT = 15.0
 
 #: Seconds a node whose main thread has died gets for its other threads to end.
 REAP_TIMEOUT = 5.0
+
+#: The prefix of a LocalCluster's directory in the temporary directory (the
+#: nodes' ``--dest-path``, port files, sockets). Older ``dispynb-local-*`` without
+#: ``flock-`` had no lock, so are left alone.
+_DIR_PREFIX = "dispynb-local-flock-"
 
 #: What ``engine=`` (and ``$DISPYNB_LOCAL_ENGINE``) may name.
 LOCAL_ENGINES = ("nodes", "dask")
@@ -203,7 +208,10 @@ class LocalCluster:
         self.restart_hint = (
             "start a new LocalCluster (an Executor without nodes starts its own)"
         )
-        self._dir = tempfile.mkdtemp(prefix="dispynb-local-")
+        # Locked while this process or one of its nodes runs: a LocalCluster made
+        # after all were killed at once (SIGKILL to a batch job's cgroup) removes
+        # it, with the nodes' copies of the jobs' files (`dispynb.lockeddirs`).
+        self._dir, self._dir_lock = lockeddirs.make(_DIR_PREFIX)
         self._procs: list[subprocess.Popen[bytes]] = []
         self._pipes: list[int] = []  # write ends: the nodes stop when they close
         self.addresses: list[tuple[str, int]] = []
@@ -254,7 +262,8 @@ class LocalCluster:
                 [*command, "--parent-pipe", str(read_end)],
                 env=env,
                 stdin=subprocess.DEVNULL,
-                pass_fds=(read_end,),
+                # The directory's lock too: held till the last node ends.
+                pass_fds=(read_end, self._dir_lock),
                 start_new_session=True,  # out of reach of killpg(SIGINT): Stop
             )
         finally:
@@ -394,6 +403,9 @@ class LocalCluster:
         atexit.unregister(self.close)
         with contextlib.suppress(OSError):
             shutil.rmtree(self._dir)
+        if self._dir_lock >= 0:
+            os.close(self._dir_lock)
+            self._dir_lock = -1
 
     def __enter__(self) -> LocalCluster:
         return self

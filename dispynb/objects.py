@@ -21,17 +21,16 @@ handles are given to jobs as arguments; Dask's ``scatter`` cannot reach the jobs
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import mmap
 import os
 import shutil
 import struct
-import tempfile
 import threading
 from dataclasses import dataclass
 from typing import Any
 
+from dispynb import lockeddirs
 from dispynb.depends import FileRef
 from dispynb.errors import ClusterError, SerializationError
 from dispynb.protocol import serialize
@@ -141,33 +140,13 @@ def make_directory() -> str:
     """A new directory for this process's object files, once those of clients
     that ended without removing theirs are removed (a kernel killed: SIGKILL, the
     out-of-memory killer; nothing else would remove them, large as they may be).
-    `remove_directory` removes it.
-
-    Whether a client ended is told by the lock it holds on its directory, which the
-    kernel lets go when it ends: not by its pid, which in another pid namespace (a
-    client in a container sharing the temporary directory) names another process or
-    none, nor by its start time.
+    `remove_directory` removes it. Whether a client ended is told by the lock it
+    holds on its directory (`dispynb.lockeddirs`).
     """
-    parent = tempfile.gettempdir()
-    with contextlib.suppress(OSError):
-        for name in os.listdir(parent):
-            if name.startswith(_DIR_PREFIX):
-                _remove_if_unlocked(os.path.join(parent, name))
-    for _ in range(8):
-        path = tempfile.mkdtemp(prefix=_DIR_PREFIX)
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            # Another client's sweep may have found it before it was locked, and
-            # removed it: then make another.
-            if os.path.samestat(os.stat(path), os.fstat(fd)):
-                with _held_lock:
-                    _held[path] = fd
-                return path
-        except OSError:
-            pass
-        os.close(fd)
-    raise OSError(f"cannot make a directory for object files in {parent}")
+    path, fd = lockeddirs.make(_DIR_PREFIX)
+    with _held_lock:
+        _held[path] = fd
+    return path
 
 
 def remove_directory(path: str) -> None:
@@ -176,23 +155,6 @@ def remove_directory(path: str) -> None:
     with _held_lock:
         fd = _held.pop(path, None)
     if fd is not None:
-        os.close(fd)
-
-
-def _remove_if_unlocked(path: str) -> None:
-    """Remove the directory ``path`` if it is this user's (not a link to one) and
-    no process holds its lock (the client that made it has ended)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except OSError:
-        return
-    try:
-        if os.fstat(fd).st_uid == os.getuid():
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            shutil.rmtree(path, ignore_errors=True)
-    except OSError:  # locked: its client runs
-        pass
-    finally:
         os.close(fd)
 
 

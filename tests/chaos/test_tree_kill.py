@@ -80,14 +80,20 @@ def cgroup_launcher(group: Path | None) -> list[str]:
 
 def kill_tree(node: CliNode, group: Path | None) -> None:
     """SIGKILL the node and all its processes together."""
+    kill_all(node.proc.pid, group)
+    node.proc.wait(20)
+
+
+def kill_all(pid: int, group: Path | None) -> None:
+    """SIGKILL the process ``pid`` and all its descendants together: the whole
+    cgroup ``group`` (it in it) if there is one, as a batch system does."""
     if group is not None:
         (group / "cgroup.kill").write_text("1")
     else:
-        root = psutil.Process(node.proc.pid)
+        root = psutil.Process(pid)
         for process in [*root.children(recursive=True), root]:
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.send_signal(signal.SIGKILL)
-    node.proc.wait(20)
 
 
 @pytest.mark.timeout(90)

@@ -1,0 +1,61 @@
+"""Temporary directories that a process ``flock``-s for as long as it uses them.
+
+A client killed with its nodes (SIGKILL to a batch job's whole cgroup, the
+out-of-memory killer) removes none of its temporary files, and nothing else would.
+So each such directory is locked (``flock`` on the directory itself) by the process
+that made it, and the next one to make a directory of the same kind removes those
+whose lock nobody holds: their owner has ended. The kernel lets a lock go only when
+the last descriptor sharing it closes, which a pid could not tell: in another pid
+namespace (a container sharing the temporary directory) it names another process,
+or none. Only this user's directories are removed, never one reached by a link.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import tempfile
+
+
+def make(prefix: str) -> tuple[str, int]:
+    """A new directory ``<tmp>/<prefix>*`` and the descriptor holding its lock
+    (close it once the directory is removed), once the directories of ``prefix``
+    whose owners have ended are removed. ``prefix`` must be used by this module
+    only: an unlocked directory of that name is taken as abandoned."""
+    parent = tempfile.gettempdir()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(parent):
+            if name.startswith(prefix):
+                _remove_if_unlocked(os.path.join(parent, name))
+    for _ in range(8):
+        path = tempfile.mkdtemp(prefix=prefix)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Another process's sweep may have found it before it was locked, and
+            # removed it: then make another.
+            if os.path.samestat(os.stat(path), os.fstat(fd)):
+                return path, fd
+        except OSError:
+            pass
+        os.close(fd)
+    raise OSError(f"cannot make a directory {prefix}* in {parent}")
+
+
+def _remove_if_unlocked(path: str) -> None:
+    """Remove the directory ``path`` if it is this user's (not a link to one) and
+    no process holds its lock (the process that made it has ended)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        if os.fstat(fd).st_uid == os.getuid():
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(path, ignore_errors=True)
+    except OSError:  # locked: its owner runs
+        pass
+    finally:
+        os.close(fd)
