@@ -11,6 +11,7 @@
      +-- TransportError           socket-level failures
      |    +-- ConnectionClosedError
      |    |    +-- NodeBusyError  the node refused the connection for now
+     |    |    +-- NodeNotServingError  the node runs but takes no new clients
      |    +-- ConnectTimeoutError
      +-- ConfigurationError       invalid options given by the user
      |    +-- NotSupportedError   a feature the cluster's engine does not provide
@@ -75,6 +76,12 @@ class ConnectionClosedError(TransportError):
 class NodeBusyError(ConnectionClosedError):
     """The node refused the connection for now (too many in their handshake, or too
     many failed handshakes from this address); retrying later may work."""
+
+
+class NodeNotServingError(ConnectionClosedError):
+    """The node runs but takes no new clients (``dispynb-node --serve N`` has
+    served its last client); it exits once that client leaves, and a restarted
+    node takes clients again."""
 
 
 class ConnectTimeoutError(TransportError):

@@ -104,6 +104,9 @@ class NodeServer:
         self.clients_served = 0
         #: `time.monotonic` when the last client session ended (None: none yet).
         self.last_client_left: float | None = None
+        #: Why the node takes no new clients for good (``--serve N`` reached);
+        #: told to each that connects. None while it takes them.
+        self.not_serving: str | None = None
         #: Set when ``config.serve`` clients have been served (``--serve N``).
         self.served_all = asyncio.Event()
         #: Set when a computation called ``dispynode_shutdown()`` and the node runs
@@ -117,7 +120,7 @@ class NodeServer:
     @property
     def listening(self) -> bool:
         """True while the node accepts new clients (see `pause` and `resume`)."""
-        return self._listener is not None
+        return self._listener is not None and self.not_serving is None
 
     async def start(self, listen: bool = True) -> int:
         """Listen and serve; return the bound port (written to ``port_file`` if set).
@@ -138,8 +141,8 @@ class NodeServer:
         The port is the one bound first (``config.port``, or the free one picked).
         """
         config = self.config
-        if self._listener is not None:
-            return self.port
+        if self._listener is not None or self.not_serving is not None:
+            return self.port  # (a service window opening after --serve N: no)
         ssl_context = (
             server_context(config.certfile, config.keyfile, config.cafile)
             if config.certfile
@@ -222,6 +225,22 @@ class NodeServer:
         if self._listener is not None:
             self._listener.stop()
             self._listener = None
+
+    def _take_no_more(self, limit: int) -> None:
+        """Take no new clients for good (``--serve N`` reached), but go on
+        listening to tell each why: a closed port read to clients as a node that
+        does not run. Discovery stops (no client is invited)."""
+        self.not_serving = (
+            f"node {self.config.name!r} serves no more clients: --serve {limit} "
+            "reached (it exits once its last client leaves)"
+        )
+        listener = self._listener
+        if listener is not None and listener.refuse_all(self.not_serving):
+            for announcer in self._announcers:
+                announcer.close(leaving=True)
+            self._announcers.clear()
+        else:
+            self.pause()
 
     def client_shutdown(self, who: str) -> None:
         """``who`` (a job or cleanup) called ``dispynode_shutdown()``."""
@@ -309,7 +328,7 @@ class NodeServer:
         limit = self.config.serve
         if limit > 0 and self.clients_accepted >= limit and self.listening:
             logger.info("serving its last client (--serve %d): no new ones", limit)
-            self.pause()
+            self._take_no_more(limit)
         try:
             await session.serve()
         finally:

@@ -28,11 +28,13 @@ from dispynb.errors import (
     AuthenticationError,
     MessageError,
     NodeBusyError,
+    NodeNotServingError,
     ProtocolVersionError,
     TransportError,
 )
 from dispynb.protocol import auth
 from dispynb.protocol.messages import (
+    NOT_SERVING,
     PROTOCOL_VERSION,
     Auth,
     Challenge,
@@ -97,6 +99,7 @@ def error_to_exception(
     | ProtocolVersionError
     | MessageError
     | NodeBusyError
+    | NodeNotServingError
     | TransportError
 ):
     """The local exception for an `Error` the peer sent (its text made safe)."""
@@ -107,6 +110,8 @@ def error_to_exception(
         return ProtocolVersionError(text)
     if error.code == "busy":
         return NodeBusyError(f"node refused the connection for now: {text}")
+    if error.code == NOT_SERVING:
+        return NodeNotServingError(text)
     if error.code == "tls":
         return TransportError(f"{TLS_REFUSED}: {text}")
     return MessageError(f"peer refused the connection: {text}")

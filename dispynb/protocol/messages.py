@@ -90,6 +90,10 @@ class Error(WireMessage):
 #: node, whose results stay kept for the next.
 KEPT_UNAVAILABLE = "kept-unavailable"
 
+#: `Error.code` of a node refusing a client at accept because it takes no new
+#: ones (``--serve N`` reached): the message says why.
+NOT_SERVING = "not-serving"
+
 
 # --- computations and jobs -------------------------------------------------------
 

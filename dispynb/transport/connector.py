@@ -19,6 +19,7 @@ from dispynb.errors import (
     ConnectionClosedError,
     ConnectTimeoutError,
     NodeBusyError,
+    NodeNotServingError,
     ProtocolError,
     TransportError,
 )
@@ -137,10 +138,13 @@ _NOT_LISTENING = (
 
 def not_listening(exc: BaseException | None) -> bool:
     """Whether ``exc`` (or the error it was raised from) says nothing listens at
-    the address: a node that may be starting, worth trying again later (a name
-    that does not resolve, a wrong secret or TLS are not)."""
+    the address, or a node there takes no new clients (``--serve N`` reached): a
+    node that may be starting, or restarted, worth trying again later (a name that
+    does not resolve, a wrong secret or TLS are not)."""
     while exc is not None:
         if isinstance(exc, OSError) and exc.errno in _NOT_LISTENING:
+            return True
+        if isinstance(exc, NodeNotServingError):
             return True
         exc = exc.__cause__
     return False
@@ -245,7 +249,12 @@ async def _connect_once(
             "(SIGSTOP, Ctrl-Z, a suspended batch job), too busy to answer, or no "
             f"{server} (with TLS if the {_ROLE[server]} uses TLS)"
         ) from None
-    except (ProtocolError, AuthenticationError, NodeBusyError) as exc:
+    except (
+        ProtocolError,
+        AuthenticationError,
+        NodeBusyError,
+        NodeNotServingError,
+    ) as exc:
         conn.abort()
         raise type(exc)(f"{peer}: {exc}") from exc
     except TransportError as exc:

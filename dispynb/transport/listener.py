@@ -23,7 +23,7 @@ from dispynb.errors import (
 )
 from dispynb.protocol.framing import encode_frames
 from dispynb.protocol.handshake import NodeHandshake, SecretSource, peer_text
-from dispynb.protocol.messages import Error, Welcome, pack_header
+from dispynb.protocol.messages import NOT_SERVING, Error, Welcome, pack_header
 from dispynb.transport import localsockets
 from dispynb.transport.addressing import (
     LISTEN_BACKLOG,
@@ -111,6 +111,8 @@ class Listener:
         self._handshake_timeout = handshake_timeout
         self._own_user_only = own_user_only
         self.admission = admission or Admission()
+        #: Why every new connection is refused (`refuse_all`); None: none is.
+        self.refusal: str | None = None
         self._tally = Tally(logger, log_period)
         self._tasks: set[asyncio.Task[None]] = set()
         # Deadlines of the handshakes under way (None until started), by socket;
@@ -181,6 +183,16 @@ class Listener:
         self._unix_paths.clear()
         self._tally.close()
 
+    def refuse_all(self, reason: str) -> bool:
+        """Go on listening, but refuse every new connection saying ``reason``
+        (`NOT_SERVING`): a closed port would tell clients that no server runs.
+        Only without TLS (a TLS client reads no plain refusal): False then, and
+        the caller stops it."""
+        if self._ssl_context is not None:
+            return False
+        self.refusal = reason
+        return True
+
     def _accept(self, listening: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         for _ in range(_ACCEPT_BATCH):
@@ -200,6 +212,10 @@ class Listener:
             if not isinstance(address, tuple):  # a Unix socket's peer has no name
                 address = (localsockets.UNIX_PEER, 0)
             source = source_of(address)
+            if self.refusal is not None:
+                self._tally.event("refused connections", source, self.refusal)
+                _refuse(sock, self.refusal, code=NOT_SERVING)
+                continue
             uid = _local_uid(sock, source)
             if uid is not None and uid != os.geteuid():
                 # Another user of this machine: all its loopback addresses (a

@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from dispynb import DispyJob, JobCluster
-from dispynb.errors import DispynbError
+from dispynb.errors import DispynbError, NodeNotServingError
 from dispynb.wording import counted
 from nodeserver.cliconfig import REFUSED
 from tests.jobs import WAIT, computation_processes, wait_until
@@ -139,14 +139,21 @@ def test_msg_timeout_bounds_an_unauthenticated_connection(tmp_path: Path) -> Non
 
 
 def test_serve_n_exits_after_n_clients(tmp_path: Path) -> None:
+    """Another client meanwhile is told why the node refuses it. Before: the node
+    closed its port, and the client said "nothing listens on port N there ... is
+    dispynb-node running there?" of a node that runs."""
     node = start_node(tmp_path / "node", "--serve", "1")
     cluster = JobCluster(write_in_cwd, nodes=[node.spec], secret=node.secret)
     try:
         job = cluster.submit("x")
         assert job.wait(timeout=WAIT) and job.status == DispyJob.Finished
-        # The node serves no other client meanwhile.
-        with pytest.raises(OSError):
-            socket.create_connection(("127.0.0.1", node.port), timeout=WAIT).close()
+        # The node serves no other client meanwhile, and says why.
+        with pytest.raises(NodeNotServingError) as refused:
+            JobCluster(write_in_cwd, nodes=[node.spec], secret=node.secret)
+        assert str(refused.value) == (
+            f"{node.spec}: node 'cli-node' serves no more clients: --serve 1 "
+            "reached (it exits once its last client leaves)"
+        )
     finally:
         cluster.close()
     assert node.proc.wait(NODE_WAIT) == 0  # it exited by itself
