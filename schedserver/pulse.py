@@ -64,6 +64,7 @@ class _Pulse(_ServerState):
             if users is not None:
                 self._end_revoked(users)
             for session in list(self.sessions):
+                session.heard_as_it_reads()
                 if session.ending:
                     pass  # told why it ends; closed once it took that
                 elif users is not None and users.get(session.user) != session.token:
@@ -154,7 +155,10 @@ class _Pulse(_ServerState):
         heard = (
             silent <= max(DEAD_AFTER * pulse, EXCLUSIVE_SILENCE)
             or session.conn.holds_received  # a message arriving (a large one)
-            or session.conn.unread_bytes()
+            # Bytes waiting unread (the check ran before the loop read them),
+            # unless its reads are held: then its pings wait there however long
+            # it has been stopped (it is heard as it takes: `heard_as_it_reads`).
+            or (session.conn.unread_bytes() and not session.reads_held)
         )
         if heard:
             if session.exclusive_paused:

@@ -143,6 +143,10 @@ class SchedulerSession:
         #: silent (`_Pulse._watch_exclusive`), and when it was last heard before.
         self.exclusive_paused: list[SharedComputation] = []
         self.paused_since = 0.0
+        #: Its messages wait unread until it has taken what was sent to it
+        #: (`serve`); and what it had taken at the last pulse (`heard_as_it_reads`).
+        self.reads_held = False
+        self._taken_seen = 0
 
     async def serve(self) -> None:
         """Handle the client's messages until its connection ends; while it has
@@ -151,7 +155,11 @@ class SchedulerSession:
         up here."""
         while True:
             await self.conn.dispatch(self._on_message, self._on_bad)
-            await self._taken()
+            self.reads_held = True
+            try:
+                await self._taken()
+            finally:
+                self.reads_held = False
 
     def _unread(self) -> bool:
         """What was sent to the client waits for it: `READ_HOLD` bytes in its
@@ -171,6 +179,18 @@ class SchedulerSession:
                 await asyncio.wait([task])  # (it ends with the connection too)
             else:
                 await self.conn.flush()
+
+    def heard_as_it_reads(self) -> None:
+        """A client whose messages wait unread (`serve`: its pings too) is alive
+        while it takes what is sent to it: on a slow link, catching up on 32 MiB
+        took longer than --zombie_interval, and a client that pinged all along was
+        taken for a zombie, its jobs ended. One that takes nothing more (stopped,
+        cut off) stays silent: the pings that wait in its socket are old."""
+        conn = self.conn
+        taken = conn.bytes_sent - conn.unsent - conn.untaken_bytes()
+        if self.reads_held and taken > self._taken_seen:
+            self.last_heard = self._clock()
+        self._taken_seen = taken
 
     def send(
         self,

@@ -241,6 +241,17 @@ class Connection:
         before the loop's reads of the same turn, after a long callback, and a
         paused reader reads nothing; bytes waiting there came from the peer all the
         same (a stopped peer sends none)."""
+        return self._socket_count(termios.FIONREAD)
+
+    def untaken_bytes(self) -> int:
+        """Bytes the kernel took from us that the peer has not taken yet (0: none,
+        or unknown): with `unsent`, what a slow reader has yet to take. The kernel
+        takes more only once a third of its buffer (megabytes) is free: seconds
+        apart for a slow reader, which meanwhile takes bytes all the same."""
+        return self._socket_count(termios.TIOCOUTQ)
+
+    def _socket_count(self, request: int) -> int:
+        """The count the socket's ``ioctl`` ``request`` gives (0: unknown)."""
         sock = self._link.extra("socket") if self._link is not None else None
         if sock is None:
             return 0
@@ -248,7 +259,7 @@ class Connection:
             fd = sock.fileno()
             if fd < 0:
                 return 0
-            count = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+            count = fcntl.ioctl(fd, request, b"\0\0\0\0")
         except (OSError, ValueError):
             return 0
         return int.from_bytes(count, sys.byteorder)
