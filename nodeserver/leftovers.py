@@ -1,4 +1,4 @@
-"""Computation directories a node is to remove, noted on disk until it has.
+"""Computation directories a node is to clean up, noted on disk until it has.
 
 A computation with ``cleanup`` (the default) has its directory removed as it closes.
 A node killed before that (SIGKILL, the out-of-memory killer, a batch system ending
@@ -8,8 +8,9 @@ directory is noted in `NOTES` under the node's directory while it exists, and th
 next node started there while no other node runs there removes what is noted
 (`Removals.sweep`), and the results its workers wrote into shared memory that
 nobody read (``/dev/shm/dnr-*``, named after the directory: RAM until a reboot
-otherwise). Directories a client kept (``cleanup=False``) are never noted: they are
-the user's, as in dispy.
+otherwise). Directories a client kept (``cleanup=False``) are noted as kept: they are
+the user's, as in dispy, and stay; but their results in shared memory that nobody
+read are nobody's files, and go too.
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ class Removals:
         self._dest = dest_path
         self._notes = os.path.join(dest_path, NOTES)
 
-    def note(self, path: str, home: str | None) -> str:
+    def note(self, path: str, home: str | None, *, keep: bool = False) -> str:
         """Note that ``path`` is to be removed, and the directories between it and
-        ``home`` once empty; return the note's name for `done`.
+        ``home`` once empty (``keep``: only the results in shared memory of the
+        computation in ``path``); return the note's name for `done`.
 
         Best effort: a note that cannot be written is logged, and the directory is
         then left to ``--clean`` if the node is killed, as before notes.
@@ -52,7 +54,7 @@ class Removals:
             os.makedirs(self._notes, mode=0o700, exist_ok=True)
             partial = os.path.join(self._notes, f".{name}")
             with open(partial, "x", encoding="utf-8") as handle:
-                json.dump({"path": path, "home": home}, handle)
+                json.dump({"path": path, "home": home, "keep": keep}, handle)
             os.replace(partial, os.path.join(self._notes, name))
         except OSError as exc:
             logger.warning("cannot note %s for removal after a crash: %s", path, exc)
@@ -64,8 +66,9 @@ class Removals:
             os.unlink(os.path.join(self._notes, name))
 
     def sweep(self) -> int:
-        """Remove every directory noted (by nodes that did not exit cleanly) and
-        forget the notes; return how many directories were removed.
+        """Remove every directory noted (by nodes that did not exit cleanly) but
+        those kept, and the results in shared memory of all, and forget the notes;
+        return how many directories were removed.
 
         Call it only while no other node runs on this ``dest_path`` (its lock held
         exclusively): the notes of a running node name directories in use.
@@ -77,10 +80,10 @@ class Removals:
         removed = results = 0
         for name in names:
             note = os.path.join(self._notes, name)
-            path, home = self._read(note)
+            path, home, keep = self._read(note)
             if path is not None:
                 results += shm.unlink_results(shm.result_prefix(path))
-            if path is not None and os.path.isdir(path):
+            if path is not None and not keep and os.path.isdir(path):
                 shutil.rmtree(path, ignore_errors=True)
                 removed += 1
                 if home is not None:
@@ -104,17 +107,20 @@ class Removals:
             )
         return removed
 
-    def _read(self, note: str) -> tuple[str | None, str | None]:
+    def _read(self, note: str) -> tuple[str | None, str | None, bool]:
         """The directory a note names and its home, each None unless it lies
-        strictly within ``dest_path`` (a damaged note removes nothing)."""
+        strictly within ``dest_path`` (a damaged note removes nothing), and whether
+        the directory is kept (a note of an older node has no "keep": it noted
+        only directories to remove)."""
         try:  # never a FIFO a job put there: a node's start hung on it
             entry = json.loads(read_own_file(note, _NOTE_LIMIT))
             path, home = entry["path"], entry["home"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None, None
+            keep = entry.get("keep", False) is not False
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None, None, True
         if not self._inside(path):
-            return None, None
-        return path, home if self._inside(home) else None
+            return None, None, True
+        return path, home if self._inside(home) else None, keep
 
     def _inside(self, path: object) -> bool:
         if not isinstance(path, str):

@@ -135,9 +135,12 @@ class _WorkerLife(_ComputationState):
 
         Raises `SetupError` with the node's explanation and traceback on failure.
         """
-        if self._remove_path and self._removals is not None:
-            # Noted first: a node killed from now on leaves it to the next one.
-            self._removal_note = self._removals.note(self.path, self._home)
+        if self._removals is not None:
+            # Noted first: a node killed from now on leaves it to the next one (a
+            # kept one too: its files stay, its unread results in /dev/shm go).
+            self._removal_note = self._removals.note(
+                self.path, self._home, keep=not self._remove_path
+            )
         if self._path_users is not None and not self._path_counted:
             self._path_users[self.path] += 1
             self._path_counted = True

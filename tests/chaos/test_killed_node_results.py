@@ -32,13 +32,15 @@ MiB = 1 << 20
 
 
 def wait_then_double(marks: str, go: str, data: bytes) -> bytes:
-    """Write `own_prefix` to ``marks/started``, wait for ``go`` (30 s at most);
-    ``data`` twice."""
+    """Write `own_prefix` to ``marks/started`` and a file ``output`` in its
+    directory, wait for ``go`` (30 s at most); ``data`` twice."""
     import os
     import time
 
     from tests.chaos.test_killed_node_results import own_prefix
 
+    with open("output", "w") as handle:  # what a user may keep (cleanup=False)
+        handle.write(os.getcwd())
     with open(os.path.join(marks, ".started"), "w") as handle:
         handle.write(own_prefix())
     os.replace(os.path.join(marks, ".started"), os.path.join(marks, "started"))
@@ -78,13 +80,17 @@ def remove(names: set[str]) -> None:
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.parametrize("cleanup", [True, False], ids=["cleanup", "kept"])
 def test_a_result_in_shared_memory_is_freed_when_its_killed_node_starts_again(
-    tmp_path: Path,
+    tmp_path: Path, cleanup: bool
 ) -> None:
     """The node server is stopped before the job returns, so that its result (4
     MiB) is written but reaches nobody; then the node and all its processes are
     killed together. Before, the object stayed; now the node started again on the
-    same directory removes what the killed one left, its result objects too."""
+    same directory removes what the killed one left, its result objects too. A
+    computation's directory kept on purpose (``cleanup=False``, as in dispy) stays
+    with the files its jobs wrote, but its unread results in /dev/shm are nobody's
+    and go too (before, only those of directories to remove went)."""
     marks, go = tmp_path / "marks", tmp_path / "go"
     marks.mkdir()
     written: set[str] = set()
@@ -97,6 +103,7 @@ def test_a_result_in_shared_memory_is_freed_when_its_killed_node_starts_again(
                 nodes=[node.spec],
                 secret=node.secret,
                 pulse_interval=0.3,
+                cleanup=cleanup,
             ) as cluster:
                 data = os.urandom(2 * MiB)  # through shared memory, both ways
                 job = cluster.submit(str(marks), str(go), data)
@@ -120,11 +127,13 @@ def test_a_result_in_shared_memory_is_freed_when_its_killed_node_starts_again(
             # Nobody is left to unlink it.
             written.update(results_in_memory(prefix))
             assert results_in_memory(prefix)
+            [output] = (tmp_path / "node").rglob("output")  # the job's file
             back = start_node(tmp_path / "node", cpus=1)
             try:
                 wait_until(lambda: not results_in_memory(prefix))
                 said = "removed 1 job result in shared memory (/dev/shm) that a node"
                 wait_until(lambda: said in back.log_text())
+                assert output.exists() is not cleanup  # kept: the user's
             finally:
                 back.stop()
         finally:

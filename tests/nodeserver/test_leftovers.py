@@ -25,6 +25,24 @@ def test_a_sweep_removes_what_is_noted_and_forgets_what_is_done(tmp_path: Path) 
     assert list((dest / NOTES).iterdir()) == []
 
 
+def test_a_sweep_keeps_a_directory_noted_as_kept_and_forgets_its_note(
+    tmp_path: Path,
+) -> None:
+    """``cleanup=False``: the directory is the user's. A note of an older node (no
+    "keep") named only directories to remove."""
+    dest = tmp_path / "dest"
+    home = dest / "client-1-1"
+    kept, old = home / "comp-1", home / "comp-2"
+    for path in (kept, old):
+        (path / "file").parent.mkdir(parents=True)
+        (path / "file").write_text("x")
+    Removals(str(dest)).note(str(kept), str(home), keep=True)
+    (dest / NOTES / "old").write_text(json.dumps({"path": str(old), "home": None}))
+    assert Removals(str(dest)).sweep() == 1
+    assert (kept / "file").exists() and not old.exists()
+    assert list((dest / NOTES).iterdir()) == []
+
+
 def test_a_note_naming_a_place_outside_the_directory_removes_nothing(
     tmp_path: Path,
 ) -> None:
