@@ -80,6 +80,13 @@ BACKLOG_UNSENT = 8 * 1024 * 1024
 READ_HOLD = SEND_HIGH
 
 
+#: Pulses (--pulse_interval: a minute by default; --zombie_interval at most) that
+#: an ended session waits for its client to take why it ended (`say_last`): a
+#: client stopped a while hears it as it runs again. Before, it waited up to
+#: --zombie_interval (an hour), holding what its socket had not taken (32 MiB
+#: each): a client stopped for good, or many revoked at once, held it all.
+ENDING_PULSES = 60
+
 #: Jobs a client's `ResultsJournaled` may name beyond those kept for it. A client
 #: never needs it: every result sent to a client that acknowledges is kept, and
 #: counted, until it names it, so one naming all it was sent at once is within the
@@ -379,15 +386,17 @@ class SchedulerSession:
 
     def end(self) -> None:
         """End the session: at once, or, once its client was told why
-        (`say_last`), as soon as it has taken that (within --zombie_interval)."""
+        (`say_last`), as soon as it has taken that (within `ENDING_PULSES`)."""
         if not self.ending or self.conn.closed:
             self.conn.close()
             return
         self.server._spawn(self._close_once_sent())
 
     async def _close_once_sent(self) -> None:
+        config = self.server.config
+        grace = min(config.zombie_interval, ENDING_PULSES * config.pulse_interval)
         with contextlib.suppress(DispynbError, TimeoutError):
-            async with asyncio.timeout(self.server.config.zombie_interval):
+            async with asyncio.timeout(grace):
                 await self.conn.flush()
         self.conn.close()
 
