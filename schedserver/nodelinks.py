@@ -39,8 +39,9 @@ from dispynb.protocol.records import avail_figures
 from dispynb.transport.connection import Connection, describe_error
 from dispynb.transport.connector import connect, out_of_descriptors
 from dispynb.wording import counted
-from schedserver.computation import NODE_ACTIONS, SharedComputation, Upstream
+from schedserver.computation import SharedComputation, Upstream
 from schedserver.config import NODE_TLS_OPTIONS
+from schedserver.nodeuse import NODE_ACTIONS
 from schedserver.state import NodeState, _ServerState, logger
 
 #: Seconds between attempts to reach a node that is down (doubling up to the max).
@@ -453,7 +454,7 @@ class _NodeLinks(_ServerState):
                         workers=max(1, self.total_cpus()),
                         acks_journaled=comp.kept.tracking,
                         pins=True,  # submit_node: `SharedComputation.take`
-                        manages=list(NODE_ACTIONS),  # `SharedComputation.manage`
+                        manages=list(NODE_ACTIONS),  # `_NodeUse.manage`
                     )
                 )
             comp.report_nodes()
