@@ -141,6 +141,7 @@ class Run(_RunEvents):
         self._told_reentrant = False  # the --reentrant hint was written
         self.bar: ProgressBar = NullProgressBar(name)
         self._live = False
+        self._unattended = False  # closes its cluster when done (see `unattended`)
         self._log: Writer | None = None
         self._waiting = False
         self._interrupted = False
@@ -198,6 +199,8 @@ class Run(_RunEvents):
             dicts for ``computation(**item)``.
         wait:
             Block until every job has ended, showing progress and remote output.
+            If False, the run closes its cluster once its jobs have ended (call
+            `wait` to see their output).
         progress:
             ``"auto"``, ``"widget"``, ``"html"``, ``"text"``, ``"none"`` or a
             `ProgressBar`.
@@ -304,6 +307,8 @@ class Run(_RunEvents):
                 run.wait()
             except RunInterrupted as exc:
                 raise run._stopped_error(str(exc), kept=started is not None) from None
+        else:
+            run.unattended()
         return run
 
     def _stopped_error(self, summary: str, kept: bool) -> RunInterrupted:

@@ -149,18 +149,29 @@ class _RunEvents(_RunStop):
 
     def _notify(self) -> None:
         self._changed.set()
-        if not self._live or self._waiting:
+        if self._waiting:
             return
-        # Live mode, nobody waiting: this (callback) thread draws.
-        self._pump(self._log_writer())
-        if self.done():
+        if self._live:  # nobody waiting: this (callback) thread draws
+            self._pump(self._log_writer())
+        if not (self._live or self._unattended) or not self.done():
+            return
+        if self._live:
             self.bar.finish(self.counts())
-            if self.owns_cluster:
-                start_thread(
-                    threading.Thread(
-                        target=self.close, name="dispynb-run-close", daemon=True
-                    )
+        if self.owns_cluster and not self._closed:
+            # Not on this thread: closing waits for the cluster's callbacks.
+            start_thread(
+                threading.Thread(
+                    target=self.close, name="dispynb-run-close", daemon=True
                 )
+            )
+
+    def unattended(self) -> None:
+        """Nobody may wait for this run (``Run.map(wait=False)``): it closes the
+        cluster it owns once its jobs have ended, as `wait` would, so that no
+        cluster stays open (its panel card offering a Cancel) with nothing to do.
+        `wait` (and `live`) still work afterwards."""
+        self._unattended = True
+        self._notify()
 
     # -- live mode (notebook, --nowait) ------------------------------------------------
 

@@ -68,6 +68,7 @@ class _RunState:
     _told_reentrant: bool
     bar: ProgressBar
     _live: bool
+    _unattended: bool
     _log: Writer | None
     _waiting: bool
     _interrupted: bool

@@ -496,3 +496,20 @@ def test_a_run_named_by_the_notebook_keeps_its_name_when_run_again(
             }, names
     finally:
         tracker.close()
+
+
+def test_a_nowait_run_map_card_loses_its_cancel_when_the_run_ends(
+    local: LocalCluster, link_of: Any
+) -> None:
+    """``Run.map(..., wait=False)``, never waited for: once its jobs ended, its
+    card kept a Cancel button (its cluster stayed open, with nothing to cancel,
+    until the kernel ended). The run closes the cluster it owns when it is done."""
+    from dispynb.jupyter.run import Run
+    from dispynb.monitoring import live_clusters
+
+    _, comm, _ = link_of(live_clusters)
+    run = Run.map(jobs.square, range(3), nodes=local, wait=False, progress="none")
+    card = comm.wait_for(state_of(run.cluster, lambda c: c["closed"]))
+    assert card is not None
+    assert run.closed and run.results == [0, 1, 4]
+    assert run.wait(timeout=0)  # waiting for it afterwards still works
