@@ -9,7 +9,8 @@ next node started there while no other node runs there removes what is noted
 (`Removals.sweep`), and the results its workers wrote into shared memory that
 nobody read (``/dev/shm/dnr-*``, named after the directory: RAM until a reboot
 otherwise). Directories a client kept (``cleanup=False``) are noted as kept: they are
-the user's, as in dispy, and stay; but their results in shared memory that nobody
+the user's, as in dispy, and stay, even where another computation given the same
+``dest_path`` noted its removal; but their results in shared memory that nobody
 read are nobody's files, and go too.
 """
 
@@ -67,8 +68,8 @@ class Removals:
 
     def sweep(self) -> int:
         """Remove every directory noted (by nodes that did not exit cleanly) but
-        those kept, and the results in shared memory of all, and forget the notes;
-        return how many directories were removed.
+        those kept (and those holding one kept), and the results in shared memory
+        of all, and forget the notes; return how many directories were removed.
 
         Call it only while no other node runs on this ``dest_path`` (its lock held
         exclusively): the notes of a running node name directories in use.
@@ -78,12 +79,23 @@ class Removals:
         except OSError:
             return 0
         removed = results = 0
-        for name in names:
-            note = os.path.join(self._notes, name)
-            path, home, keep = self._read(note)
+        notes = [os.path.join(self._notes, name) for name in names]
+        noted = [(note, *self._read(note)) for note in notes]
+        # Two computations given one dest_path share its directory: one with
+        # cleanup=False kept it for the user (as in dispy), so a note of another
+        # removing it, or a directory holding it, is not followed (the sweep
+        # followed the notes one by one, and removed what the kept one's jobs
+        # wrote for the next cluster).
+        kept = [os.path.realpath(path) for _, path, _, keep in noted if path and keep]
+        for note, path, home, keep in noted:
             if path is not None:
                 results += shm.unlink_results(shm.result_prefix(path))
-            if path is not None and not keep and os.path.isdir(path):
+            if (
+                path is not None
+                and not keep
+                and os.path.isdir(path)
+                and not _holds_any(path, kept)
+            ):
                 shutil.rmtree(path, ignore_errors=True)
                 removed += 1
                 if home is not None:
@@ -128,6 +140,12 @@ class Removals:
         root = os.path.realpath(self._dest)
         real = os.path.realpath(path)
         return real != root and os.path.commonpath([real, root]) == root
+
+
+def _holds_any(path: str, kept: list[str]) -> bool:
+    """Whether directory ``path`` is, or holds, one of the ``kept`` (real paths)."""
+    real = os.path.realpath(path)
+    return any(os.path.commonpath([real, other]) == real for other in kept)
 
 
 def remove_empty_parents(path: str, home: str) -> None:
