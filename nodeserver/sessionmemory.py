@@ -44,7 +44,7 @@ class SessionMemory:
         arguments)."""
         for computation in (*closed, *adopted):
             # Results sent that the client never read (killed first); kept
-            # results hold copies (ResultKeeper.record).
+            # results hold copies (Kept.record).
             computation.result_objects.client_gone()
         kept = {computation.comp_id for computation in adopted}
         for comp_id, segments in self._jobs.items():

@@ -21,7 +21,7 @@ from dispynb.protocol.messages import (
     ResultsJournaled,
 )
 from nodeserver.computation import Computation
-from nodeserver.keeper import Kept, KeptResult, ResultKeeper
+from nodeserver.keptresults import Kept, KeptResult
 from nodeserver.recovering import KeptResultSender
 from nodeserver.sessionstate import HAND_BACK_TIMEOUT, _SessionState, logger
 
@@ -61,17 +61,17 @@ class _SessionRecovery(_SessionState):
             # is gone (nothing is written before).
             if keep_sent or kept.adopted:
                 key = entry[0]
-                ResultKeeper.record(kept, entry, buffers, kinds.get(key, ""))
+                kept.record(entry, buffers, kinds.get(key, ""))
 
         computation.also_report(record)
 
         def provisional(key: int, attempt: int, buffers: list[memoryview]) -> None:
             if keep_sent or kept.adopted:  # as results: its job may still run then
-                ResultKeeper.keep_provisional(kept, key, attempt, buffers)
+                kept.keep_provisional(key, attempt, buffers)
 
         def keep_file(key: int, path: str, buffers: list[memoryview]) -> str | None:
             # Its client is gone (or going): the file waits for it.
-            return ResultKeeper.keep_file(kept, key, path, buffers)
+            return kept.keep_file(key, path, buffers)
 
         computation.also_keep(provisional, keep_file)
 

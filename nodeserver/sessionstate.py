@@ -14,7 +14,7 @@ from dispynb.transport.connection import Connection
 from dispynb.transport.links import READ_LOWAT
 from nodeserver import sharedbody
 from nodeserver.computation import Computation
-from nodeserver.keeper import Kept
+from nodeserver.keptresults import Kept
 from nodeserver.outbox import ResultOutbox
 from nodeserver.sessionmemory import SessionMemory
 

@@ -389,7 +389,7 @@ class ResultSpool:
     def remove(self, spool: SpoolDir) -> None:
         """Delete a spool directory and its results (its computation is collected,
         closed or expired)."""
-        # The results the disk refused were held in memory (`ResultKeeper._keep`),
+        # The results the disk refused were held in memory (`Kept._keep`),
         # not lost: they go with their computation, as the spooled ones do.
         self.report_failures(
             spool,
@@ -554,9 +554,9 @@ def _is_entry(entry: object, buffers: int) -> bool:
     """Whether ``entry`` of a spooled file with ``buffers`` buffers is one a node
     writes: a job's result (`ResultEntry`'s 9 items, its buffers all there), or
     ``[what, key, detail]`` of a file a job sent or a provisional result
-    (`keeper.FILE`, `keeper.PROVISIONAL`). Another (a file damaged, or written by
-    something else of the node's user) ended the recovery of every result after
-    it."""
+    (`keptresults.FILE`, `keptresults.PROVISIONAL`). Another (a file damaged, or
+    written by something else of the node's user) ended the recovery of every
+    result after it."""
     if not isinstance(entry, list):
         return False
     if len(entry) == 3:

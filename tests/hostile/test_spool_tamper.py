@@ -15,7 +15,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from nodeserver.keeper import LOST_REASON
+from nodeserver.keptresults import LOST_REASON
 from nodeserver.spool import MAGIC
 from tests.api.test_recovery_kept import (
     LIMIT,

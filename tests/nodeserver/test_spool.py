@@ -20,8 +20,7 @@ import pytest
 
 from dispynb.protocol.messages import ABANDONED
 from dispynb.protocol.records import Utf8Text
-from nodeserver import keeper as keeper_module
-from nodeserver import spoolcheck
+from nodeserver import keptresults, spoolcheck
 from nodeserver.keeper import ResultKeeper
 from nodeserver.spool import MAGIC, KeptUnavailable, ResultSpool
 from nodeserver.spoolclaim import SpoolClaim, claim_spool
@@ -40,7 +39,7 @@ def result(key: int, size: int = 10) -> tuple[list[object], list[memoryview]]:
 
 def held(key: int) -> int:
     """Bytes a node counts for holding ``result(key)`` in memory."""
-    return keeper_module._held_size(*result(key))
+    return keptresults._held_size(*result(key))
 
 
 def mode(path: str | Path) -> int:
@@ -198,7 +197,7 @@ def test_restarted_node_logs_how_many_kept_results_it_offers_and_until_when(
         keeper = ResultKeeper(ResultSpool(str(tmp_path), 1 << 20))
         kept = keeper.register(RID, FakeComputation())  # type: ignore[arg-type]
         for key in range(2):
-            ResultKeeper.record(kept, *result(key))
+            kept.record(*result(key))
         keeper.adopt(RID, 600)
         await asyncio.wait_for(kept.finished.wait(), 5)
         await keeper.close()
@@ -224,7 +223,7 @@ def test_keeper_spools_delivers_and_survives_a_restart(tmp_path: Path):
         keeper = ResultKeeper(ResultSpool(str(tmp_path), 1 << 20))
         kept = keeper.register(RID, FakeComputation())  # type: ignore[arg-type]
         for key in range(3):
-            ResultKeeper.record(kept, *result(key))
+            kept.record(*result(key))
         assert kept.results == []  # on disk, not in memory
         keeper.adopt(RID, 60)
         await asyncio.wait_for(kept.finished.wait(), 5)
@@ -254,14 +253,14 @@ def test_keeper_keeps_what_an_acknowledging_client_has_not_journaled(
     """With acknowledgements: results wait in memory, journaled ones are dropped
     (also one written to disk for want of room), the rest go to disk when the
     client is lost, in their order."""
-    monkeypatch.setattr(keeper_module, "PENDING_BYTES", 3 * held(0))
+    monkeypatch.setattr(keptresults, "PENDING_BYTES", 3 * held(0))
 
     async def main() -> None:
         keeper = ResultKeeper(ResultSpool(str(tmp_path), 1 << 20))
         kept = keeper.register(RID, FakeComputation())  # type: ignore[arg-type]
         kept.acked = True
         for key in range(4):  # the fourth has no room in memory
-            ResultKeeper.record(kept, *result(key))
+            kept.record(*result(key))
         assert sorted(kept.pending) == [(0, 1), (1, 1), (2, 1)]
         assert len(kept.spool.files) == 1  # type: ignore[union-attr]
         keeper.journaled(RID, [(1, 1), (3, 1), (9, 9)])  # 9: unknown, ignored
@@ -289,8 +288,8 @@ def test_what_clients_have_not_acknowledged_is_bounded_on_the_node(
     """The node holds 16 MiB per computation and 64 MiB in all (here three
     results and five); a result's output counts; what one computation held is
     given back as it is acknowledged, written to disk or released."""
-    monkeypatch.setattr(keeper_module, "PENDING_BYTES", 3 * held(0))
-    monkeypatch.setattr(keeper_module, "PENDING_NODE_BYTES", 5 * held(0))
+    monkeypatch.setattr(keptresults, "PENDING_BYTES", 3 * held(0))
+    monkeypatch.setattr(keptresults, "PENDING_NODE_BYTES", 5 * held(0))
 
     async def main() -> None:
         keeper = ResultKeeper(ResultSpool(str(tmp_path), 1 << 20))
@@ -299,19 +298,19 @@ def test_what_clients_have_not_acknowledged_is_bounded_on_the_node(
         first.acked = second.acked = True
         entry, buffers = result(0)
         entry[5] = "x" * 3 * held(0)  # its output counts
-        ResultKeeper.record(first, entry, buffers)
+        first.record(entry, buffers)
         assert first.pending == {} and len(first.spool.files) == 1  # type: ignore[union-attr]
         for key in range(1, 4):
-            ResultKeeper.record(first, *result(key))
-            ResultKeeper.record(second, *result(key))
+            first.record(*result(key))
+            second.record(*result(key))
         # Three in the first, two in the second: the node's five; one on disk.
         assert len(first.pending) == 3 and len(second.pending) == 2
         assert len(second.spool.files) == 1  # type: ignore[union-attr]
         keeper.journaled(RID, [(1, 1)])
-        ResultKeeper.record(second, *result(4))
+        second.record(*result(4))
         assert len(second.pending) == 3
         keeper.release("s" * 32)  # closed by its client: nothing of it is kept
-        ResultKeeper.record(second, *result(5))
+        second.record(*result(5))
         assert second.pending == {} and not os.path.exists(second.spool.path)  # type: ignore[union-attr]
         assert not [r for r in caplog.records if "cannot spool" in r.message]
         keeper.adopt(RID, 60)
@@ -329,8 +328,8 @@ def test_provisional_results_kept_are_bounded_on_the_node(
     `PENDING_NODE_BYTES` for all of them (every journaled cluster keeps them, and
     a client may set up many); given back as a job ends or its computation goes.
     Each computation held its own 16 MiB, however many there were."""
-    monkeypatch.setattr(keeper_module, "PENDING_BYTES", 300)
-    monkeypatch.setattr(keeper_module, "PENDING_NODE_BYTES", 500)
+    monkeypatch.setattr(keptresults, "PENDING_BYTES", 300)
+    monkeypatch.setattr(keptresults, "PENDING_NODE_BYTES", 500)
 
     async def main() -> None:
         keeper = ResultKeeper(ResultSpool(str(tmp_path), 1 << 20))
@@ -340,13 +339,13 @@ def test_provisional_results_kept_are_bounded_on_the_node(
         ]
         for each in kept:
             for key in range(2):
-                ResultKeeper.keep_provisional(each, key, 1, [memoryview(b"p" * 100)])
+                each.keep_provisional(key, 1, [memoryview(b"p" * 100)])
         # 200 bytes each would be 600: the third computation holds only 100.
         assert [len(each.provisional) for each in kept] == [2, 2, 1]
         assert kept[0].budget.used == 500
-        ResultKeeper.record(kept[0], *result(0))  # job 0 ended: its goes
+        kept[0].record(*result(0))  # job 0 ended: its goes
         assert kept[0].budget.used == 400
-        ResultKeeper.keep_provisional(kept[2], 1, 1, [memoryview(b"p" * 100)])
+        kept[2].keep_provisional(1, 1, [memoryview(b"p" * 100)])
         assert len(kept[2].provisional) == 2
         keeper.release("1" * 32)  # closed by its client
         assert kept[0].budget.used == 300
@@ -359,7 +358,7 @@ def test_keeper_drops_results_when_they_expire(tmp_path: Path):
     async def main() -> None:
         keeper = ResultKeeper(ResultSpool(str(tmp_path), 1 << 20))
         kept = keeper.register(RID, FakeComputation())  # type: ignore[arg-type]
-        ResultKeeper.record(kept, *result(1))
+        kept.record(*result(1))
         keeper.adopt(RID, 0.05)
         await asyncio.wait_for(kept.finished.wait(), 5)
         for _ in range(500):
@@ -392,7 +391,7 @@ def test_results_not_kept_cost_the_node_a_few_bytes_each_and_still_say_why(
                 for key in range(round_ * per_round, (round_ + 1) * per_round):
                     entry, buffers = result(key)
                     entry[3:5] = [1000.0 + key, 2000.0 + key]
-                    ResultKeeper.record(kept, entry, buffers)
+                    kept.record(entry, buffers)
                 grown.append(tracemalloc.get_traced_memory()[0] - before)
         finally:
             tracemalloc.stop()
@@ -412,7 +411,7 @@ def test_a_result_not_kept_of_a_key_over_64_bits_is_still_recorded(tmp_path: Pat
     keeper = ResultKeeper(ResultSpool(str(tmp_path), 0))
     kept = keeper.register(RID, FakeComputation())  # type: ignore[arg-type]
     for key in (1, 1 << 63, 2):
-        ResultKeeper.record(kept, *result(key))
+        kept.record(*result(key))
     claimed = keeper.claim(RID, lambda result: None)
     assert claimed is not None
     assert sorted(r.entry[0] for r in claimed[1]) == [1, 2, 1 << 63]
@@ -463,7 +462,7 @@ def test_a_result_held_in_memory_does_not_keep_its_workers_message(tmp_path: Pat
         view = memoryview(message)
         text = Utf8Text(view[:300])
         entry = [0, 1, "finished", 0.5, 1.5, text, "", None, 1]
-        ResultKeeper.record(kept, entry, [view[300:]])
+        kept.record(entry, [view[300:]])
         del text, entry
         view.release()
         message.extend(b"!")  # raises BufferError while a view of it is alive
@@ -505,7 +504,7 @@ def test_results_held_in_memory_are_said_lost_when_the_node_stops(
         assert kept.spool is not None
         os.rename(kept.spool.path, tmp_path / "gone")  # its disk fails each write
         for key in range(3):
-            ResultKeeper.record(kept, *result(key))
+            kept.record(*result(key))
         assert len(kept.results) == 3  # held in memory
         await keeper.close()
 
@@ -535,7 +534,7 @@ def test_results_held_without_a_spool_are_said_lost_by_name_and_why(
         keeper = ResultKeeper(None)
         kept = keeper.register(RID, FakeComputation())  # type: ignore[arg-type]
         for key in range(2):
-            ResultKeeper.record(kept, *result(key))
+            kept.record(*result(key))
         assert len(kept.results) == 2  # held in memory
         kept.computation = None  # its jobs ended (`ResultKeeper._finish`)
         await keeper.close()
