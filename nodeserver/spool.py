@@ -3,7 +3,8 @@
 A recoverable computation's results (see `nodeserver.keeper`) are written to files under
 ``<dest_path>/.kept/<digest of the recovery id>/``: one file per result, mode 0600 in
 0700 directories, written to a temporary name and renamed, so a crash leaves either a
-whole result or none. The recovery id itself is never written: a directory is found
+whole result or none (and a partly written temporary file, which the next node
+taking the spool removes). The recovery id itself is never written: a directory is found
 by hashing the id a client presents, and every file ends with a check under a key
 of the id, without which it is not offered (`nodeserver.spoolcheck`: a job could
 write a result there for another client to unpickle). A ``meta`` file says how long
@@ -457,6 +458,20 @@ class ResultSpool:
             files = []
             foreign = []
             for name in names:
+                if _is_partial(name):
+                    # Its node was killed as it wrote it (`_write_file`): never
+                    # to be completed, and counted nowhere, so not in
+                    # --kept-results-size either. Only the node holding this
+                    # spool writes here, and it is this one (or none runs).
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(path, name))
+                        logger.info(
+                            "removed %s in %s, partly written by a node killed as "
+                            "it wrote it",
+                            name,
+                            path,
+                        )
+                    continue
                 if not name.startswith("r"):
                     continue
                 full = os.path.join(path, name)
@@ -541,6 +556,12 @@ _SHORT = frozenset(
 
 class _Unchecked(Exception):
     """A spooled file fails its check (`nodeserver.spoolcheck`)."""
+
+
+def _is_partial(name: str) -> bool:
+    """Whether ``name`` is a file `ResultSpool._write_file` writes before its
+    rename: ``.r<...>.tmp`` (a result) or ``.meta.tmp``."""
+    return name.endswith(".tmp") and (name.startswith(".r") or name == ".meta.tmp")
 
 
 def _is_int(value: object) -> bool:
