@@ -170,11 +170,15 @@ class SchedulerSession:
 
     def _unread(self) -> bool:
         """What was sent to the client waits for it: `READ_HOLD` bytes in its
-        socket, or a backlog (`check_backlog`) with no room left (the answers to
-        its messages would go there, and on to the disk, without bound)."""
+        socket, or a backlog (`check_backlog`) with no room left, its own
+        (--max_kept) or its user's (--max_user_kept): the answers to its messages
+        would go there, and on to the disk (answers are kept past the quota, which
+        turns only results into errors). Held at its own quota only, one user's
+        sessions kept --max_kept of refusals each."""
         backlog = self.backlog
         return self.conn.unread(READ_HOLD) or (
-            backlog is not None and backlog.size >= backlog.quota
+            backlog is not None
+            and (backlog.size >= backlog.quota or backlog.user_room() <= 0)
         )
 
     async def _taken(self) -> None:

@@ -322,6 +322,10 @@ class KeptMessages:
         room = self.quota - self.size
         return room if self.account is None else min(room, self.account.room())
 
+    def user_room(self) -> float:
+        """Bytes its user may still have kept in all (inf: no user, or no limit)."""
+        return math.inf if self.account is None else self.account.room()
+
     def _count(self, size: int) -> None:
         """``size`` bytes more are kept (fewer, if negative)."""
         self.size += size
