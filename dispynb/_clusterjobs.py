@@ -21,6 +21,9 @@ from dispynb.options import check_job_timeout, check_mem_limit
 
 logger = logging.getLogger("dispynb.cluster")
 
+#: What `submit` and its kin raise once the cluster is closed.
+_CLOSED = "this cluster is closed: create a new JobCluster"
+
 
 class _Jobs(_ClusterState):
     """Submitting and cancelling jobs, and objects put for them."""
@@ -59,7 +62,7 @@ class _Jobs(_ClusterState):
         `ClusterError` if its file cannot be written (a full disk).
         """
         if self._closed:
-            raise ClusterError("this cluster is closed: create a new JobCluster")
+            raise ClusterError(_CLOSED)
         self._require(base.JOB_DEPENDS, "put")
         if self._objects_dir is None:
             self._objects_dir = objects.make_directory()
@@ -114,6 +117,8 @@ class _Jobs(_ClusterState):
         """The id of ``node`` for `submit_node`, or None (logged) if it cannot
         take jobs of this cluster. A node being set up again (`resetup_node`, or
         `allocate_node` as its `close_node` went on) takes them once set up."""
+        if self._closed:  # (its nodes are closed too: as `submit`)
+            raise ClusterError(_CLOSED)
         node_id = self._node_id(node) or self._returning(node)
         if node_id is None:
             logger.warning("submit_node: %r is not a node of this cluster", node)
@@ -135,7 +140,7 @@ class _Jobs(_ClusterState):
     ) -> DispyJob:
         backend = self._backend
         if self._closed or backend is None:
-            raise ClusterError("this cluster is closed: create a new JobCluster")
+            raise ClusterError(_CLOSED)
         if (rebound := self._globals.changed()) is not None:
             logger.warning("%s", rebound)
         job_deps = None

@@ -29,8 +29,11 @@ class _Nodes(_ClusterState):
         for dispy compatibility.
         """
         self._require(base.SEND_FILE, "send_file")
+        if self._closed or self._backend is None:
+            logger.warning("send_file: the cluster is closed")
+            return -1
         node_id = self._node_id(node)
-        if node_id is None or self._backend is None:
+        if node_id is None:
             logger.warning("send_file: %r is not a node of this cluster", node)
             return -1
         try:
@@ -88,7 +91,7 @@ class _Nodes(_ClusterState):
         """The backend and ``node``'s id for a node-management method, or None for
         a node not of this cluster (or a closed cluster)."""
         self._require(base.NODE_MANAGEMENT, what)
-        node_id = self._node_id(node)
+        node_id = None if self._closed else self._node_id(node)
         if node_id is None or self._backend is None:
             return None
         return self._backend, node_id
@@ -144,6 +147,8 @@ class _Nodes(_ClusterState):
         """`set_node_cpus`, raising `ClusterError` saying why it cannot (what the
         web monitor tells its user)."""
         managed = self._managed(node, "set_node_cpus") or self._pending(node)
+        if managed is None and (self._closed or self._backend is None):
+            raise ClusterError("the cluster is closed")
         if managed is None:
             raise ClusterError(f"{node!r} is not a node of this cluster")
         backend, node_id = managed
@@ -191,8 +196,8 @@ class _Nodes(_ClusterState):
         for this cluster: not one of its nodes yet, though `allocate_node` named it
         (or named it again while a `close_node` was under way)."""
         links = getattr(self._backend, "node_links", None)
-        if self._backend is None or links is None:
-            return None
+        if self._closed or self._backend is None or links is None:
+            return None  # (a closed one's engine answers no more)
         among = dict(self._resetting)
         for node_id, host, port in links():
             among.setdefault(node_id, DispyNode(host, port=port))
@@ -226,6 +231,8 @@ class _Nodes(_ClusterState):
         released (`close_node`, which `print_status` still lists) or sets up
         again runs none of them: ``[]``, as dispy's, whose cluster keeps it."""
         self._require(base.NODE_JOBS, "node_jobs")
+        if self._closed:  # closing: as dispy's, whose cluster forgot its nodes
+            return -1
         node_id = self._node_id(node)
         if node_id is None or self._backend is None:
             if self._backend is not None and (

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from dispynb import config as dispy_config
+from dispynb.backends.base import Departure, NodeInfo
 from dispynb.cluster import JobCluster
 from dispynb.defaults import NODE_PORT
 from dispynb.errors import ClusterError, ConfigurationError
@@ -262,6 +263,16 @@ class SharedJobCluster(JobCluster):
         }
         return self._node_id(node, among=again)
 
+    def node_closed(self, info: NodeInfo, reason: str, departure: Departure) -> None:
+        # One allocated again and lost is none of the cluster's nodes any more:
+        # submit_node to it is refused, as to any node gone (if it comes back,
+        # the scheduler sets it up for the cluster, allocated). One closed and
+        # not allocated again stays named, for allocate_node to give it back.
+        if departure is Departure.LOST and info.node_id in self._allocated_again:
+            self._allocated_again.discard(info.node_id)
+            self._closed_behind.pop(info.node_id, None)
+        super().node_closed(info, reason, departure)
+
     def _named_behind(self, node: Any) -> str:
         """`_behind`, or the id of a node this cluster closed (`close_node`): one
         closed, even allocated again, may not be back yet, its close or its setup
@@ -284,7 +295,7 @@ class SharedJobCluster(JobCluster):
         """Have the scheduler apply ``action`` to the node for ``what``, the
         user's method; the CPUs it answered, or `ClusterError` saying why not."""
         backend = cast("SchedulerBackend | None", self._backend)
-        if backend is None:
+        if backend is None or self._closed:  # (a closed one's answers no more)
             raise ClusterError("the cluster is closed")
         error, used = backend.manage_node(node_id, action, what, cpus, terminate)
         if error:

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from dispynb import DispyJob, DispyNode, JobCluster, LocalCluster, NodeAllocate
+from dispynb.errors import ClusterError
 from tests import jobs
 from tests.jobs import WAIT, wait_for_path, wait_until
 
@@ -642,3 +643,35 @@ def test_resetup_node_while_the_node_is_set_up_again_sets_it_up_anew(two):
         wait_until(lambda: len(allocation.asked) == 3)
         assert allocation.asked[-1] > called
         assert cluster.submit(0)() == 3
+
+
+def test_node_methods_of_a_closed_cluster_say_it_is_closed(two, caplog):
+    """After close, a node's methods return what dispy's return for a node the
+    cluster no longer has (node_jobs -1, the others -1, submit_node as submit),
+    saying the cluster is closed. They raised RuntimeError ("run_sync() called on
+    a released LoopRunner"), node_jobs too, called from another thread as the
+    close went on."""
+    first, _ = two.node_specs()
+    cluster = JobCluster(node_name, nodes=[first], secret=two.secret)
+    node = cluster.status().nodes[0]
+    assert cluster.submit(0)() == node.name
+    cluster.close()
+    for name in (node, node.ip_addr, "no-such-node"):
+        assert cluster.node_jobs(name) == -1
+    with caplog.at_level(logging.WARNING, logger="dispynb"):
+        for method in ("deallocate_node", "close_node", "resetup_node"):
+            assert getattr(cluster, method)(node) == -1
+        assert cluster.set_node_cpus(node, 1) == -1
+        assert cluster.send_file(__file__, node) == -1
+    assert caplog.messages == [
+        f"{method}: the cluster is closed"
+        for method in (
+            "deallocate_node",
+            "close_node",
+            "resetup_node",
+            "set_node_cpus",
+            "send_file",
+        )
+    ], caplog.text
+    with pytest.raises(ClusterError, match="this cluster is closed"):
+        cluster.submit_node(node, 0)

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from dispynb import DispyNode, LocalCluster, SharedJobCluster
+from dispynb.errors import ClusterError
 from dispynb.job import JobStatus
 from dispynb.protocol import serialize
 from dispynb.protocol.messages import (
@@ -181,3 +182,66 @@ def test_the_scheduler_refuses_a_malformed_pin_and_ends_one_to_no_node(
     assert entry.key == 1 and entry.outcome == ABANDONED
     assert "does not run this computation" in entry.exception
     assert "Traceback" not in scheduler.log_text()
+
+
+def test_submit_node_to_a_node_closed_allocated_again_then_lost_returns_none(
+    scheduler: SchedulerProcess,
+    nodes: LocalCluster,
+    users: dict[str, Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A node the cluster closed (close_node), allocated again, set up again and
+    then lost is none of the cluster's nodes: submit_node to it returns None,
+    logged, as for any node gone. It took the job, as for a node still being
+    set up again, and the job waited for a node that was gone."""
+    first, second = nodes.names
+    with SharedJobCluster(
+        where, scheduler_host=scheduler.address, secret_file=str(users["alice"])
+    ) as cluster:
+        wait_until(lambda: sorted(by_name(cluster)) == [first, second])
+        assert cluster.close_node(first) == 0
+        wait_until(lambda: first not in by_name(cluster))
+        assert cluster.allocate_node(first) == 0
+        wait_until(lambda: first in by_name(cluster))
+        assert cluster.submit_node(first, 0.0)() == first
+        os.kill(nodes.pids[0], signal.SIGKILL)
+        wait_until(lambda: first not in by_name(cluster), timeout=WAIT)
+        with caplog.at_level(logging.WARNING, logger="dispynb"):
+            assert cluster.submit_node(first, 0.0) is None
+        assert f"submit_node: {first!r} is not a node of this cluster" in caplog.text
+        assert cluster.node_jobs(first) == []
+        assert cluster.submit(0.0)() == second
+
+
+def test_node_methods_of_a_closed_cluster_say_it_is_closed(
+    scheduler: SchedulerProcess,
+    nodes: LocalCluster,
+    users: dict[str, Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """After close, a node the cluster had closed (close_node) is managed no
+    more: -1, saying the cluster is closed, node_jobs ``[]`` (dispy's
+    SharedJobCluster's), submit_node as submit. They raised RuntimeError
+    ("run_sync() called on a released LoopRunner")."""
+    first, second = nodes.names
+    with SharedJobCluster(
+        where, scheduler_host=scheduler.address, secret_file=str(users["alice"])
+    ) as cluster:
+        wait_until(lambda: sorted(by_name(cluster)) == [first, second])
+        assert cluster.close_node(first) == 0
+    with caplog.at_level(logging.WARNING, logger="dispynb"):
+        for method in ("allocate_node", "deallocate_node", "close_node"):
+            assert getattr(cluster, method)(first) == -1
+        assert cluster.set_node_cpus(first, 1) == -1
+    assert caplog.messages == [
+        f"{method}: the cluster is closed"
+        for method in (
+            "allocate_node",
+            "deallocate_node",
+            "close_node",
+            "set_node_cpus",
+        )
+    ], caplog.text
+    assert cluster.node_jobs(first) == []
+    with pytest.raises(ClusterError, match="this cluster is closed"):
+        cluster.submit_node(first, 0.0)
