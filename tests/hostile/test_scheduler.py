@@ -40,7 +40,7 @@ from dispynb.protocol.messages import (
     Recovered,
 )
 from dispynb.transport.connection import INBOX_HIGH, Connection
-from schedserver.session import SEND_HIGH
+from schedserver.toclient import SEND_HIGH
 from tests.hostile.tools import wait_for
 from tests.sharedsched.harness import (
     SchedulerProcess,

@@ -2,7 +2,7 @@
 for its client to take why, then closes: a client that takes nothing (stopped for
 good, cut off) does not keep it open, nor what waits for it, for
 ``--zombie_interval`` (an hour): a minute of pulses at most
-(`schedserver.session.ENDING_PULSES`). Real scheduler; a raw client that reads
+(`schedserver.toclient.ENDING_PULSES`). Real scheduler; a raw client that reads
 nothing.
 """
 
@@ -18,7 +18,7 @@ import pytest
 from dispynb import LocalCluster
 from dispynb.protocol.messages import JobCancel
 from dispynb.transport.connection import QUEUED_HIGH
-from schedserver.session import ENDING_PULSES
+from schedserver.toclient import ENDING_PULSES
 from tests.sharedsched.harness import (
     SchedulerProcess,
     raw_scheduler_session,

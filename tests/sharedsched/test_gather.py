@@ -14,7 +14,8 @@ import pytest
 from dispynb import LocalCluster, SharedJobCluster
 from dispynb.job import DispyJob, JobStatus
 from dispynb.protocol.messages import JobResults, Message, Ping, pack_header
-from schedserver.session import GATHER_BYTES, SchedulerSession
+from schedserver.session import SchedulerSession
+from schedserver.toclient import GATHER_BYTES
 from tests.sharedsched.harness import SchedulerProcess
 
 
