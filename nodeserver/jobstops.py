@@ -22,7 +22,8 @@ from nodeserver.jobreasons import timeout_reason
 
 logger = logging.getLogger("nodeserver.computation")
 
-#: Seconds a cancelled job gets to end after its KeyboardInterrupt before it is killed.
+#: Seconds a cancelled job gets to end after its KeyboardInterrupt before it is
+#: killed (one that ignores or blocks SIGINT gets none: it is killed at once).
 CANCEL_GRACE = 3.0
 
 #: Seconds a job over its time limit gets to end after its KeyboardInterrupt before
@@ -230,9 +231,11 @@ class _JobStops(_ComputationState):
             self._report_unrun(job, outcome, reason)
 
     def _interrupt(
-        self, worker: Worker, job: NodeJob, grace: float = CANCEL_GRACE
+        self, worker: Worker, job: NodeJob, grace: float | None = None
     ) -> None:
-        """Cancel a running job as dispy does: KeyboardInterrupt, then kill.
+        """Cancel a running job as dispy does: KeyboardInterrupt, then kill after
+        ``grace`` seconds (default `CANCEL_GRACE`), or at once if the job ignores
+        or blocks SIGINT: waiting would only keep a Stop waiting for nothing.
 
         The jobs sent ahead to the worker move first: it is told to skip them
         (before the signal, so that it reads this before it would start the next
@@ -251,9 +254,13 @@ class _JobStops(_ComputationState):
             # Named first: if the job ends as the signal is sent, the worker's
             # next job (started before it read the Skip) ignores the SIGINT.
             worker.page[0] = job.run
-        self._launcher.interrupt(worker.process)
+        if not self._launcher.interrupt(worker.process):
+            self._escalate(worker, job)
+            return
         loop = asyncio.get_running_loop()
-        loop.call_later(grace, self._escalate, worker, job)
+        loop.call_later(
+            CANCEL_GRACE if grace is None else grace, self._escalate, worker, job
+        )
 
     def _start_clock(self, worker: Worker) -> None:
         """The worker's head job starts now: tell the client (``on_start``), and arm

@@ -58,8 +58,9 @@ class Launcher(Protocol):
         """
         ...
 
-    def interrupt(self, worker: HeldWorker) -> None:
-        """Interrupt the job running in ``worker`` (SIGINT: KeyboardInterrupt)."""
+    def interrupt(self, worker: HeldWorker) -> bool:
+        """Interrupt the job running in ``worker`` (SIGINT: KeyboardInterrupt);
+        False if its job cannot get it (it ignores or blocks SIGINT)."""
         ...
 
     def kill_group(self, worker: HeldWorker) -> None:
@@ -115,9 +116,12 @@ class ProcessLauncher:
         finally:
             control.close()  # the process has its own copy
 
-    def interrupt(self, worker: HeldWorker) -> None:
-        """SIGINT to the worker; it may have ended already."""
+    def interrupt(self, worker: HeldWorker) -> bool:
+        """SIGINT to the worker; it may have ended already. False if the worker
+        ignores or blocks SIGINT (its job made it so: ``signal.signal(SIGINT,
+        SIG_IGN)``, a library that masks signals): nothing will interrupt it."""
         worker.signal(signal.SIGINT)
+        return not deaf_to(worker.pid, signal.SIGINT)
 
     def kill_group(self, worker: HeldWorker) -> None:
         """SIGKILL to the worker's process group (a worker leads its own group) and
@@ -128,6 +132,23 @@ class ProcessLauncher:
     def sweep_orphans(self) -> int:
         """Nothing: this process is no subreaper (`AdoptingLauncher` is)."""
         return 0
+
+
+def deaf_to(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` ignores ``signum`` or its main thread blocks it (the
+    ``SigIgn`` and ``SigBlk`` masks of ``/proc/PID/status``); False if unknown (no
+    such process, no /proc)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            lines = status.read().splitlines()
+    except OSError:
+        return False
+    bit = 1 << (signum - 1)
+    for line in lines:
+        field, _, value = line.partition(":")
+        if field in ("SigIgn", "SigBlk") and int(value.strip() or "0", 16) & bit:
+            return True
+    return False
 
 
 def compute_log_option(log_level: str | None) -> list[str]:

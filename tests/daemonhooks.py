@@ -6,10 +6,16 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["run_in_own_group", "signalled_as_loop_closes", "stopped_as_loop_starts"]
+__all__ = [
+    "node_with_cancel_grace",
+    "run_in_own_group",
+    "signalled_as_loop_closes",
+    "stopped_as_loop_starts",
+]
 
 _STOPPED_AS_LOOP_STARTS = """\
 import asyncio, os, signal, sys
@@ -54,6 +60,24 @@ def signalled_as_loop_closes(module: str) -> str:
     its event loop closed, while the daemon stops (a second signal from a
     service manager or an impatient user)."""
     return _SIGNALLED_AS_LOOP_CLOSES.format(module=module)
+
+
+_NODE_WITH_CANCEL_GRACE = """\
+import sys
+import nodeserver.jobstops
+nodeserver.jobstops.CANCEL_GRACE = {grace!r}
+sys.argv = ["dispynb-node", *sys.argv[sys.argv.index("nodeserver") + 1 :]]
+import nodeserver.__main__ as m
+sys.exit(m.main())
+"""
+
+
+def node_with_cancel_grace(grace: float) -> list[str]:
+    """A `tests.nodeproc.start_node` ``launcher`` whose node gives a cancelled job
+    ``grace`` seconds (not `nodeserver.jobstops.CANCEL_GRACE`'s 3) to end after
+    its KeyboardInterrupt: a test whose outcome would come only after that long
+    tells apart, with no clock, a job killed at once from one given the grace."""
+    return [sys.executable, "-c", _NODE_WITH_CANCEL_GRACE.format(grace=grace)]
 
 
 def run_in_own_group(

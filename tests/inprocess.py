@@ -395,11 +395,12 @@ class ThreadLauncher:
         self.processes.append(process)
         return process
 
-    def interrupt(self, worker: HeldWorker) -> None:
+    def interrupt(self, worker: HeldWorker) -> bool:
         self.interrupts.append(worker.pid)
         found = self.workers.get(worker.pid)
         if found is not None:
             found[0].interrupt(found[1])
+        return True  # a thread's job cannot ignore it
 
     def kill_group(self, worker: HeldWorker) -> None:
         self.kills.append(worker.pid)

@@ -316,3 +316,66 @@ def test_stop_in_an_executor_map_stops_its_calls_and_ends_at_the_users_line(
         assert k.value("executor.submit(abs, -3).result(30)") == 3
         assert len(list(marks.glob("job?"))) == 2  # the queued ones never ran
         k.run_ok("executor.shutdown(); local.close()")
+
+
+#: A job that ignores SIGINT and SIGTERM, writes its pid to ``mark``, then waits
+#: for a gate the test never opens.
+DEAF_CELL = f"""%%dispy --over "[(MARK, GATE)]" --unpack --into deaf --progress html
+def deaf(mark, gate):
+    import os, signal, time
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    open(mark + ".tmp", "w").write(str(os.getpid()))
+    os.replace(mark + ".tmp", mark)
+    deadline = time.monotonic() + {JOB_SECONDS}
+    while not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return os.path.exists(gate)
+"""
+
+
+def test_stop_ends_a_job_that_ignores_signals_at_once(tmp_path):
+    """A job that ignores SIGINT and SIGTERM, stopped as JupyterLab stops a cell
+    (SIGINT to the kernel's process group): its node gave it 3 s to react to a
+    KeyboardInterrupt it could never get, and the cell waited as long. Here the
+    node gives a job 600 s (`node_with_cancel_grace`) and the kernel waits as
+    long for the node to confirm (`runstop.CANCEL_WAIT`): were the job not killed
+    at once, the cell could not return within `STOPPED_WITHIN`."""
+    from tests.daemonhooks import node_with_cancel_grace
+    from tests.nodeproc import start_node
+
+    mark, gate = tmp_path / "deaf-started", tmp_path / "gate"
+    node = start_node(tmp_path / "node", launcher=node_with_cancel_grace(600))
+    try:
+        with kernel(tmp_path) as k:
+            k.run_ok(
+                f"%load_ext dispynb\n%dispy nodes {node.spec} "
+                f"--secret-file {node.secret_file}"
+            )
+            k.run_ok(
+                f"MARK, GATE = {str(mark)!r}, {str(gate)!r}\n"
+                "import dispynb.jupyter.runstop\n"
+                "dispynb.jupyter.runstop.CANCEL_WAIT = 600"
+            )
+            msg_id = k.submit(DEAF_CELL)
+            wait_for(mark.exists)
+            job_pid = int(mark.read_text())
+            pressed = time.monotonic()
+            k.stop_button()
+            out = k.collect(msg_id, timeout=STOPPED_WITHIN)
+            returned = out.idle_at - pressed
+
+            assert out.ename == "RunInterrupted", out.text
+            assert out.evalue.endswith(
+                "run 'deaf' stopped, 1 cancelled, 1 of them while running "
+                "(0 of 1 jobs done)"
+            ), out.evalue
+            assert wait_gone([job_pid], 0) == []  # killed before the cell returned
+            assert k.value("[j.status.name for j in deaf.jobs]") == ["Terminated"]
+            again = k.run_ok(
+                '%%dispy --over "range(3)" --into after\ndef sq(x):\n    return x * x\n'
+            )
+            assert k.value("after.results") == [0, 1, 4], again.text
+    finally:
+        assert node.stop() == 0, node.log_text()
+    print(f"Stop: the cell returned {returned:.2f} s after SIGINT to its group")
