@@ -26,13 +26,15 @@ class _Nodes(_ClusterState):
         The file keeps its path relative to the current directory when it is below
         it, else its base name. Returns 0, or -1 (with the reason logged) if it could
         not be sent, e.g. over the node's maximum file size. ``relay`` is accepted
-        for dispy compatibility.
+        for dispy compatibility. As on dispy's nodes, the files sent stay through
+        `resetup_node` (one sent as it goes on arrives with the setup again), not
+        through `close_node`.
         """
         self._require(base.SEND_FILE, "send_file")
         if self._closed or self._backend is None:
             logger.warning("send_file: the cluster is closed")
             return -1
-        node_id = self._node_id(node)
+        node_id = self._node_id(node) or self._returning(node)  # (resetup_node)
         if node_id is None:
             logger.warning("send_file: %r is not a node of this cluster", node)
             return -1

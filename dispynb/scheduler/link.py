@@ -81,6 +81,10 @@ class NodeLink:
     job_files: dict[tuple[int, int], list[str]] = field(default_factory=dict)
     file_uses: FileUses = field(default_factory=FileUses)
     setup_files: set[str] = field(default_factory=set)
+    #: Files `send_file` put in the computation's directory there, by path: set
+    #: up again (`resetup_node`) it gets them with its setup, as dispy's node
+    #: kept them.
+    placed: dict[str, FileRef] = field(default_factory=dict)
     allocate: Allocator | None = None
     peer_ip: str = ""
     resetting: bool = False

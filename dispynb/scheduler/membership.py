@@ -143,6 +143,8 @@ class DriverNodes(DriverResults):
         cpus, bundle, files = link.allocate(link.welcome, link.peer_ip)
         if cpus <= 0:
             raise SetupError(f"{link.node_id}: the node allocation rejected it")
+        given = {ref.relative for ref in files}  # (its depends win: newer)
+        files = [*files, *(r for p, r in link.placed.items() if p not in given)]
         for ref in files:
             self._files[ref.digest] = ref
         link.setup_files.update(ref.digest for ref in files)
@@ -299,6 +301,8 @@ class DriverNodes(DriverResults):
         link = self.nodes.get(node_id)
         if link is None:
             return False
+        if release and (link.closes_sent or link.ready or link.setting_up):
+            link.placed.clear()  # as dispy's close_node, its files go
         if link.closes_sent:
             # Closing already (close_node, allocate_node, close_node ... in a
             # row): the last call decides what follows the node's answer. (Each

@@ -185,9 +185,20 @@ class DriverOutbox:
             outbox.clear()
 
     async def send_file(self, node_id: str, ref: FileRef) -> str:
-        """Put a file into the computation's directory on a node; '' or an error."""
+        """Put a file into the computation's directory on a node; '' or an error.
+
+        On a node being set up again (`resetup_node`) it goes with that setup,
+        as it would to dispy's node, which kept the computation's directory."""
         link = self.nodes.get(node_id)
-        if link is None or link.conn is None or not link.ready:
+        if link is None or link.conn is None:
+            return f"node {node_id} is not ready"
+        if link.releasing:
+            return f"node {node_id} is being released (close_node)"
+        if link.resetting:  # its close goes on: the setup again takes it
+            link.placed[ref.relative] = ref
+            return ""
+        # Set up (again) just now, its setup on the wire: the file follows it.
+        if not (link.ready or (link.setting_up and link.welcome is not None)):
             return f"node {node_id} is not ready"
         request = next(self._requests)
         placed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -205,11 +216,14 @@ class DriverOutbox:
                 ),
             )
             async with asyncio.timeout(CLOSE_TIMEOUT):
-                return await placed
+                error = await placed
         except (DispynbError, OSError, TimeoutError) as exc:
             return f"cannot send {ref.relative} to {node_id}: {describe_error(exc)}"
         finally:
             self._placements.pop(request, None)
+        if not error:
+            link.placed[ref.relative] = ref
+        return error
 
     async def manage_node(
         self,

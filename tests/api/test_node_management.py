@@ -675,3 +675,53 @@ def test_node_methods_of_a_closed_cluster_say_it_is_closed(two, caplog):
     ], caplog.text
     with pytest.raises(ClusterError, match="this cluster is closed"):
         cluster.submit_node(node, 0)
+
+
+def test_send_file_to_a_node_set_up_again_puts_it_there_and_keeps_those_sent(
+    local1, tmp_path, monkeypatch
+):
+    """As dispy's node, which keeps the computation's directory through a
+    resetup_node: a file sent before is still there after it, and one sent as the
+    node closes the computation or as its setup runs again (send_file at once
+    after resetup_node, as replace_inmem.py's user might) returns 0 and is there
+    for the next job. It returned -1 ('... is not a node of this cluster', or 'the
+    computation is not set up on this node'), and what was sent before was gone."""
+    gate, marks = tmp_path / "gate", tmp_path / "marks"
+    gate.touch()
+    marks.mkdir()
+
+    def setup() -> int:
+        import os
+        import time
+
+        open(os.path.join(str(marks), str(len(os.listdir(str(marks))))), "w").close()
+        deadline = time.monotonic() + 30
+        while not os.path.exists(str(gate)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return 0
+
+    def read(names: list[str]) -> list[str | None]:
+        import os
+
+        return [open(n).read() if os.path.exists(n) else None for n in names]
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("before", "closing", "setting_up"):
+        (tmp_path / name).write_text(name)
+    names = ["before", "closing", "setting_up"]
+    with JobCluster(
+        read, nodes=local1.node_specs(), setup=setup, secret=local1.secret
+    ) as cluster:
+        node = cluster.status().nodes[0]
+        assert cluster.send_file("before", node) == 0
+        gate.unlink()
+        assert cluster.resetup_node(node) == 0
+        assert cluster.send_file("closing", node) == 0
+        wait_for_path(marks / "1")  # its setup runs again
+        assert cluster.send_file("setting_up", node.ip_addr) == 0
+        gate.touch()
+        job = cluster.submit(names)
+        assert job() == names, job.exception
+        assert cluster.resetup_node(node) == 0
+        job = cluster.submit(names)
+        assert job() == names, job.exception
