@@ -116,6 +116,41 @@ async def connect(
             delay = min(delay * 2, RETRY_MAX)
 
 
+#: What a connection failing with each of these errors means, and what to check.
+_NO_ROUTE = {
+    errno.EHOSTUNREACH: (
+        "no machine answers at that address (no route to host): check that the "
+        "address is right and that the machine is up and on this network"
+    ),
+    errno.EHOSTDOWN: (
+        "the machine at that address is down (host is down): start it, or check "
+        "the address"
+    ),
+    errno.ENETUNREACH: (
+        "this machine has no route to that address (network is unreachable): "
+        "check the address, and this machine's network connection"
+    ),
+}
+
+
+def _timed_out(
+    peer: str, port: int, timeout: float, server: str, *, tls_started: bool
+) -> str:
+    """What a connection that did not complete within ``timeout`` tells its user."""
+    if tls_started:  # the machine completed the TCP handshake: something listens
+        return (
+            f"{peer} accepted the connection but did not complete the TLS handshake "
+            f"in {timeout:g} s: the process there is stopped (SIGSTOP, Ctrl-Z, a "
+            f"suspended batch job), too busy to answer, or no {server}"
+        )
+    return (
+        f"connecting to {peer} timed out after {timeout:g} s: nothing answered "
+        "there, so the machine is down or unreachable from here, or a firewall "
+        f"drops connections to port {port}; check the address, that the machine "
+        f"is up, and that its firewall lets {server} connections in"
+    )
+
+
 def out_of_descriptors(exc: BaseException | None) -> bool:
     """Whether ``exc`` (or the error it was raised from) is this process's (or the
     system's) descriptor limit: a connection worth trying again later."""
@@ -172,6 +207,7 @@ async def _connect_once(
     peer = format_address(host, port)
     # Only a shared scheduler is proved a user's credential.
     server = server or ("dispynb-scheduler" if user else "dispynb-node")
+    sock: socket.socket | None = None
     try:
         async with asyncio.timeout(timeout):
             sock = await _open_local(host, port) if ssl_context is None else None
@@ -186,7 +222,7 @@ async def _connect_once(
                 )
     except TimeoutError:
         raise ConnectTimeoutError(
-            f"connecting to {peer} timed out after {timeout} s"
+            _timed_out(peer, port, timeout, server, tls_started=sock is not None)
         ) from None
     except TransportError as exc:
         if isinstance(exc, ConnectionClosedError):
@@ -225,6 +261,11 @@ async def _connect_once(
                 f"({exc.strerror}): check its spelling, or give its IP address"
             ) from exc
         reason = str(exc)
+        if exc.errno in _NO_ROUTE:
+            # The errno's text is "Connect call failed (address)": say what it means.
+            raise ConnectionClosedError(
+                f"cannot connect to {peer}: {_NO_ROUTE[exc.errno]}"
+            ) from exc
         if isinstance(exc, ConnectionRefusedError):
             # The errno's text repeats the address: say what it means, and (for a
             # node) how to name one that runs on another port.
