@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from dispynb.errors import ConfigurationError
-from schedserver.cli import REFUSED, build_parser, config_from_args, parse_args
+from schedserver.cli import build_parser, config_from_args, parse_args
+from schedserver.parser import REFUSED
 from tests.sharedsched.harness import SchedulerProcess, add_user, scheduler_cli
 
 
