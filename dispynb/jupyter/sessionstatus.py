@@ -31,7 +31,10 @@ class SessionStatus:
 
     def __init__(self, session: Session) -> None:
         self.where = where_line(session)
-        self.rows = session.rows()
+        # No nodes in use (``%dispy close``): none listed, not the closed ones as
+        # gone under "no nodes" (the panel keeps them, saying that it stopped them).
+        in_use = session.nodes is not None or session.engine is not None
+        self.rows = session.rows() if in_use else []
         runs = session.runs
         #: Each run as its repr says it, and its counts and name (for the HTML).
         self.runs = [repr(run) for run in runs]

@@ -173,6 +173,31 @@ def test_magic_line_status_lists_nodes_and_runs(ip):
     assert "local-0" in html and "counted" in html
 
 
+def test_dispy_status_after_dispy_close_lists_no_node():
+    """``%dispy status`` after ``%dispy close`` said "no nodes: use %dispy local
+    ..." and then listed the closed nodes, as gone, for 30 s. The notebook has no
+    nodes: none is listed (the panel keeps them, saying %dispy close stopped
+    them), and the runs a variable holds stay. (A session of its own: this
+    module's shell keeps its nodes.)"""
+    from dispynb.jupyter.session import Session
+
+    session = Session()
+    try:
+        session.start_local(1, 1)
+        kept = Run.map(abs, [-1, -2], nodes=session.nodes, progress="none")
+        session.add_run(kept)
+        assert "local-0" in repr(session.status())
+        session.close(ended=True)  # %dispy close
+        status = session.status()
+    finally:
+        session.close()
+    text = repr(status)
+    assert text.splitlines()[0].startswith("no nodes: use %dispy local"), text
+    assert "local-0" not in text and "127.0.0.1" not in text, text
+    assert "<Run 'abs' 2/2 done" in text, text
+    assert "local-0" not in status._repr_html_()
+
+
 def test_magic_line_nodes_attaches_with_secret_file(ip, tmp_path):
     magics = ip.magics_manager.registry[DispyMagics.__name__]
     local = magics.session.local
