@@ -121,6 +121,7 @@ class _Clients(_ServerState):
         """A client went away: keep its computations that asked for recovery."""
         loop = asyncio.get_running_loop()
         self.files.release(session)  # files it sent that no computation claims
+        self.room_freed(session.user)
         freed = False  # an exclusive computation of it no longer is
         for comp in session.computations.values():
             if comp.session is not session:

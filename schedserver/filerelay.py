@@ -65,6 +65,7 @@ class _FileRelay(_ServerState):
         uploaded go, unless a computation lists them or another session's uploaded
         them too. The client sends a file again before a later job that needs it."""
         self.files.release_some(session, digests)
+        self.room_freed(session.user)
 
     def _give_files(
         self, comp: SharedComputation, upstream: Upstream, digests: list[str]

@@ -37,7 +37,7 @@ fill the disk the other users' kept results need.
 Past it, its results are not kept as past ``--max_kept`` (the error names the
 option), and its computation is held until its client comes back, or until room
 is freed in the user's quota (its other computations' results collected,
-acknowledged or dropped).
+acknowledged or dropped, her files released).
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ class UserKept:
         self.size = 0
         #: Something of it was held over the quota when last looked at
         #: (`KeptMessages.full`): room freed in it is to be handed out at once
-        #: (`SchedulerSession._on_journaled`), not at the next dispatch.
+        #: (`_ServerState.room_freed`), not at the next dispatch.
         self.holding = False
 
     def room(self) -> float:

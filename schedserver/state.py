@@ -165,3 +165,12 @@ class _ServerState:
     def schedule(self) -> None:
         """Hand free slots out now (`dispatch._Dispatch.schedule`)."""
         raise NotImplementedError
+
+    def room_freed(self, user: str) -> None:
+        """Something of ``user``'s was let go (files, kept results): a computation
+        of hers held over her --max_user_kept gets CPUs again now, not at the next
+        dispatch something else brings (on an idle scheduler, her return)."""
+        account = self.spill.user(user)
+        if account.holding:
+            account.holding = False  # `KeptMessages.full` flags those still held
+            self.schedule()

@@ -12,14 +12,23 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 from pathlib import Path
 
 import pytest
 
 from dispynb import SharedJobCluster
 from dispynb.errors import DispynbError
+from dispynb.protocol import serialize
 from dispynb.protocol.files import digest_of
-from dispynb.protocol.messages import Error, FilePut
+from dispynb.protocol.messages import (
+    ComputationReady,
+    ComputationSetup,
+    Error,
+    FilePut,
+    FileRelease,
+    JobSubmit,
+)
 from dispynb.transport.connection import Connection
 from tests.hostile.test_scheduler import people, shared_nodes
 from tests.sharedsched.harness import raw_scheduler_session
@@ -125,3 +134,86 @@ def test_one_users_files_count_in_her_quota(
     assert all("--max_user_kept" in text for text in refused)
     assert isinstance(hers, str) and "--max_user_kept" in hers
     assert alices == 2 * MiB
+
+
+#: The computation held by her files' share of her quota: its jobs (more than the
+#: 4 CPUs) and each one's result.
+HELD_JOBS = 16
+HELD_RESULT = 2 * MiB
+
+
+def two_mib(n: int) -> bytes:
+    import time
+
+    time.sleep(0.3)  # ends once its client has gone
+    return bytes([n]) * (2 << 20)
+
+
+async def _away(port: int, credential: Path, recovery_id: str) -> None:
+    """Set up a computation with ``recovery_id``, submit its jobs and go away (the
+    scheduler keeps their results, within her quota)."""
+    conn = await raw_scheduler_session(port, credential)
+    try:
+        bundle = serialize.dumps({"func": two_mib, "setup": None, "setup_args": ()})
+        conn.write(
+            ComputationSetup(
+                comp_id=1, name="held", workers=4, recovery_id=recovery_id,
+                keep_results=600.0, keep_sent=False,
+            ),
+            bundle,
+        )  # fmt: skip
+        async with asyncio.timeout(WAIT):
+            while not isinstance((await conn.recv())[0], ComputationReady):
+                pass
+        buffers = []
+        for i in range(HELD_JOBS):
+            buffers.extend(serialize.dumps(((i,), {})))
+        jobs = [[i, 1, 1] for i in range(HELD_JOBS)]
+        conn.write(JobSubmit(comp_id=1, jobs=jobs), buffers)
+        await conn.flush()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("release", ["file-release", "session-end"])
+def test_files_released_let_a_computation_held_by_her_quota_run(
+    tmp_path: Path, people: dict[str, Path], release: str
+) -> None:
+    """Alice's files take most of her quota; her computation whose client went
+    away is held once its results fill the rest. The files released (her jobs
+    that needed them ended, or the session that sent them ended), its jobs run
+    again at once, not at whatever next event makes the scheduler dispatch (on
+    an idle scheduler: when she comes back, the time she was away lost)."""
+    files = [memoryview(bytes([i]) * FILE) for i in range(2)]
+    digests = [digest_of(data) for data in files]
+    with shared_nodes(
+        tmp_path, people,
+        "--max_user_kept", f"{USER_QUOTA // MiB}M",
+        "--dest_path_prefix", str(tmp_path / "spill"),
+    ) as sched:  # fmt: skip
+
+        async def scenario() -> None:
+            conn = await raw_scheduler_session(sched.port, people["alice"])
+            try:
+                for digest, data in zip(digests, files, strict=True):
+                    conn.write(FilePut(digest=digest, size=data.nbytes), [data])
+                await conn.flush()
+                await _away(sched.port, people["alice"], secrets.token_hex(16))
+                await asyncio.to_thread(
+                    sched.wait_for_log, "alice/held: no job of it runs", timeout=WAIT
+                )
+                assert "room freed" not in sched.log_text()
+                if release == "file-release":
+                    conn.write(FileRelease(digests=digests))
+                    await conn.flush()
+                else:
+                    conn.close()
+                await asyncio.to_thread(
+                    sched.wait_for_log,
+                    "alice/held: room freed in the --max_user_kept quota",
+                    timeout=WAIT,
+                )
+            finally:
+                conn.close()
+
+        asyncio.run(scenario())
