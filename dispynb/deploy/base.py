@@ -79,13 +79,25 @@ logger = logging.getLogger(__name__)
 
 
 def route_address(host: str, port: int = 22) -> str:
-    """The local address this machine would use to reach ``host`` (no packet sent)."""
+    """The local address this machine would use to reach ``host`` (no packet sent).
+
+    `ConfigurationError` if there is none, saying why and that ``register_host=``
+    names the address instead (a host only ``ssh`` resolves, behind a jump host)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
         try:
             sock.connect((host, port))
         except OSError as exc:
-            raise ConfigurationError(f"cannot find a route to {host!r}: {exc}") from exc
+            if isinstance(exc, socket.gaierror):
+                what = f"cannot resolve {host!r} ({exc.strerror})"
+            else:
+                what = f"this machine has no route to {host!r} ({exc.strerror})"
+            raise ConfigurationError(
+                f"{what}, so it cannot tell at which of its addresses the nodes "
+                f"there register: check the name, or give register_host= this "
+                "machine's address that they reach (for a host that ssh reaches "
+                "through a jump host, say)"
+            ) from exc
         return str(sock.getsockname()[0])
 
 

@@ -5,7 +5,9 @@ tests/multihost/test_ssh*.py)."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -26,7 +28,8 @@ from tests.nodeproc import ROOT
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 #: ``ssh [options] -- HOST COMMAND`` runs COMMAND here; ``ssh -G HOST`` says the
-#: host is 127.0.0.1 (so the node registers over loopback); host ``blackhole`` never
+#: host is 127.0.0.1 (so the node registers over loopback; $FAKE_SSH_HOSTNAME to
+#: name another, as a ``Hostname`` line would); host ``blackhole`` never
 #: answers (ssh waits for the TCP connection: 2 min without ConnectTimeout). Each
 #: call is logged to $FAKE_SSH_LOG; ``ssh -G`` reports $FAKE_CONNECTTIMEOUT; host
 #: ``denied`` refuses the key.
@@ -34,7 +37,8 @@ FAKE_SSH = f"""#!/bin/sh
 echo "$*" >> "${{FAKE_SSH_LOG:-/dev/null}}"
 for last; do :; done
 case " $* " in *" -G "*)
-  echo "hostname 127.0.0.1"; echo "connecttimeout ${{FAKE_CONNECTTIMEOUT:-none}}"
+  echo "hostname ${{FAKE_SSH_HOSTNAME:-127.0.0.1}}"
+  echo "connecttimeout ${{FAKE_CONNECTTIMEOUT:-none}}"
   exit 0;;
 esac
 case " $* " in *" -- blackhole "*) exec sleep 600;; esac  # still connecting
@@ -404,3 +408,43 @@ def test_a_python_older_than_311_is_named_as_such(
         f"dispynb-node needs Python 3.11 or later; {sys.executable} is Python 3.10.12: "
         "give the launcher python= a newer one"
     ) in message, message
+
+
+@pytest.mark.parametrize(
+    ("hostname", "what"),
+    [
+        # a name that only the jump host in ~/.ssh/config resolves
+        ("node1.internal", "cannot resolve 'node1.internal' ("),
+        (
+            "10.0.0.9",
+            "this machine has no route to '10.0.0.9' (Network is unreachable)",
+        ),
+    ],
+)
+def test_a_host_this_machine_cannot_reach_says_to_give_register_host(
+    fake_ssh: Path, hostname: str, what: str
+) -> None:
+    """ssh reaches the host (through a jump host, say), but this machine has no
+    route of its own to the name ``ssh -G`` gives: the script's last line says so and
+    names register_host= (before: "cannot find a route to 'node1.internal':
+    [Errno -3] Temporary failure in name resolution"). Run without a network
+    (``unshare -n``), so no name query leaves the machine."""
+    unshare = shutil.which("unshare")
+    if unshare is None or os.geteuid() != 0:
+        pytest.skip("needs unshare -n as root: the name lookup must not leave")
+    script = "from dispynb.deploy import SSHNodes\nSSHNodes(['node1'], wait=10)\n"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FAKE_SSH_HOSTNAME=hostname)
+    done = subprocess.run(
+        [unshare, "-n", sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"dispynb.errors.ConfigurationError: {what}"), done.stderr
+    assert last.endswith(
+        ", so it cannot tell at which of its addresses the nodes there register: "
+        "check the name, or give register_host= this machine's address that they "
+        "reach (for a host that ssh reaches through a jump host, say)"
+    ), done.stderr
