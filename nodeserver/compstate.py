@@ -150,11 +150,12 @@ class Worker:
 
 class _ComputationState:
     """A `Computation`'s state (its parts: `nodeserver.jobstops`, stopping jobs;
-        `nodeserver.workerlife`, the computation process's reports and lost workers;
-        `nodeserver.jobfiles`, the jobs' files; `nodeserver.stealing`, work stealing;
+    `nodeserver.workerlife`, the computation process's reports and lost workers;
+    `nodeserver.jobfiles`, the jobs' files; `nodeserver.stealing`, work stealing;
     `nodeserver.workerreports`, what the workers report of their jobs).
-        The methods declared here and raising `NotImplementedError` are the parts'
-        own (one part calls another's)."""
+
+    The methods declared here and raising `NotImplementedError` are the parts'
+    own (one part calls another's)."""
 
     # Set by `Computation.__init__` (see there).
     comp_id: int
