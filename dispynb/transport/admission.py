@@ -226,12 +226,14 @@ class Tally:
         for what, counted in self._counted.items():
             total = sum(counted.values())
             top = max(counted, key=counted.__getitem__)
-            # "from 1 source", "from 10 sources": it said "from 1 source(s)".
+            # "from 1 source", "from 10 sources": it said "from 1 source(s)"; the
+            # count follows the plural ``what``: it said "1 more rejected
+            # connections".
             self._log.log(
                 self.level,
-                "%d more %s from %s in the last %g s (most from %s: %d; last: %s)",
-                total,
+                "%s: %d more from %s in the last %g s (most from %s: %d; last: %s)",
                 what,
+                total,
                 wording.counted(len(counted), "source"),
                 self.period,
                 top,

@@ -21,11 +21,11 @@ pytestmark = pytest.mark.slow
 EACH = 5000
 
 _ABOUT_THEM = re.compile(r"cannot use|sent unexpected")
-_COUNTED = re.compile(r"(\d+) more messages this node cannot use")
+_COUNTED = re.compile(r"messages this node cannot use: (\d+) more")
 _FILES = re.compile(r"refused a file|files refused")
-_FILES_COUNTED = re.compile(r"(\d+) more files refused")
+_FILES_COUNTED = re.compile(r"files refused: (\d+) more")
 _SETUPS = re.compile(r"refused computation")
-_SETUPS_COUNTED = re.compile(r"(\d+) more refused computations")
+_SETUPS_COUNTED = re.compile(r"refused computations: (\d+) more")
 
 
 def _lines_about_them(log: str, about: re.Pattern[str] = _ABOUT_THEM) -> int:

@@ -377,7 +377,7 @@ def test_slowloris_is_closed_at_the_handshake_deadline(measure, caplog):
     # Logged as counts: the first at once, the second in the summary at stop.
     first = r"rejected connections from 127\.0\.0\.1:\d+: handshake timed out"
     assert any(re.match(first, w) for w in warnings_from(caplog, "timed out"))
-    assert warnings_from(caplog, "1 more rejected connections from 1 source in")
+    assert warnings_from(caplog, "rejected connections: 1 more from 1 source in")
     measure(
         f"deadline 0.5 s: silent closed after {silent:.2f} s, dripping after "
         f"{dripping:.2f} s; a client was served meanwhile"

@@ -195,7 +195,7 @@ def test_refused_requests_not_logged_yet_are_counted_when_it_stops(
                 assert sock.recv(1 << 16).startswith(b"HTTP/1.1 403")
     # The first is logged at once, the other 4 counted.
     # (it said "from 1 source(s)")
-    assert "4 more refused web requests from 1 source in" in sched.log_text()
+    assert "refused web requests: 4 more from 1 source in" in sched.log_text()
 
 
 def test_the_token_is_never_logged_and_kept_in_its_file(

@@ -99,7 +99,7 @@ def test_tally_logs_a_few_sources_at_once_then_counts():
     finally:
         log.removeHandler(lines)
     assert len(lines.lines) == Tally.IMMEDIATE + 1
-    assert lines.lines[-1].startswith("97 more rejected connections from 10 sources")
+    assert lines.lines[-1].startswith("rejected connections: 97 more from 10 sources")
     assert "last: reason 99" in lines.lines[-1]
 
 
@@ -148,3 +148,23 @@ def test_listener_short_again_after_a_lull_is_the_same_episode(caplog, monkeypat
     lines = [r.getMessage() for r in caplog.records if "accept" in r.getMessage()]
     assert len(lines) == 2, lines
     assert "pausing" in lines[0] and "2 accept" in lines[1]
+
+
+def test_tally_counts_one_more_event_without_a_wrong_plural():
+    """One event counted past those logged at once: its line said "1 more rejected
+    connections from 1 source"; the count now follows the kind of event."""
+    log = logging.getLogger("tests.tally")
+    lines = _Lines()
+    log.addHandler(lines)
+
+    async def main() -> None:
+        tally = Tally(log, period=60)
+        for i in range(2):  # the first logged at once, the second counted
+            tally.event("rejected connections", "10.0.0.1", f"reason {i}")
+        tally.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        log.removeHandler(lines)
+    assert lines.lines[-1].startswith("rejected connections: 1 more from 1 source ")
