@@ -122,14 +122,26 @@ class _Nodes(_DaskState):
         address = self.engine.address
         host, port = _host_port(address)
         answer = None
+        refused = False
         if address.startswith("tcp://") or "://" not in address:
-            with contextlib.suppress(OSError):
+            try:
                 answer = await asyncio.to_thread(
                     _probe.probe, host, port, PROBE_TIMEOUT
                 )
+            except ConnectionRefusedError:
+                refused = True
+            except OSError:
+                pass
         if answer is None:
             if not isinstance(exc, OSError):
                 raise exc  # not the connection's fault: Dask's own error
+            if refused:  # Dask says only that it "timed out" retrying
+                return TransportError(
+                    f"cannot connect to the Dask scheduler at {address}: nothing "
+                    "listens there (connection refused): start the scheduler "
+                    "(`dask scheduler` prints the address to give), or check the "
+                    "address (the scheduler's port is 8786 by default)"
+                )
             return TransportError(
                 f"cannot connect to the Dask scheduler at {address}: {exc}"
             )

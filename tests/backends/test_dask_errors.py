@@ -96,6 +96,45 @@ def test_an_address_where_no_scheduler_answers_is_a_clear_error(
     assert out["seconds"] < 30
 
 
+NOBODY_PROGRAM = """
+import socket
+
+
+def compute(n):
+    return n
+
+
+def main(args):
+    with socket.socket() as held:  # a port nothing listens on, as no scheduler runs
+        held.bind(("127.0.0.1", 0))
+        address = "tcp://127.0.0.1:%d" % held.getsockname()[1]
+        try:
+            dispynb.JobCluster(compute, engine=DaskEngine(address))
+            return {"error": None}
+        except Exception as exc:
+            return {"error": [type(exc).__name__, str(exc)], "address": address}
+"""
+
+
+def test_an_address_where_nothing_listens_says_to_start_the_scheduler(
+    net: Network, tmp_path: Path
+) -> None:
+    """No Dask scheduler started yet (or a wrong port): Dask's client retries the
+    refused connection, then says only "Timed out trying to connect to ... after
+    10 s", which reads as a network problem; now the error says that nothing
+    listens there and how to start the scheduler."""
+    out = run(net, tmp_path, NOBODY_PROGRAM)
+    assert out["error"] is not None, out
+    kind, text = out["error"]
+    assert kind == "TransportError", text
+    assert text == (
+        f"cannot connect to the Dask scheduler at {out['address']}: nothing listens "
+        "there (connection refused): start the scheduler (`dask scheduler` prints "
+        "the address to give), or check the address (the scheduler's port is 8786 "
+        "by default)"
+    )
+
+
 def test_import_dispynb_loads_no_dask() -> None:
     """Dask stays an optional extra: ``import dispynb`` (and its engine seam) does
     not import it."""
