@@ -7,6 +7,7 @@ not load)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 
 from dispynb.errors import ConfigurationError
@@ -41,6 +42,12 @@ def user_command(argv: list[str]) -> int:
         metavar="FILE",
         help="where 'add' writes the credential (mode 0600; default NAME.credential)",
     )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="'add' replaces the credential file if it exists (by default it is "
+        "refused: another user's credential, or any file, lost to a typo)",
+    )
     args = parser.parse_args(argv)
     users = UsersFile(args.users)
     if args.action == "list":
@@ -65,6 +72,7 @@ def user_command(argv: list[str]) -> int:
             f"no directory {where} for the credential file {path}: check the "
             "--credential-file path, or make the directory first"
         )
+    _check_credential_path(path, args.users, args.force)
     credential = users.add(args.name)
     write_credential(path, credential)
     print(
@@ -72,3 +80,23 @@ def user_command(argv: list[str]) -> int:
         f"SharedJobCluster(..., secret_file={path!r}))"
     )
     return 0
+
+
+def _check_credential_path(path: str, users: str, force: bool) -> None:
+    """Refuse, before the user is added (its credential would be lost, its name
+    taken), to write a credential over a file: over the users file always (every
+    user's token gone), over any other unless ``force``."""
+    if not os.path.lexists(path):
+        return
+    with contextlib.suppress(OSError):
+        if os.path.samefile(path, users):
+            raise ConfigurationError(
+                f"{path} is the users file (--users {users}): give the credential "
+                "file another name with --credential-file"
+            )
+    if not force:
+        raise ConfigurationError(
+            f"{path} exists: not writing the credential over it (nobody added); "
+            "give another --credential-file, or --force to replace it (an old "
+            "credential of a user revoked before, say)"
+        )

@@ -644,3 +644,38 @@ def test_a_cluster_certfile_without_its_key_names_cluster_keyfile(
         f"dispynb-scheduler: certfile {certfile!r} holds no private key: give the "
         "file of its key with --cluster_keyfile"
     ]
+
+
+def test_user_add_does_not_write_a_credential_over_a_file(tmp_path: Path) -> None:
+    """``user add bob -o alice.credential`` (a typo) silently replaced alice's
+    credential with bob's: she was locked out until her own was issued again.
+    An existing file is refused now, before the user is added; ``--force``
+    replaces one (an old credential of a user revoked before); the users file
+    itself is never written over."""
+    users = tmp_path / "users"
+    done = scheduler_cli("user", "add", "alice", "--users", str(users), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    alices = tmp_path / "alice.credential"
+    before = alices.read_text()
+    typo = ["user", "add", "bob", "--users", str(users), "-o", str(alices)]
+    done = scheduler_cli(*typo, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert f"{alices} exists: not writing the credential over it" in done.stderr
+    assert "--force" in done.stderr
+    assert alices.read_text() == before
+    listed = scheduler_cli("user", "list", "--users", str(users))
+    assert listed.stdout.split() == ["alice"]  # bob not added: the name is free
+    over_users = ["user", "add", "bob", "--users", str(users), "-o", str(users)]
+    done = scheduler_cli(*over_users, "--force", cwd=tmp_path)
+    assert done.returncode == 2 and "is the users file" in done.stderr
+    assert scheduler_cli("user", "list", "--users", str(users)).stdout.split() == [
+        "alice"
+    ]
+    # Alice's credential issued again: the revoked one replaced, as asked.
+    assert (
+        scheduler_cli("user", "revoke", "alice", "--users", str(users)).returncode == 0
+    )
+    again = ["user", "add", "alice", "--users", str(users), "--force"]
+    done = scheduler_cli(*again, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert alices.read_text() != before and (alices.stat().st_mode & 0o777) == 0o600
