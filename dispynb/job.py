@@ -579,8 +579,12 @@ def _say_failed(job: DispyJob) -> None:
         if _failure_said:
             return
         _failure_said = True
-    lines = str(job.exception or "").strip().splitlines()
-    why = f" ({lines[-1].strip()})" if lines else ""
+    lines = [x.strip() for x in str(job.exception or "").splitlines() if x.strip()]
+    why = f" ({lines[-1]})" if lines else ""
+    if len(lines) > 1 and lines[-1].startswith("(") and lines[-1].endswith(")"):
+        # Advice under the error's line (a module the node lacks): both, the error
+        # first, in one parenthesis (it read "((this client imports ...))").
+        why = f" ({lines[-2]}; {lines[-1][1:-1]})"
     logger.warning(
         "job %r ended %s%s: job() returns None for a job that failed, as dispy's "
         "does; job.exception holds its traceback, and job.status == "

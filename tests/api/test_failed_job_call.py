@@ -58,6 +58,40 @@ def test_a_scripts_failed_jobs_are_said_once_where_job_returned_none(
     )
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_module_the_node_lacks_is_said_with_the_error_and_its_fix(
+    tmp_path: Path,
+) -> None:
+    """A job importing a module beside the script that the node cannot import: the
+    warning named only the advice under the error, in double parentheses ("ended
+    Terminated ((this client imports 'helper' ...))"); now the error, then the fix."""
+    (tmp_path / "helper.py").write_text("def f(n):\n    return n + 1\n")
+    (tmp_path / "script.py").write_text(
+        SCRIPT.replace('raise ValueError(f"bad n {n}")', "import helper")
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DISPYNB_")}
+    done = subprocess.run(
+        [sys.executable, "script.py"],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "[0, 1, None, None]\n"
+    assert done.stderr == (
+        "job 2 ended Terminated (ModuleNotFoundError: No module named 'helper'; this "
+        f"client imports 'helper' from {tmp_path / 'helper.py'}, the node cannot: "
+        "send it with JobCluster(..., depends=[helper]), or install it on the node): "
+        "job() returns None for a job that failed, as dispy's does; job.exception "
+        "holds its traceback, and job.status == DispyJob.Finished tells a result "
+        "from a failure (said once)\n"
+    )
+
+
 def test_a_cancelled_or_finished_job_returns_without_a_warning(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
