@@ -50,8 +50,10 @@ class _RunOutput(_RunState):
                     self._write_job(job, writer)
 
     def _write_job(self, job: DispyJob, writer: Writer) -> None:
-        label = f"[job {job.id}] "
         index = self._index.get(job.id)
+        # Labelled by the input's index, the row of `df` and `jobs`: job ids run
+        # on over the kernel's runs (and start at 1), naming no row of this run.
+        label = f"[job {job.id}] " if index is None else f"[input {index}] "
         for stream in ("stdout", "stderr"):
             text = getattr(job, stream)
             if isinstance(text, bytes):

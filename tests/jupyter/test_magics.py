@@ -169,15 +169,15 @@ def test_magic_cell_remote_output_and_traceback_appear_in_the_cell(ip):
     )
 
     # Each printed line says which job printed it; run.df keeps the raw text.
-    ids = [job.id for job in ip.user_ns["noisy"].jobs]
     assert sorted(out.splitlines()) == sorted(
-        f"[job {ids[i]}] hello from job {i}" for i in range(3)
+        f"[input {i}] hello from job {i}" for i in range(3)
     )
-    assert {f"[job {ids[i]}] warning {i}" for i in range(3)} <= set(err.splitlines())
+    assert {f"[input {i}] warning {i}" for i in range(3)} <= set(err.splitlines())
     assert "Traceback (most recent call last)" in err
     assert "KeyError: 2" in err
     # Which input failed, and the call it made: 'input 2' alone read as the value.
-    assert f"job {ids[2]} (input 2: noisy(2)) on " in err
+    job = ip.user_ns["noisy"].jobs[2]
+    assert f"job {job.id} (input 2: noisy(2)) on " in err
     assert ip.user_ns["noisy"].df.loc[0, "stdout"] == "hello from job 0\n"
 
 

@@ -165,9 +165,8 @@ def test_run_wait_prints_remote_output_and_first_traceback_of_each_kind(local, c
     run = Run.map(noisy, range(3), nodes=local, name="noisy", progress="none")
 
     out, err = capsys.readouterr()
-    ids = [job.id for job in run.jobs]
-    assert sorted(out.splitlines()) == [f"[job {ids[i]}] out {i}" for i in range(3)]
-    assert {f"[job {ids[i]}] err {i}" for i in range(3)} <= set(err.splitlines())
+    assert sorted(out.splitlines()) == [f"[input {i}] out {i}" for i in range(3)]
+    assert {f"[input {i}] err {i}" for i in range(3)} <= set(err.splitlines())
     assert err.count("Traceback (most recent call last)") == 1
     assert "ValueError: bad" in err
     assert "2 jobs failed (ValueError)" in err  # the second is counted, not repeated
@@ -176,6 +175,25 @@ def test_run_wait_prints_remote_output_and_first_traceback_of_each_kind(local, c
     assert "see the run's .failures or the run's .df.exception" in err, err
     assert [run.jobs.index(job) for job in run.failures] == [1, 2]
     assert list(run.df["stdout"]) == ["out 0\n", "out 1\n", "out 2\n"]
+
+
+@slow
+def test_a_second_runs_output_is_labelled_by_its_rows_not_by_job_ids(local, capsys):
+    """What a job printed was labelled with its job id (``[job 4] out 0``), which
+    the kernel counts over every run: in a second run, as in the first (ids from
+    1), the label named no row of ``run.df``, indexed by input. It is labelled by
+    its input's index, the row of ``run.df`` and ``run.jobs``."""
+    Run.map(jobs.echo, ["a", "b"], nodes=local, progress="none")
+    capsys.readouterr()
+
+    second = Run.map(jobs.echo, ["x", "y", "z"], nodes=local, progress="none")
+
+    out = capsys.readouterr().out.splitlines()
+    assert sorted(out) == ["[input 0] out x", "[input 1] out y", "[input 2] out z"]
+    assert [second.df.loc[i, "stdout"] for i in range(3)] == [
+        "out x\n", "out y\n", "out z\n",
+    ]  # fmt: skip
+    assert second.df["id"].min() > 2  # job ids run on over the runs
 
 
 @slow
