@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import fcntl
 import logging
 import socket
@@ -323,9 +324,7 @@ class Connection:
         """
         link = self._link
         if link is None or link.closed:
-            raise self._failure or ConnectionClosedError(
-                f"connection to {self.peer} closed"
-            )
+            raise self._ended()
         if fds and self._signer is not None:
             raise ValueError("file descriptors travel only on a node's own channels")
         header = pack_header(message.to_header())
@@ -386,9 +385,7 @@ class Connection:
         job). Each message keeps its own frame and MAC; the order is kept."""
         link = self._link
         if link is None or link.closed:
-            raise self._failure or ConnectionClosedError(
-                f"connection to {self.peer} closed"
-            )
+            raise self._ended()
         joined: list[Buffer] = []
         signer = self._signer
         mac_size = MAC_SIZE if signer else 0
@@ -417,9 +414,7 @@ class Connection:
         ValueError on an unsigned connection (its frames carry no MAC)."""
         link = self._link
         if link is None or link.closed:
-            raise self._failure or ConnectionClosedError(
-                f"connection to {self.peer} closed"
-            )
+            raise self._ended()
         signer = self._signer
         if signer is None:
             raise ValueError("only a signed connection relays a signed frame")
@@ -442,9 +437,7 @@ class Connection:
         if link is not None:
             await link.drained()
         if link is None or link.closed:
-            raise self._failure or ConnectionClosedError(
-                f"connection to {self.peer} closed"
-            )
+            raise self._ended()
 
     @property
     def unsent(self) -> int:
@@ -503,7 +496,7 @@ class Connection:
         inbox = self._inbox
         while not inbox:
             if self._failure is not None:
-                raise self._failure
+                raise self._ended()
             if self._waiter is not None or self._handler is not None:
                 raise RuntimeError(f"two readers on {self!r}")
             self._waiter = asyncio.get_running_loop().create_future()
@@ -609,7 +602,7 @@ class Connection:
                 except Exception as exc:
                     done.set_exception(exc)
             if not self._inbox and self._failure is not None and not done.done():
-                done.set_exception(self._failure)
+                done.set_exception(self._ended())
         finally:
             self._delivering = False
 
@@ -687,6 +680,27 @@ class Connection:
         if upto > state[3]:
             state[2].update(memoryview(body)[state[3] : upto])
             state[3] = upto
+
+    def _ended(self) -> DispynbError:
+        """What to raise now that the connection has ended: a new copy of its
+        failure each time.
+
+        Raising the failure itself added the raising frames to its traceback, call
+        after call, and it kept them (and they it: a cycle), with what each was
+        given: a node writing result after result to a client killed meanwhile
+        held every one (a 200 MiB result stayed in its memory until a collection
+        of cycles happened to run, or, for a connection still referred to, as
+        long as that lasted)."""
+        failure = self._failure
+        if failure is None:
+            return ConnectionClosedError(f"connection to {self.peer} closed")
+        try:
+            fresh = copy.copy(failure)
+        except Exception:  # an error type that cannot be rebuilt from its args
+            return failure.with_traceback(None)  # (holds the last raise's frames)
+        fresh.__cause__ = failure.__cause__
+        fresh.__suppress_context__ = failure.__suppress_context__
+        return fresh
 
     def framing_failed(self, exc: FramingError) -> None:
         """The peer broke the framing: `recv` raises ``exc`` after earlier messages."""
