@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from typing import TYPE_CHECKING, Any
 
 from dispynb.defaults import MAX_MESSAGE_SIZE, PRE_AUTH_MAX_FRAME
@@ -174,7 +175,9 @@ class _SessionRecovery(_SessionState):
         sending = self._send_kept(
             sender, kept, recorded, message.recovery_id, earlier and earlier[0]
         )
-        kept.sending = (self._spawn(sending), self.conn)
+        task = self._spawn(sending)
+        kept.sending = (task, self.conn)
+        task.add_done_callback(functools.partial(_sent, kept))
 
     def _close_recovered(self, comp_id: int, terminate: bool) -> bool:
         """The client closes a computation it recovers (``recover_jobs`` with
@@ -284,3 +287,11 @@ class _SessionRecovery(_SessionState):
             if not self.conn.all_sent:
                 return  # not sent: keep them for another try
         self.server.keeper.release(recovery_id)
+
+
+def _sent(kept: Kept, task: asyncio.Task[None]) -> None:
+    """A recovery of ``kept`` ended: it no longer holds its connection (and what it
+    was given to send) for as long as the results are kept, an hour by default; a
+    client gone mid-transfer left them all held."""
+    if kept.sending is not None and kept.sending[0] is task:
+        kept.sending = None

@@ -35,6 +35,7 @@ from dispynb.protocol.messages import (
     JobSubmit,
     Message,
     NodeStatus,
+    Recover,
     Recovered,
 )
 from dispynb.transport.connection import Connection
@@ -539,5 +540,55 @@ def test_a_gone_clients_session_is_freed_once_its_kept_jobs_end(
             await wait_until(kept.finished.is_set, "kept job ended")
             await wait_until(lambda: gc.collect() >= 0 and freed() is None, "freed")
             assert kept.spool is not None and len(kept.spool.files) == 1
+
+    run(main())
+
+
+def sized(size: int) -> bytes:
+    return bytes(size)
+
+
+def test_a_recovering_client_gone_mid_transfer_is_not_held_by_its_results(
+    tmp_path: Path,
+) -> None:
+    """A client recovering a large kept result vanishes before it has read it:
+    nothing holds its connection once that recovery ended (its session, what the
+    connection was given to send, and the copy of the result the node sent it
+    from: a file with no name, mapped, found by the test's check of descriptors).
+    Before, the kept computation held them for as long as its results were kept
+    (an hour by default), as the recovery that sent them last."""
+
+    async def main() -> None:
+        async with in_process_node(tmp_path, cpus=1) as node:
+            conn = await node.client()
+            recovery_id = "gone" * 8
+            conn.write(
+                ComputationSetup(
+                    comp_id=1,
+                    name="test",
+                    workers=0,
+                    recovery_id=recovery_id,
+                    keep_results=3600.0,
+                ),
+                bundle(sized),
+            )
+            await expect(conn, ComputationReady)
+            submit(conn, (1, (16 << 20,)))
+            assert (await results(conn, 1))[1][0] == FINISHED
+            conn.abort()  # gone without closing: its result is kept
+            await wait_until(lambda: not node.server.sessions, "session ended")
+            kept = node.server.keeper.kept(recovery_id)
+            assert kept is not None and kept.spool is not None
+            await wait_until(kept.finished.is_set, "kept computation closed")
+            assert len(kept.spool.files) == 1
+            recovering = await node.client("recovering")
+            recovering.write(Recover(comp_id=1, recovery_id=recovery_id))
+            await wait_until(lambda: kept.sending is not None, "recovery started")
+            (session,) = node.server.sessions
+            freed = weakref.ref(session.conn)
+            del session
+            recovering.abort()  # gone before it read the result
+            await wait_until(lambda: not node.server.sessions, "recovery ended")
+            await wait_until(lambda: gc.collect() >= 0 and freed() is None, "freed")
 
     run(main())
