@@ -316,7 +316,20 @@ class SlurmNodes(_JobStates, NodeLauncher[SlurmJob]):
         """slurmctld's address and port, from ``scontrol show config``."""
         code, out, err = await self._run("scontrol", "show", "config")
         if code != 0:
-            raise LaunchError(f"scontrol show config failed: {err or out}")
+            said = "; ".join(line for line in (err or out).splitlines() if line)
+            if "Unable to contact" in said:  # configured, but slurmctld is down
+                fix = (
+                    "slurmctld does not answer (down, or restarting): try again "
+                    "once `scontrol ping` says it is UP"
+                )
+            else:
+                fix = (
+                    "SlurmNodes submits its nodes with SLURM's commands, which must "
+                    "work on this machine: run it on a login node of the cluster (or "
+                    "set SLURM_CONF to the cluster's slurm.conf), where `scontrol "
+                    "show config` works"
+                )
+            raise LaunchError(f"scontrol show config failed ({said}): {fix}")
         host, port = "", 6817
         for line in out.splitlines():
             key, _, value = (part.strip() for part in line.partition("="))

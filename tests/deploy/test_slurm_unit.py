@@ -121,6 +121,55 @@ def test_without_sbatch_the_error_says_so() -> None:
         SlurmNodes(1, sbatch="/nonexistent/sbatch", register_host="127.0.0.1")
 
 
+def _failing_scontrol(directory: object, *lines: str) -> str:
+    """A stand-in ``scontrol`` that writes ``lines`` on standard error, exits 1."""
+    from pathlib import Path
+
+    scontrol = Path(str(directory)) / "scontrol"
+    said = "".join(f"echo '{line}' >&2\n" for line in lines)
+    scontrol.write_text(f"#!/bin/sh\n{said}exit 1\n")
+    scontrol.chmod(0o755)
+    return str(scontrol)
+
+
+def test_a_machine_without_a_slurm_configuration_says_where_to_run(
+    tmp_path: object,
+) -> None:
+    """SLURM's commands installed on a machine that is not part of a cluster (a
+    laptop, a container): scontrol's own lines alone left the user to guess that
+    the launcher must run on a login node."""
+    scontrol = _failing_scontrol(  # what Debian's scontrol says without slurm.conf
+        tmp_path,
+        "scontrol: error: fetch_config: DNS SRV lookup failed",
+        "scontrol: fatal: Could not establish a configuration source",
+    )
+    with pytest.raises(LaunchError) as raised:
+        SlurmNodes(1, scontrol=scontrol, secret=SECRET)
+    assert str(raised.value) == (
+        "scontrol show config failed (scontrol: error: fetch_config: DNS SRV lookup "
+        "failed; scontrol: fatal: Could not establish a configuration source): "
+        "SlurmNodes submits its nodes with SLURM's commands, which must work on "
+        "this machine: run it on a login node of the cluster (or set SLURM_CONF to "
+        "the cluster's slurm.conf), where `scontrol show config` works"
+    )
+
+
+def test_a_controller_that_is_down_is_named_as_such(tmp_path: object) -> None:
+    """A configured login node whose slurmctld is down: not told to move."""
+    scontrol = _failing_scontrol(
+        tmp_path,
+        "slurm_load_ctl_conf error: Unable to contact slurm controller "
+        "(connect failure)",
+    )
+    with pytest.raises(LaunchError) as raised:
+        SlurmNodes(1, scontrol=scontrol, secret=SECRET)
+    assert str(raised.value) == (
+        "scontrol show config failed (slurm_load_ctl_conf error: Unable to contact "
+        "slurm controller (connect failure)): slurmctld does not answer (down, or "
+        "restarting): try again once `scontrol ping` says it is UP"
+    )
+
+
 def test_a_suspension_is_said_once_and_its_end_as_an_end(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
