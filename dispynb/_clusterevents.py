@@ -26,9 +26,12 @@ AVAIL_INFO_INTERVAL = 600.0
 
 
 class _Events(_ClusterState):
-    """The engine's events, applied (`dispynb.backends.base.JobEvents`)."""
+    """The engine's events, applied (`dispynb.backends.base.JobEvents`): each
+    ``JobEvents.name`` is ``_name`` here, out of the cluster's public API (what
+    ``help(JobCluster)`` shows is dispy's); `EngineEvents` hands them to the
+    engine."""
 
-    def node_ready(self, info: NodeInfo) -> None:
+    def _node_ready(self, info: NodeInfo) -> None:
         node = self._resetting.pop(info.node_id, None)
         if node is None:
             node = DispyNode(
@@ -51,7 +54,7 @@ class _Events(_ClusterState):
         self._notify_cluster(DispyNode.Initialized, node, None)
         self._emit(DispyNode.Initialized, node, None)
 
-    def node_closed(self, info: NodeInfo, reason: str, departure: Departure) -> None:
+    def _node_closed(self, info: NodeInfo, reason: str, departure: Departure) -> None:
         if departure is Departure.LOST:  # its engine forgets its limit too
             self._limits_pending.pop(info.node_id, None)
         node = self._nodes.pop(info.node_id, None)
@@ -83,7 +86,7 @@ class _Events(_ClusterState):
         self._notify_cluster(DispyNode.Closed, node, None)
         self._emit(DispyNode.Closed, node, None)
 
-    def node_status(self, info: NodeInfo, avail: DispyNodeAvailInfo | None) -> None:
+    def _node_status(self, info: NodeInfo, avail: DispyNodeAvailInfo | None) -> None:
         node = self._nodes.get(info.node_id)
         if node is None:
             return
@@ -105,7 +108,7 @@ class _Events(_ClusterState):
         self._avail_told[node_id] = now
         return True
 
-    def node_counts(
+    def _node_counts(
         self, info: NodeInfo, jobs_done: int, busy: int, cpu_time: float
     ) -> None:
         node = self._nodes.get(info.node_id)
@@ -115,7 +118,7 @@ class _Events(_ClusterState):
         node.update_time = time.time()
         self._emit(DispyNode.AvailInfo, node, None)
 
-    def jobs_sent(self, keys: list[int], info: NodeInfo) -> None:
+    def _jobs_sent(self, keys: list[int], info: NodeInfo) -> None:
         # On the loop thread, or on a submitting thread holding the loop (it sent
         # the jobs itself; see dispynb.backends.base, "Threads"): the journal is
         # thread-safe, and records them as sent when they are.
@@ -130,7 +133,7 @@ class _Events(_ClusterState):
             if job is not None and job.status is JobStatus.Created:
                 job.ip_addr = host
 
-    def job_running(self, key: int, info: NodeInfo, start_time: float) -> None:
+    def _job_running(self, key: int, info: NodeInfo, start_time: float) -> None:
         job = self._jobs.get(key)
         # Only once per attempt: a job's start may be reported again after its worker
         # was replaced (it runs again from the start).
@@ -157,12 +160,12 @@ class _Events(_ClusterState):
         if node is not None:
             node.busy -= 1
 
-    def job_provisional(self, key: int, info: NodeInfo, result: Any) -> None:
+    def _job_provisional(self, key: int, info: NodeInfo, result: Any) -> None:
         job = self._jobs.get(key)
         if job is None:
             return
         if job.status is JobStatus.Created:  # a node that does not report starts
-            self.job_running(key, info, time.time())
+            self._job_running(key, info, time.time())
         if not job._set_provisional(result):
             return
         opts = self._options
@@ -173,7 +176,7 @@ class _Events(_ClusterState):
             self._notify_cluster(JobStatus.ProvisionalResult, node, copy.copy(job))
         self._emit(JobStatus.ProvisionalResult, self._nodes.get(info.node_id), job)
 
-    def job_done(self, key: int, info: NodeInfo | None, outcome: Outcome) -> None:
+    def _job_done(self, key: int, info: NodeInfo | None, outcome: Outcome) -> None:
         job = self._jobs.pop(key, None)
         if job is None:
             return
@@ -216,7 +219,7 @@ class _Events(_ClusterState):
         )
         self._finished(job, node)
 
-    def job_abandoned(self, key: int, info: NodeInfo | None, reason: str) -> None:
+    def _job_abandoned(self, key: int, info: NodeInfo | None, reason: str) -> None:
         job = self._jobs.pop(key, None)
         if job is None:
             return
@@ -228,7 +231,7 @@ class _Events(_ClusterState):
         job._complete(JobStatus.Abandoned, exception=reason, ip_addr=ip_addr)
         self._finished(job, node)
 
-    def job_requeued(self, key: int) -> None:
+    def _job_requeued(self, key: int) -> None:
         job = self._jobs.get(key)
         if job is not None:
             node = self._executing.get(key)  # the node it was lost with
@@ -242,18 +245,18 @@ class _Events(_ClusterState):
                 self._notify_cluster(JobStatus.Abandoned, node, copy.copy(job))
             self._emit(JobStatus.Created, None, job)
 
-    def job_cancelled(self, key: int) -> None:
+    def _job_cancelled(self, key: int) -> None:
         job = self._jobs.pop(key, None)
         if job is not None:
             job._complete(JobStatus.Cancelled, exception="cancelled before it ran")
             self._finished(job, None)
 
-    def jobs_cancelled(self, keys: list[int]) -> None:
-        """`job_cancelled` of each of ``keys`` (a Stop of a whole run), in one go:
+    def _jobs_cancelled(self, keys: list[int]) -> None:
+        """`_job_cancelled` of each of ``keys`` (a Stop of a whole run), in one go:
         journaled in one transaction, told to the callbacks in one post."""
         if self._batch_depth:  # journaled with the batch's other ends
             for key in keys:
-                self.job_cancelled(key)
+                self._job_cancelled(key)
             return
         pop, ended, done = self._jobs.pop, [], []
         for key in keys:
@@ -309,12 +312,12 @@ class _Events(_ClusterState):
         if all_done:
             self._all_done.wake_all()
 
-    def batch(self) -> _Batch:
+    def _batch(self) -> _Batch:
         """The events reported inside ``with events.batch():`` came together (the
         results of one message from a node): the jobs that end there are journaled
         in one transaction as it exits, then announced (`JobEvents.batch`); if
         they could not be journaled (a full disk), it then raises `JournalError`."""
-        return self._batch
+        return self._batch_context
 
     def _finished(self, job: DispyJob, node: DispyNode | None) -> None:
         if self._journal.jobs and job._key is not None:
@@ -385,7 +388,7 @@ def forwards_events(cluster_status: Callable[..., Any]) -> bool:
 
 
 class _Batch:
-    """`_Events.batch`'s context (one per cluster; batches may nest)."""
+    """`_Events._batch`'s context (one per cluster; batches may nest)."""
 
     __slots__ = ("_events",)
 
@@ -400,3 +403,27 @@ class _Batch:
         events._batch_depth -= 1
         if not events._batch_depth and events._ending:
             events._end_batch()
+
+
+class EngineEvents:
+    """The `JobEvents` a cluster hands its engine (`Engine.open`): its ``_name``
+    handlers under the protocol's names, so that they need not be public methods
+    of `JobCluster` (a dispy program's ``help`` and ``dir`` show dispy's API)."""
+
+    node_ready: Callable[[NodeInfo], None]
+    node_status: Callable[[NodeInfo, DispyNodeAvailInfo | None], None]
+    node_closed: Callable[[NodeInfo, str, Departure], None]
+    node_counts: Callable[[NodeInfo, int, int, float], None]
+    jobs_sent: Callable[[list[int], NodeInfo], None]
+    job_running: Callable[[int, NodeInfo, float], None]
+    job_provisional: Callable[[int, NodeInfo, Any], None]
+    job_done: Callable[[int, NodeInfo | None, Outcome], None]
+    job_abandoned: Callable[[int, NodeInfo | None, str], None]
+    job_cancelled: Callable[[int], None]
+    jobs_cancelled: Callable[[list[int]], None]
+    job_requeued: Callable[[int], None]
+    batch: Callable[[], _Batch]
+
+    def __init__(self, cluster: _Events) -> None:
+        for name in self.__annotations__:
+            setattr(self, name, getattr(cluster, f"_{name}"))

@@ -72,9 +72,9 @@ class _ClusterState:
     _avail_told: dict[str, float]
     _executing: dict[int, DispyNode]
     _cancel_asked: set[int]
-    # Jobs ended in the current `_Events.batch` (nested ``_batch_depth`` deep),
+    # Jobs ended in the current `_Events._batch` (nested ``_batch_depth`` deep),
     # journaled and announced as it ends: ``(key, job, node)``.
-    _batch: _Batch
+    _batch_context: _Batch
     _batch_depth: int
     _ending: list[tuple[int, DispyJob, DispyNode | None]]
     _closed: bool
@@ -117,7 +117,7 @@ class _ClusterState:
     def _limit(self, node_id: str, used: int | None) -> None:
         """``node_id`` runs ``used`` of the cluster's jobs at once now (None:
         `deallocate_node`, which leaves its CPUs as shown), kept in
-        ``_limits_pending`` for its next setup (`_Events.node_ready`)."""
+        ``_limits_pending`` for its next setup (`_Events._node_ready`)."""
         self._limits_pending[node_id] = used
         self._apply_limit(node_id, used)
 

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from dispynb import _interruptible, _live, objects
 from dispynb._callbacks import CallbackDispatcher
-from dispynb._clusterevents import _Batch, _Events
+from dispynb._clusterevents import EngineEvents, _Batch, _Events
 from dispynb._clusterjobs import _Jobs
 from dispynb._clusternodes import _Nodes
 from dispynb._clusterstate import Listener, _ClusterState
@@ -205,7 +205,7 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
         # Nodes close_node released, with their counts: print_status still lists
         # them, as dispy's (whose cluster keeps a closed node).
         self._released_nodes: dict[str, DispyNode] = {}
-        # When cluster_status was last told a node's AvailInfo (`_Events.node_status`).
+        # When cluster_status was last told a node's AvailInfo (`_Events._node_status`).
         self._avail_told: dict[str, float] = {}
         # Jobs executing now (the node reported their start), by the node counting them
         # in its ``busy``.
@@ -213,8 +213,8 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
         # Jobs a cancel was asked for and not yet announced ended: a listener (a
         # notebook's run) tells a job terminated on request from one that failed.
         self._cancel_asked: set[int] = set()
-        # Results that arrive together are journaled together (`_Events.batch`).
-        self._batch = _Batch(self)
+        # Results that arrive together are journaled together (`_Events._batch`).
+        self._batch_context = _Batch(self)
         self._batch_depth = 0
         self._ending: list[tuple[int, DispyJob, DispyNode | None]] = []
         self._closed = False
@@ -250,7 +250,7 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
         # the program rebinds later (its jobs would not see it).
         self._globals = GlobalWatch(opts.computation, opts.setup, opts.cleanup)
         try:
-            self._backend = self.engine.open(self, config)
+            self._backend = self.engine.open(EngineEvents(self), config)
         except BaseException as exc:
             self._callbacks.release()
             self._shutdown(terminate=True)
@@ -472,7 +472,7 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
                 # engine's loop is idle, its connections closed), so no job() or
                 # wait() blocks for ever and the callbacks hear of them.
                 for key in [k for k, job in list(self._jobs.items()) if not job.done()]:
-                    self.job_abandoned(
+                    self._job_abandoned(
                         key, None, "the cluster was closed before its node ended it"
                     )
                 # Waits for the callbacks still running (a cluster_status told of

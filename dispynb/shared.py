@@ -263,7 +263,7 @@ class SharedJobCluster(JobCluster):
         }
         return self._node_id(node, among=again)
 
-    def node_closed(self, info: NodeInfo, reason: str, departure: Departure) -> None:
+    def _node_closed(self, info: NodeInfo, reason: str, departure: Departure) -> None:
         # One allocated again and lost is none of the cluster's nodes any more:
         # submit_node to it is refused, as to any node gone (if it comes back,
         # the scheduler sets it up for the cluster, allocated). One closed and
@@ -271,7 +271,7 @@ class SharedJobCluster(JobCluster):
         if departure is Departure.LOST and info.node_id in self._allocated_again:
             self._allocated_again.discard(info.node_id)
             self._closed_behind.pop(info.node_id, None)
-        super().node_closed(info, reason, departure)
+        super()._node_closed(info, reason, departure)
 
     def _named_behind(self, node: Any) -> str:
         """`_behind`, or the id of a node this cluster closed (`close_node`): one

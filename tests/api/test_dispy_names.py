@@ -3,6 +3,8 @@ print_status's totals."""
 
 from __future__ import annotations
 
+import inspect
+import pydoc
 import re
 import socket
 import threading
@@ -13,7 +15,8 @@ import pytest
 
 import dispynb
 import dispynb as dispy
-from dispynb import DispyJob, DispyNode, JobCluster
+from dispynb import DispyJob, DispyNode, JobCluster, SharedJobCluster
+from dispynb.backends.base import JobEvents
 from dispynb.errors import DispynbError
 from tests import jobs
 from tests.jobs import WAIT, wait_for_path, wait_until
@@ -181,3 +184,20 @@ def test_dispy_port_set_in_dispy_config_names_the_port_of_the_nodes(
     monkeypatch.setattr(dispy.config, "DispyPort", "9700")
     with pytest.raises(DispynbError, match=r"dispy\.config\.DispyPort must be a TCP"):
         JobCluster(node_name, nodes=["127.0.0.1"])
+
+
+@pytest.mark.parametrize("cls", [JobCluster, SharedJobCluster])
+def test_help_of_a_cluster_shows_its_api_not_the_engines_events(cls) -> None:
+    """``help(dispy.JobCluster)`` lists dispy's methods and dispynb's documented
+    additions, each with its docstring; the events an engine reports to the
+    cluster (`JobEvents`) are no methods of it. They were listed (node_ready,
+    job_done, batch...), undocumented, for a program to call."""
+    text = pydoc.render_doc(cls, renderer=pydoc.plaintext)
+    events = [name for name in vars(JobEvents) if not name.startswith("_")]
+    assert "job_done" in events and "batch" in events
+    for name in events:
+        assert not hasattr(cls, name), name
+        assert f"{name}(self" not in text, name
+    for name in dir(cls):
+        if not name.startswith("_"):
+            assert inspect.getdoc(getattr(cls, name)), f"{cls.__name__}.{name}"
