@@ -264,6 +264,13 @@ def output_bytes(limit: int) -> int:
     return 6 * limit + NOTE_BYTES
 
 
+#: Why a job's output was cut when the client's limit cut it, and how to keep more.
+OUTPUT_OPTION = (
+    "the cluster's max_output_size: JobCluster(..., max_output_size=N) keeps N, "
+    "None keeps all"
+)
+
+
 def output_limit(limit: int, node_max_message: int = 0) -> str:
     """Which limit kept a job's output to ``limit`` characters, and how to raise it:
     the client's ``max_output_size``, or the node's own cap (`node_output_cap` of
@@ -274,11 +281,11 @@ def output_limit(limit: int, node_max_message: int = 0) -> str:
             "the node's own cap, a quarter of its --max-message-size of "
             f"{node_max_message} bytes: start the node with a larger one"
         )
-    return "max_output_size"
+    return OUTPUT_OPTION
 
 
 def with_dropped_note(
-    text: str, dropped: int, name: str, limit: int, why: str = "max_output_size"
+    text: str, dropped: int, name: str, limit: int, why: str = OUTPUT_OPTION
 ) -> str:
     """A job's ``text`` of ``name`` (``stdout``, ``stderr``) kept to ``limit``
     characters (by ``why``: `output_limit`), with the line that says how many were

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dispynb.errors import ConfigurationError
+from dispynb.jobenv import OUTPUT_OPTION
 from dispynb.protocol.records import ProgramFile
 
 
@@ -126,7 +127,7 @@ def read_bounded(
                 kept[name] += b"\n"
             kept[name] += (
                 f"[dispynb: {count} more bytes of {name} dropped: a job keeps "
-                f"{limit} (max_output_size)]\n"
+                f"{limit} ({OUTPUT_OPTION})]\n"
             ).encode()
     return bytes(kept["stdout"]), bytes(kept["stderr"])
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from dispynb.jobenv import OUTPUT_OPTION
 from tests.backends.daskclient import (
     CANCELLED,
     CREATED,
@@ -388,8 +389,9 @@ def test_output_over_max_output_size_says_what_was_dropped_as_on_nodes(
     line when the text kept ended a line)."""
     out = run(net, tmp_path, OUTPUT_PROGRAM)
     note = (
-        "[dispynb: {} more characters of {} dropped: a job keeps 10 "
-        "(max_output_size)]\n"
+        "[dispynb: {} more characters of {} dropped: a job keeps 10 ("
+        + OUTPUT_OPTION
+        + ")]\n"
     )
     assert out == [
         [

@@ -17,6 +17,7 @@ import pytest
 from dispynb import JobCluster
 from dispynb.backends.ray import RayEngine
 from dispynb.job import DispyJob, JobStatus
+from dispynb.jobenv import OUTPUT_OPTION
 from tests.backends.rayhead import RayHead
 from tests.backends.raywork import (
     WAIT,
@@ -198,5 +199,5 @@ def test_a_job_printing_more_than_max_output_size_is_not_held_whole(
     assert grown < 64 * 1024, f"the worker grew by {grown} KiB"
     assert job.stdout == "00000000" + "x" * 992 + "\n" + (
         f"[dispynb: {256 * 2**20 - 1000} more characters of stdout dropped: a job "
-        "keeps 1000 (max_output_size)]\n"
+        f"keeps 1000 ({OUTPUT_OPTION})]\n"
     )

@@ -12,6 +12,7 @@ import pytest
 
 from dispynb import DispyJob, JobCluster, LocalCluster
 from dispynb.errors import SetupError
+from dispynb.jobenv import OUTPUT_OPTION
 from tests.hostile.tools import limited_node
 from tests.nodeproc import running_node
 
@@ -478,7 +479,7 @@ def test_the_marker_names_the_nodes_cap_when_it_applied(tmp_path):
         f"node's own cap, a quarter of its --max-message-size of {4 * MiB} bytes: "
         "start the node with a larger one)]\n"
     )
-    assert stdouts[1].endswith("a job keeps 1000 (max_output_size)]\n")
+    assert stdouts[1].endswith(f"a job keeps 1000 ({OUTPUT_OPTION})]\n")
 
 
 @pytest.mark.attack(

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from dispynb import JobCluster
+from dispynb.jobenv import OUTPUT_OPTION
 from dispynb.limits import DEFAULT_MAX_OUTPUT
 from nodeserver import fdoutput
 from nodeserver.fdoutput import _anonymous_file
@@ -93,7 +94,7 @@ def test_output_below_python_is_kept_to_max_output(tmp_path: Path) -> None:
     assert kept == "x" * 1000, job.stdout[:2000]
     assert note == (
         "[dispynb: 4999006 more characters of stdout dropped: a job keeps 1000 "
-        "(max_output_size)]\n"
+        f"({OUTPUT_OPTION})]\n"
     ), note
 
 
@@ -268,7 +269,7 @@ def test_a_job_flooding_below_python_takes_little_of_the_nodes_disk(
     assert kept == "x" * 1000, job.stdout[:2000]
     assert note == (
         f"[dispynb: {written - 1000} more characters of stdout dropped: a job keeps "
-        "1000 (max_output_size)]\n"
+        f"1000 ({OUTPUT_OPTION})]\n"
     ), note
 
 

@@ -362,8 +362,9 @@ def test_output_beyond_max_output_is_dropped_and_counted(limits):
     kept, marker = done.stdout.split("\n", 1)
     assert kept == ("0123456789" * 3)[:25]
     assert marker == (
-        "[dispynb: 75 more characters of stdout dropped: a job keeps 25 "
-        "(max_output_size)]\n"
+        "[dispynb: 75 more characters of stdout dropped: a job keeps 25 (the "
+        "cluster's max_output_size: JobCluster(..., max_output_size=N) keeps N, "
+        "None keeps all)]\n"
     )
     assert done.stderr == "eeeee\n"
     done, _ = _run(_chatty, 1)  # the counters start again for each job
