@@ -91,6 +91,7 @@ from dispynb.backends._raycancels import _Cancels
 from dispynb.backends._raydeaths import _Deaths
 from dispynb.backends._rayinbox import _InboxReader
 from dispynb.backends._rayjobs import _Jobs
+from dispynb.backends._raynotes import route_worker_deaths
 from dispynb.backends.base import ClusterConfig, EngineManagedNodes, JobEvents
 from dispynb.errors import ConfigurationError, NotSupportedError, TransportError
 
@@ -268,6 +269,8 @@ class RayEngine:
             _check_head(self.address)
             ray.init(address=self.address, **options)
             self._connected = True
+            # Its deaths of dispynb's workers are told by the jobs, not printed.
+            route_worker_deaths()
             _made[:] = [(self.address, _gcs_address(ray))]
         except (OSError, RuntimeError, ValueError) as exc:
             where = self.address or "a local Ray"

@@ -112,6 +112,19 @@ engine.close()
 """
 
 
+def _client_program(code: str, head: RayHead) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` (a client program taking the cluster's address) to its end."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**head.env, "PYTHONPATH": str(root), "RAY_USAGE_STATS_ENABLED": "0"}
+    return subprocess.run(
+        [sys.executable, "-c", code, head.address],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=WAIT * 2,
+    )
+
+
 @pytest.mark.timeout(300)
 def test_opening_clusters_logs_no_ray_error_about_actor_arguments(
     head: RayHead,
@@ -120,18 +133,56 @@ def test_opening_clusters_logs_no_ray_error_about_actor_arguments(
     core_worker.cc: Actor with class name: 'JobActor' ... has constructor arguments
     in the object store and max_restarts > 0 ..." (Ray warns that a restarted actor
     may find them gone; dispynb keeps them for the cluster's life)."""
-    root = Path(__file__).resolve().parents[2]
-    env = {**head.env, "PYTHONPATH": str(root), "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.run(
-        [sys.executable, "-c", TWO_CLUSTERS, head.address],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=WAIT * 2,
-    )
+    proc = _client_program(TWO_CLUSTERS, head)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["3", "4"], proc.stdout
     assert "constructor arguments in the object store" not in proc.stderr, proc.stderr
+
+
+#: A program whose one job ends its worker process (``os._exit``); it prints the
+#: job's status, then whether the raylet's paragraph about the dead worker reached
+#: the ``dispynb.backends.ray`` logger (waiting for it: it comes when it comes).
+DYING_WORKER = """
+import logging, sys, threading
+import dispynb
+from dispynb.backends.ray import RayEngine
+
+routed = threading.Event()
+
+class Routed(logging.Handler):
+    def emit(self, record):
+        if "A worker died or was killed" in record.getMessage():
+            routed.set()
+
+logging.getLogger("dispynb.backends.ray").addHandler(Routed(logging.INFO))
+logging.getLogger("dispynb.backends.ray").setLevel(logging.INFO)
+
+def leave(code):
+    import os
+    os._exit(code)
+
+engine = RayEngine(sys.argv[1])
+with dispynb.JobCluster(leave, engine=engine) as cluster:
+    job = cluster.submit(3)
+    job()
+    print(job.status.name, flush=True)
+    print("routed" if routed.wait(60) else "not routed", flush=True)
+engine.close()
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_job_ending_its_worker_prints_no_raylet_paragraph(head: RayHead) -> None:
+    """A job that ends its worker's process (``os._exit``, a fatal signal) had
+    Ray's driver print into the program's stdout (a notebook's cell) the raylet's
+    paragraph "(raylet) A worker died or was killed while executing a task by an
+    unexpected system error ... OOM killer ... ray stop --force ...", under
+    dispynb's own line saying what happened to the job. It goes to the
+    ``dispynb.backends.ray`` logger; the job ends Terminated as before."""
+    proc = _client_program(DYING_WORKER, head)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["Terminated", "routed"], proc.stdout
+    assert "A worker died" not in proc.stdout + proc.stderr
 
 
 def test_a_log_handler_set_up_by_an_earlier_job_logs_into_each_jobs_stderr(
