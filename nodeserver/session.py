@@ -391,8 +391,12 @@ class ClientSession(_SessionFiles, _SessionRecovery):
         pings too) is alive while it takes what is sent to it: on a slow link,
         catching up on 32 MiB of results took longer than --orphan-timeout, and
         the node freed the computations of a client that pinged all along. One
-        that takes nothing more (stopped, cut off) is silent, as ever."""
-        taken = self.conn.bytes_sent - self.conn.unsent
+        that takes nothing more (stopped, cut off) is silent, as ever. What the
+        client's kernel took counts (`Connection.untaken_bytes`, as the scheduler
+        counts it): the node's kernel takes more of it only once a third of its
+        buffer (megabytes) is free, half a minute apart at 40 KB/s."""
+        conn = self.conn
+        taken = conn.bytes_sent - conn.unsent - conn.untaken_bytes()
         if taken > self._taken and self._catching_up:
             self._last_heard = time.monotonic()
         self._taken = taken

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from dispynb.errors import DispynbError
 from dispynb.protocol.messages import Error, JobCancel, Ping
 from dispynb.transport.connection import QUEUED_HIGH
 from tests.sharedsched.harness import SchedulerProcess, raw_scheduler_session
+from tests.slowlink import slow_link
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -53,59 +53,6 @@ def zombie_scheduler(
         sched.stop()
 
 
-async def _pace(
-    upstream: socket.socket, writer: asyncio.StreamWriter, frozen: asyncio.Event
-) -> None:
-    """Pass on what the scheduler sends, `CHUNK` bytes every `PACE` s, until
-    ``frozen`` (the client stopped, or cut off: it takes nothing more)."""
-    loop = asyncio.get_running_loop()
-    while not frozen.is_set() and (data := await loop.sock_recv(upstream, CHUNK)):
-        writer.write(data)
-        await writer.drain()
-        await asyncio.sleep(PACE)
-
-
-async def _forward(reader: asyncio.StreamReader, upstream: socket.socket) -> None:
-    loop = asyncio.get_running_loop()
-    while data := await reader.read(65536):
-        await loop.sock_sendall(upstream, data)
-
-
-async def _slow_link(
-    port: int,
-    events: tuple[asyncio.Event, asyncio.Event],
-    links: list[asyncio.Task[Any]],
-) -> asyncio.Server:
-    """A proxy to the scheduler on ``port`` until ``stop``: what the scheduler
-    sends goes on slowly (its socket here takes little: the rest waits there)
-    until the first of ``events``, and nothing more goes on from the second;
-    ``links`` gets the task of each connection it serves."""
-    loop = asyncio.get_running_loop()
-    frozen, stop = events
-
-    async def link(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        links.append(asyncio.current_task())  # type: ignore[arg-type]
-        upstream = socket.socket()
-        upstream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-        upstream.setblocking(False)
-        pumps: list[asyncio.Future[Any]] = []
-        try:
-            await loop.sock_connect(upstream, ("127.0.0.1", port))
-            pumps = [
-                asyncio.ensure_future(_forward(reader, upstream)),
-                asyncio.ensure_future(_pace(upstream, writer, frozen)),
-            ]
-            await stop.wait()
-        finally:
-            for pump in pumps:
-                pump.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
-            upstream.close()
-            writer.close()
-
-    return await asyncio.start_server(link, "127.0.0.1", 0)
-
-
 async def _catch_up_slowly(
     sched: SchedulerProcess, credential: Path
 ) -> tuple[list[Error], str]:
@@ -115,7 +62,7 @@ async def _catch_up_slowly(
     scheduler takes the client for a zombie."""
     frozen, stop = asyncio.Event(), asyncio.Event()
     links: list[asyncio.Task[Any]] = []
-    proxy = await _slow_link(sched.port, (frozen, stop), links)
+    proxy = await slow_link(sched.port, (frozen, stop), links, CHUNK, PACE)
     proxy_port = proxy.sockets[0].getsockname()[1]
     conn = await raw_scheduler_session(proxy_port, credential)
     errors: list[Error] = []
