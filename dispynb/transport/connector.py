@@ -133,6 +133,15 @@ _NO_ROUTE = {
 }
 
 
+def _names_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address or ``localhost`` (a name is not
+    resolved again for a message: only its spelling counts)."""
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def _timed_out(
     peer: str, port: int, timeout: float, server: str, *, tls_started: bool
 ) -> str:
@@ -271,6 +280,11 @@ async def _connect_once(
             # node) how to name one that runs on another port.
             named = peer.rsplit(":", 1)[0]  # the host, in brackets for IPv6
             other = f"; a node started with --port N is named '{named}:N'"
+            if not _names_loopback(host):  # the first cross-machine mistake
+                other += (
+                    "; one started without a secret listens on 127.0.0.1 only: "
+                    "give it DISPYNB_SECRET or --secret-file"
+                )
             reason = (
                 f"nothing listens on port {port} there (connection refused"
                 f"{other if server == 'dispynb-node' else ''})"

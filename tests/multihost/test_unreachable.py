@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.multihost.conftest import StartNode
-from tests.multihost.netns import SUBNET, Host, Network
+from tests.multihost.netns import SUBNET, Host, Network, start_node
 from tests.transport.certs import make_cert
 
 pytestmark = [pytest.mark.slow, pytest.mark.multihost]
@@ -79,6 +79,33 @@ def test_a_machine_dropping_every_packet_is_named_with_what_to_check(
         "from here, or a firewall drops connections to port 9711; check the address, "
         "that the machine is up, and that its firewall lets dispynb-node "
         "connections in"
+    ), stderr
+
+
+def test_a_node_started_without_a_secret_is_named_as_a_likely_cause(
+    network: Network,
+    node_hosts: list[Host],
+    client_host: Host,
+    secret: tuple[str, Path],
+    tmp_path: Path,
+) -> None:
+    """The first try across machines: ``dispynb-node`` started without a secret
+    listens on 127.0.0.1 only (its log says so, on the other machine); the script
+    was told only that nothing listens there and to check that a node runs, which
+    one does."""
+    host = node_hosts[0]
+    node = start_node(network, host, tmp_path, None, "--cpus", "1")
+    try:
+        line, stderr = last_line(network, client_host, tmp_path, host.ip, secret[0])
+    finally:
+        node.stop()
+    assert "WITHOUT a secret (loopback only)" in node.log_text()
+    assert line == (
+        f"dispynb.errors.ConnectionClosedError: cannot connect to {host.ip}:9711: "
+        "nothing listens on port 9711 there (connection refused; a node started "
+        f"with --port N is named '{host.ip}:N'; one started without a secret "
+        "listens on 127.0.0.1 only: give it DISPYNB_SECRET or --secret-file); is "
+        "dispynb-node running there?"
     ), stderr
 
 
