@@ -44,16 +44,23 @@ USER_QUOTA = 36 * MiB
 WAIT = 60
 
 
-def four_mib(n: int) -> bytes:
+def four_mib(n: int, go: str) -> bytes:
+    """4 MiB, once ``go`` exists: its client has gone (only what ends then is kept:
+    ``keep_sent=False``). It slept 0.3 s, and a scheduler slower than that to see
+    the client go passed the results on to nobody: none kept."""
+    import os
     import time
 
-    time.sleep(0.3)  # ends once its client has gone
+    deadline = time.monotonic() + 60
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.01)
     return bytes([n]) * (4 << 20)
 
 
-async def _keep(port: int, credential: Path, name: str) -> str:
-    """Set up computation ``name`` with a recovery id, submit its jobs and go away
-    (the scheduler keeps their results); its recovery id."""
+async def _keep(port: int, credential: Path, name: str, go: Path) -> str:
+    """Set up computation ``name`` with a recovery id, submit its jobs (which end
+    once ``go`` exists) and go away (the scheduler keeps their results); its
+    recovery id."""
     recovery_id = secrets.token_hex(16)
     conn = await raw_scheduler_session(port, credential)
     try:
@@ -68,7 +75,7 @@ async def _keep(port: int, credential: Path, name: str) -> str:
                 pass
         buffers = []
         for i in range(JOBS):
-            buffers.extend(serialize.dumps(((i,), {})))
+            buffers.extend(serialize.dumps(((i, str(go)), {})))
         conn.write(JobSubmit(comp_id=1, jobs=[[i, 1, 1] for i in range(JOBS)]), buffers)
         await conn.flush()
     finally:
@@ -95,8 +102,12 @@ async def _recover(port: int, credential: Path, recovery_id: str) -> list[Result
 
 
 def _kept_away(sched: SchedulerProcess, credential: Path, name: str, user: str) -> str:
-    """`_keep`, then wait until none of its jobs runs (all ended, or held)."""
-    recovery_id = asyncio.run(_keep(sched.port, credential, name))
+    """`_keep`; once the scheduler saw its client go, let its jobs end, and wait
+    until none of them runs (all ended, or held)."""
+    go = sched.directory / f"{name}.go"
+    recovery_id = asyncio.run(_keep(sched.port, credential, name, go))
+    sched.wait_for_log(f"{user}/{name}: client gone", timeout=WAIT)
+    go.touch()
     sched.wait_for_log(f"{user}/{name}: no job of it runs", timeout=WAIT)
     return recovery_id
 

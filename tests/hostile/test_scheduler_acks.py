@@ -55,13 +55,11 @@ def shared(tmp_path: Path) -> Iterator[tuple[SchedulerProcess, dict[str, Path]]]
     """Two real nodes owned by a real scheduler; alice's and mallory's
     credentials."""
     people = {name: add_user(tmp_path, name) for name in ("alice", "mallory")}
-    with LocalCluster(nodes=2, cpus=2) as nodes:
-        sched = SchedulerProcess(tmp_path, nodes.node_specs(), nodes.secret)
-        sched.start()
-        try:
-            yield sched, people
-        finally:
-            sched.stop()
+    with (
+        LocalCluster(nodes=2, cpus=2) as nodes,
+        SchedulerProcess.owning(tmp_path, nodes) as sched,
+    ):
+        yield sched, people
 
 
 async def _acknowledge_others(port: int, credential: Path) -> int:

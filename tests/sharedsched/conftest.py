@@ -48,13 +48,19 @@ def users(tmp_path: Path, issued_users: Path) -> dict[str, Path]:
 
 
 @pytest.fixture
+def scheduler_args() -> tuple[str, ...]:
+    """The options of the `scheduler` fixture's scheduler: a module that needs
+    others (``--zombie_interval``...) overrides this fixture."""
+    return ()
+
+
+@pytest.fixture
 def scheduler(
-    tmp_path: Path, nodes: LocalCluster, users: dict[str, Path]
+    tmp_path: Path,
+    nodes: LocalCluster,
+    users: dict[str, Path],
+    scheduler_args: tuple[str, ...],
 ) -> Iterator[SchedulerProcess]:
-    """A scheduler process owning ``nodes``."""
-    sched = SchedulerProcess(tmp_path, nodes.node_specs(), nodes.secret)
-    sched.start()
-    try:
+    """A scheduler process owning ``nodes``, with options `scheduler_args`."""
+    with SchedulerProcess.owning(tmp_path, nodes, *scheduler_args) as sched:
         yield sched
-    finally:
-        sched.stop()

@@ -4,13 +4,15 @@
 named with ``-n``, the node secret in the environment, a users file written by
 ``dispynb-scheduler user add``); `run_client` and `start_client` run a client
 program (`TIMED_CLIENT`, `DOOMED_CLIENT`) in its own process; `raw_scheduler_session`
-and `raw_reply` speak the protocol as a user's own raw client (for attacks). Every
-wait is bounded.
+and `raw_reply` speak the protocol as a user's own raw client (for attacks), and
+`unread_answers` makes such a client one the scheduler reads no more. Every wait is
+bounded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -19,14 +21,18 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
-from dispynb.protocol.messages import Message
+from dispynb.protocol.messages import JobCancel, Message
 from dispynb.secret import read_secret_file
-from dispynb.transport.connection import Connection
+from dispynb.transport.connection import QUEUED_HIGH, Connection
 from dispynb.transport.connector import connect
 from dispynb.transport.tls import client_context
 from tests.transport.certs import make_cert
+
+if TYPE_CHECKING:
+    from dispynb import LocalCluster
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -70,7 +76,8 @@ def add_user(directory: Path, name: str) -> Path:
 
 @dataclass
 class SchedulerProcess:
-    """A scheduler started from the command line."""
+    """A scheduler started from the command line; as a context manager, started
+    and stopped (also if it fails to start: no process left behind)."""
 
     directory: Path
     nodes: list[str]
@@ -84,6 +91,28 @@ class SchedulerProcess:
 
     def __post_init__(self) -> None:
         self.log = self.directory / "scheduler.log"
+
+    @classmethod
+    def owning(
+        cls, directory: Path, nodes: LocalCluster, *args: str
+    ) -> SchedulerProcess:
+        """A scheduler (not started yet) owning ``nodes``, with options ``args``."""
+        return cls(directory, nodes.node_specs(), nodes.secret, args=args)
+
+    def __enter__(self) -> SchedulerProcess:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.stop()
 
     @property
     def address(self) -> str:
@@ -303,6 +332,18 @@ async def raw_scheduler_session(
         ssl_context=client_context(cafile=cafile) if cafile else None,
     )
     return conn
+
+
+async def unread_answers(conn: Connection) -> None:
+    """Send, reading nothing, twice `QUEUED_HIGH` requests the scheduler answers
+    (refusals: a computation not the user's): past `QUEUED_HIGH` answers unread it
+    reads no more of ``conn`` (`SchedulerSession.serve`). What it does not take
+    waits in ``conn``."""
+    for key in range(2 * QUEUED_HIGH):
+        conn.write(JobCancel(comp_id=999, key=key, attempt=1))
+        if key % 1000 == 999:  # (a flush may wait for ever once it reads no more)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(conn.flush(), 1.0)
 
 
 def raw_reply(

@@ -69,17 +69,9 @@ def expected(n: int) -> bytes:
 def _scheduler(
     tmp_path: Path, nodes: LocalCluster, *args: str
 ) -> Iterator[SchedulerProcess]:
-    sched = SchedulerProcess(
-        tmp_path,
-        nodes.node_specs(),
-        nodes.secret,
-        args=("--dest_path_prefix", str(tmp_path / "spill"), *args),
-    )
-    sched.start()
-    try:
+    spill = ("--dest_path_prefix", str(tmp_path / "spill"))
+    with SchedulerProcess.owning(tmp_path, nodes, *spill, *args) as sched:
         yield sched
-    finally:
-        sched.stop()
 
 
 @pytest.fixture

@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from dispynb import LocalCluster
 from dispynb.errors import DispynbError
-from dispynb.protocol.messages import Error, JobCancel, Ping
-from dispynb.transport.connection import QUEUED_HIGH
-from tests.sharedsched.harness import SchedulerProcess, raw_scheduler_session
+from dispynb.protocol.messages import Error, Ping
+from tests.sharedsched.harness import (
+    SchedulerProcess,
+    raw_scheduler_session,
+    unread_answers,
+)
 from tests.slowlink import slow_link
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -37,20 +38,9 @@ PACE = 0.02
 
 
 @pytest.fixture
-def zombie_scheduler(
-    tmp_path: Path, nodes: LocalCluster, users: dict[str, Path]
-) -> Iterator[SchedulerProcess]:
-    sched = SchedulerProcess(
-        tmp_path,
-        nodes.node_specs(),
-        nodes.secret,
-        args=("--zombie_interval", ZOMBIE_MINUTES),
-    )
-    sched.start()
-    try:
-        yield sched
-    finally:
-        sched.stop()
+def scheduler_args() -> tuple[str, ...]:
+    """The `scheduler` fixture's: ``--zombie_interval`` of 3 s."""
+    return ("--zombie_interval", ZOMBIE_MINUTES)
 
 
 async def _catch_up_slowly(
@@ -67,12 +57,7 @@ async def _catch_up_slowly(
     conn = await raw_scheduler_session(proxy_port, credential)
     errors: list[Error] = []
     try:
-        # Past `QUEUED_HIGH` answers unread: the scheduler reads no more of it.
-        for key in range(2 * QUEUED_HIGH):
-            conn.write(JobCancel(comp_id=999, key=key, attempt=1))
-            if key % 1000 == 999:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(conn.flush(), 1.0)
+        await unread_answers(conn)  # the scheduler reads no more of it
 
         async def take() -> None:
             with contextlib.suppress(DispynbError):
@@ -105,10 +90,10 @@ async def _catch_up_slowly(
 
 
 def test_a_client_catching_up_slowly_is_no_zombie(
-    zombie_scheduler: SchedulerProcess, users: dict[str, Path]
+    scheduler: SchedulerProcess, users: dict[str, Path]
 ) -> None:
     """Reading slowly for several --zombie_interval, it is no zombie; taking
     nothing more (stopped, cut off), it is one, its old pings waiting unread."""
-    errors, log = asyncio.run(_catch_up_slowly(zombie_scheduler, users["alice"]))
+    errors, log = asyncio.run(_catch_up_slowly(scheduler, users["alice"]))
     assert "a zombie" not in log, log
     assert not errors, errors

@@ -9,12 +9,11 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from dispynb import LocalCluster, SharedJobCluster, recover_jobs
+from dispynb import SharedJobCluster, recover_jobs
 from dispynb.job import JobStatus
 from tests.sharedsched.harness import SchedulerProcess, start_client
 
@@ -56,21 +55,9 @@ time.sleep(300)
 
 
 @pytest.fixture
-def zombie_scheduler(
-    tmp_path: Path, nodes: LocalCluster, users: dict[str, Path]
-) -> Iterator[SchedulerProcess]:
-    """A scheduler with ``--zombie_interval 0.1`` (6 s) over ``nodes``."""
-    sched = SchedulerProcess(
-        tmp_path,
-        nodes.node_specs(),
-        nodes.secret,
-        args=("--zombie_interval", ZOMBIE_MINUTES),
-    )
-    sched.start()
-    try:
-        yield sched
-    finally:
-        sched.stop()
+def scheduler_args() -> tuple[str, ...]:
+    """The `scheduler` fixture's: ``--zombie_interval 0.1`` (6 s)."""
+    return ("--zombie_interval", ZOMBIE_MINUTES)
 
 
 def _hog(
@@ -94,16 +81,16 @@ def _kill(proc: subprocess.Popen[str]) -> None:
 
 
 def test_stopped_client_is_a_zombie_its_cpus_go_to_another_user(
-    zombie_scheduler: SchedulerProcess, users: dict[str, Path], tmp_path: Path
+    scheduler: SchedulerProcess, users: dict[str, Path], tmp_path: Path
 ) -> None:
     """alice fills every CPU with two-minute jobs and is SIGSTOPped (connected, but
     silent); bob, connected all along and waiting for a CPU, is not a zombie. Once
     alice is silent for the interval her jobs are terminated and bob's run."""
-    alice = _hog(zombie_scheduler, users["alice"], tmp_path)
+    alice = _hog(scheduler, users["alice"], tmp_path)
     try:
         with SharedJobCluster(
             nap,
-            scheduler_host=zombie_scheduler.address,
+            scheduler_host=scheduler.address,
             secret_file=str(users["bob"]),
         ) as cluster:
             os.killpg(alice.pid, signal.SIGSTOP)
@@ -115,7 +102,7 @@ def test_stopped_client_is_a_zombie_its_cpus_go_to_another_user(
             assert all(job.status == JobStatus.Finished for job in jobs)
     finally:
         _kill(alice)
-    log = zombie_scheduler.log_text()
+    log = scheduler.log_text()
     zombies = [line for line in log.splitlines() if "a zombie" in line]
     assert len(zombies) == 1 and "user 'alice'" in zombies[0], zombies
     # Closed by the scheduler: no node was lost. (Her running jobs are terminated
@@ -128,20 +115,20 @@ def test_stopped_client_is_a_zombie_its_cpus_go_to_another_user(
 
 
 def test_client_gone_with_a_recover_file_gets_the_interval_at_most(
-    zombie_scheduler: SchedulerProcess, users: dict[str, Path], tmp_path: Path
+    scheduler: SchedulerProcess, users: dict[str, Path], tmp_path: Path
 ) -> None:
     """A client killed without closing, with a recover_file (results kept an hour
     by default): after --zombie_interval its computation is closed, its jobs
     terminated; recover_jobs then finds nothing there and says so."""
     journal = tmp_path / "alice.journal"
-    alice = _hog(zombie_scheduler, users["alice"], tmp_path, str(journal))
+    alice = _hog(scheduler, users["alice"], tmp_path, str(journal))
     _kill(alice)
     gone = time.monotonic()
-    zombie_scheduler.wait_for_log("client gone; its jobs go on")
+    scheduler.wait_for_log("client gone; its jobs go on")
     # Whole seconds, as a node says it ("%g" said 5.87431, an hour 3599.75).
-    kept = re.search(r"results kept ([0-9]+) s for", zombie_scheduler.log_text())
+    kept = re.search(r"results kept ([0-9]+) s for", scheduler.log_text())
     assert kept is not None and 0 < float(kept.group(1)) <= 6.0
-    zombie_scheduler.wait_for_log("did not come back: closed", timeout=30)
+    scheduler.wait_for_log("did not come back: closed", timeout=30)
     assert time.monotonic() - gone < 30
     jobs = recover_jobs(str(journal), secret_file=str(users["alice"]), timeout=20)
     assert len(jobs) == 6
@@ -149,7 +136,7 @@ def test_client_gone_with_a_recover_file_gets_the_interval_at_most(
     assert all("no longer has the computation" in str(j.exception) for j in jobs)
     # The CPUs are free again: bob's jobs run at once.
     with SharedJobCluster(
-        nap, scheduler_host=zombie_scheduler.address, secret_file=str(users["bob"])
+        nap, scheduler_host=scheduler.address, secret_file=str(users["bob"])
     ) as cluster:
         assert [cluster.submit(i, 0.0)() for i in range(4)] == list(range(4))
 
@@ -162,7 +149,7 @@ def slow_setup() -> int:
 
 
 def test_client_waiting_for_a_long_setup_is_no_zombie(
-    zombie_scheduler: SchedulerProcess, users: dict[str, Path]
+    scheduler: SchedulerProcess, users: dict[str, Path]
 ) -> None:
     """A client has nothing to say while its computation sets up on the nodes (it
     pings the scheduler only once the computation is ready): a setup longer than
@@ -170,9 +157,9 @@ def test_client_waiting_for_a_long_setup_is_no_zombie(
     make it a zombie; its jobs run once the setup is done."""
     with SharedJobCluster(
         nap,
-        scheduler_host=zombie_scheduler.address,
+        scheduler_host=scheduler.address,
         secret_file=str(users["alice"]),
         setup=slow_setup,
     ) as cluster:
         assert cluster.submit(7, 0.0)() == 7
-    assert "a zombie" not in zombie_scheduler.log_text()
+    assert "a zombie" not in scheduler.log_text()
