@@ -29,6 +29,7 @@ from dispynb.protocol.messages import (
 from dispynb.transport.connection import Connection
 from tests.hostile.test_scheduler import alices_jobs_meanwhile, people, shared_nodes
 from tests.sharedsched.harness import SchedulerProcess, raw_scheduler_session
+from tests.tcpstate import flushed_or_held
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -45,10 +46,9 @@ READ = 20 * MiB
 #: What she may keep in all, and each session's backlog (--max_kept).
 USER_QUOTA = 4 * MiB
 SESSION_QUOTA = 32 * MiB
-#: Requests sent per session at most, and how long a batch may wait to be taken
-#: before the scheduler is said to read no more of her.
+#: Requests sent per session at most (each batch sent, or held by the scheduler
+#: reading no more of her: `flushed_or_held`).
 REQUESTS = 400_000
-STUCK = 3.0
 #: Seconds each step may take.
 WAIT = 60
 
@@ -97,9 +97,7 @@ async def _flood(conn: Connection) -> tuple[int, bool]:
         for _ in range(1000):
             conn.write(JobCancel(comp_id=999, key=sent, attempt=1))
             sent += 1
-        try:
-            await asyncio.wait_for(conn.flush(), STUCK)
-        except TimeoutError:
+        if not await flushed_or_held(conn, WAIT):
             return sent, True
     return sent, False
 

@@ -24,6 +24,7 @@ from dispynb.transport.connector import connect
 from tests.hostile.test_scheduler import alices_jobs_meanwhile, people, shared_nodes
 from tests.nodeproc import running_node
 from tests.sharedsched.harness import raw_scheduler_session
+from tests.tcpstate import flushed_or_held
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -31,9 +32,9 @@ __all__ = ["people"]  # the fixture
 
 MiB = 1 << 20
 #: Requests sent at most (the server stops reading long before, now), and how long
-#: a batch of them may wait to be taken before the server is said to read no more.
+#: a batch of them may take to be sent or held (`flushed_or_held`).
 REQUESTS = 600_000
-STUCK = 3.0
+WAIT = 60.0
 #: What the server may grow by meanwhile.
 BOUND = 96 * MiB
 
@@ -56,10 +57,7 @@ async def _flood(conn: Connection, pid: int, request: type[Message]) -> tuple:
                 else Recover(comp_id=1, recovery_id=f"{sent:032x}")
             )
             sent += 1
-        try:
-            await asyncio.wait_for(conn.flush(), STUCK)
-        except TimeoutError:
-            stuck = True
+        stuck = not await flushed_or_held(conn, WAIT)
         peak = max(peak, server.memory_info().rss)
     return sent, stuck, peak - before
 
