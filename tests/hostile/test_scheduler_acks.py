@@ -20,7 +20,6 @@ from dispynb.protocol import serialize
 from dispynb.protocol.auth import MAC_SIZE
 from dispynb.protocol.framing import PREFIX_SIZE, Frame, encode_frames
 from dispynb.protocol.messages import (
-    ComputationClose,
     ComputationReady,
     ComputationSetup,
     Error,
@@ -29,8 +28,12 @@ from dispynb.protocol.messages import (
     ResultsJournaled,
     pack_header,
 )
-from dispynb.transport.connection import Connection
-from tests.sharedsched.harness import SchedulerProcess, add_user, raw_scheduler_session
+from tests.sharedsched.harness import (
+    SchedulerProcess,
+    add_user,
+    raw_scheduler_session,
+    refusals_before_round_trip,
+)
 from tests.sharedsched.test_kept_acks import kill_unjournaled_client
 
 pytestmark = pytest.mark.slow
@@ -150,19 +153,6 @@ class _Peak:
         raise AssertionError("no VmHWM")
 
 
-async def _round_trip(conn: Connection) -> list[str]:
-    """Close a computation mallory does not have (refused: a round trip); the
-    refusals that came before."""
-    conn.write(ComputationClose(comp_id=999))
-    errors: list[str] = []
-    while True:
-        message, _ = await conn.recv()
-        if isinstance(message, Error) and "999" in message.message:
-            return errors
-        if isinstance(message, Error):
-            errors.append(message.message)
-
-
 async def _bulk_acknowledgements(
     sched: SchedulerProcess, credential: Path
 ) -> tuple[int, list[str], int, float]:
@@ -196,12 +186,12 @@ async def _bulk_acknowledgements(
                     ended += len(message.results)
             before = peak()
             conn.relay(_empty_arrays_frame(EMPTY))
-            refusals = await _round_trip(conn)
+            refusals = await refusals_before_round_trip(conn)
             empty_grown = peak() - before
             acks = ResultsJournaled(comp_id=1, jobs=[[n % 4, 0] for n in range(ACKED)])
             before, started = peak(), time.monotonic()
             conn.write(acks)
-            refusals += await _round_trip(conn)
+            refusals += await refusals_before_round_trip(conn)
             took = time.monotonic() - started
         return empty_grown, refusals, peak() - before, took
     finally:

@@ -24,7 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from dispynb.protocol.messages import JobCancel, Message
+from dispynb.protocol.messages import ComputationClose, Error, JobCancel, Message
 from dispynb.secret import read_secret_file
 from dispynb.transport.connection import QUEUED_HIGH, Connection
 from dispynb.transport.connector import connect
@@ -344,6 +344,19 @@ async def unread_answers(conn: Connection) -> None:
         if key % 1000 == 999:  # (a flush may wait for ever once it reads no more)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(conn.flush(), 1.0)
+
+
+async def refusals_before_round_trip(conn: Connection) -> list[str]:
+    """The refusals the scheduler sent ``conn`` before it answers a round trip
+    (the close of a computation the user does not have, refused in turn)."""
+    conn.write(ComputationClose(comp_id=999))
+    errors: list[str] = []
+    while True:
+        message, _ = await conn.recv()
+        if isinstance(message, Error) and "999" in message.message:
+            return errors
+        if isinstance(message, Error):
+            errors.append(message.message)
 
 
 def raw_reply(

@@ -14,10 +14,8 @@ import pytest
 
 from dispynb.protocol import serialize
 from dispynb.protocol.messages import (
-    ComputationClose,
     ComputationReady,
     ComputationSetup,
-    Error,
     JobResults,
     JobSubmit,
     Recover,
@@ -25,10 +23,9 @@ from dispynb.protocol.messages import (
     ResultsJournaled,
 )
 from dispynb.secret import read_secret_file
-from dispynb.transport.connection import Connection
 from dispynb.transport.connector import connect
 from schedserver.session import ACKS_SLACK
-from tests.sharedsched.harness import SchedulerProcess
+from tests.sharedsched.harness import SchedulerProcess, refusals_before_round_trip
 
 pytestmark = pytest.mark.slow
 
@@ -39,19 +36,6 @@ RECOVERY_ID = "b" * 32
 
 def square(n: int) -> int:
     return n * n
-
-
-async def _refusals(conn: Connection) -> list[str]:
-    """The refusals the scheduler sent before it answers a round trip (closing a
-    computation the client does not have, which is refused)."""
-    conn.write(ComputationClose(comp_id=999))
-    errors: list[str] = []
-    while True:
-        message, _ = await conn.recv()
-        if isinstance(message, Error) and "999" in message.message:
-            return errors
-        if isinstance(message, Error):
-            errors.append(message.message)
 
 
 async def _run_and_acknowledge_at_once(
@@ -84,10 +68,10 @@ async def _run_and_acknowledge_at_once(
             if isinstance(message, JobResults):
                 ended.extend([entry[0], entry[1]] for entry in message.results)
         conn.write(ResultsJournaled(comp_id=1, jobs=ended))  # all at once
-        batched = await _refusals(conn)
+        batched = await refusals_before_round_trip(conn)
         never_kept = [[key, 0] for key in range(JOBS, JOBS + ACKS_SLACK + 1)]
         conn.write(ResultsJournaled(comp_id=1, jobs=never_kept))
-        return batched, await _refusals(conn)
+        return batched, await refusals_before_round_trip(conn)
     finally:
         conn.close()
 
