@@ -403,7 +403,10 @@ import dispynb as dispy
 def big(n, marks, data):
     import os, time
     open(os.path.join(marks, str(n)), "w").close()  # the node has the job
-    time.sleep(1.0)  # ends after the client is killed
+    go = os.path.join(marks, "go")  # made once the node saw its client gone
+    deadline = time.monotonic() + 60
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.01)
     return data * 2
 
 cluster = dispy.JobCluster(big, nodes=[sys.argv[1]], secret=sys.argv[2],
@@ -439,6 +442,10 @@ def test_a_large_result_kept_for_recovery_holds_its_bytes(tmp_path):
         env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
         with killed_after(start_client(tmp_path, RECOVERING_CLIENT, *args, env=env)):
             wait_until(lambda: len(list(marks.iterdir())) == 2)
+        # Its jobs end once the node keeps their results for nobody (they slept
+        # a second: a node slower than that to see the client go sent them on).
+        wait_until(lambda: "gone: its jobs go on" in node.log_text())
+        (marks / "go").touch()
         done = subprocess.run(
             [sys.executable, "recover.py", str(journal), node.secret],
             cwd=tmp_path,
