@@ -15,6 +15,7 @@ from dispynb import SharedJobCluster
 from dispynb.defaults import HANDSHAKE_TIMEOUT
 from tests.hostile.test_scheduler import people, shared_nodes  # noqa: F401
 from tests.hostile.tools import attacker_socket
+from tests.jobs import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -29,13 +30,13 @@ def square(n: int) -> int:
 
 class Drippers:
     """``SOURCES * PER_SOURCE`` connections dripping a byte every 0.5 s, each
-    reopened once closed, until `stop`; how long each was held, and how many at
-    most at once."""
+    reopened once closed, until `stop`; how long each was held, how many at most
+    at once, and how many have tried to connect (each once at least)."""
 
     def __init__(self, port: int) -> None:
         self.port = port
         self.held: list[float] = []  # seconds each closed one lasted
-        self.open_now = self.most = 0
+        self.open_now = self.most = self.tried = 0
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads = [
@@ -55,12 +56,18 @@ class Drippers:
             thread.join(10)
 
     def _drip(self, source: str) -> None:
+        first = True
         while not self._stop.is_set():
             try:
                 sock = attacker_socket(self.port, source, timeout=1.0)
             except OSError:
                 self._stop.wait(0.1)
                 continue
+            finally:
+                if first:
+                    first = False
+                    with self._lock:
+                        self.tried += 1
             opened = time.monotonic()
             with self._lock:
                 self.open_now += 1
@@ -98,7 +105,8 @@ def test_a_scheduler_serves_its_users_through_slowloris(
     measure,
 ) -> None:
     with shared_nodes(tmp_path, people) as sched, Drippers(sched.port) as drippers:
-        time.sleep(1.0)  # every slot taken
+        # Every dripper connected (or was refused) before she comes.
+        wait_until(lambda: drippers.tried == SOURCES * PER_SOURCE)
         started = time.monotonic()
         with SharedJobCluster(
             square, scheduler_host=sched.address, secret_file=str(people["alice"])
