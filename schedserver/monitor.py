@@ -155,6 +155,8 @@ def _computation(comp: SharedComputation, max_jobs: int) -> dict[str, Any]:
 
 
 class _Handler(SecureHandler):
+    CSRF_ROUTE = "/api/scheduler"
+
     def initialize(self, server: SchedulerServer) -> None:
         """Take the scheduler (given in the route table)."""
         self.server = server

@@ -212,6 +212,8 @@ class SecureHandler(tornado.web.RequestHandler):
     SUPPORTED_METHODS = ("GET", "POST")
     #: Whether the page cookie (`Guard.page_key`) is enough: the page's own files.
     PAGE_FILES = False
+    #: The route whose answers carry the CSRF token (a refused POST names it).
+    CSRF_ROUTE = "/api/cluster"
 
     @property
     def guard(self) -> Guard:
@@ -247,7 +249,7 @@ class SecureHandler(tornado.web.RequestHandler):
         ):
             reason = (
                 f"missing or wrong {CSRF_HEADER} header: send the value that "
-                f"GET /api/cluster returned in its {CSRF_HEADER} header"
+                f"GET {self.CSRF_ROUTE} returned in its {CSRF_HEADER} header"
             )
         if reason is not None:
             self.refuse(HTTPStatus.FORBIDDEN, reason)

@@ -161,7 +161,13 @@ def test_page_and_api_show_nodes_users_and_their_jobs(
         assert client.get(api, headers={"Host": f"evil.example:{port}"}).status == 403
         assert client.get(api, headers={"Origin": "http://evil.example"}).status == 403
         revoke = "/api/users/alice/revoke"
-        assert client.request("POST", revoke).status == 403  # no CSRF token
+        refused = client.request("POST", revoke)  # no CSRF token
+        assert refused.status == 403
+        # Where the token is: this API's route (it named the client monitor's).
+        assert (
+            "send the value that GET /api/scheduler returned"
+            in (refused.json()["reason"])
+        )
         assert not any(job.done() for job in jobs)
         csrf = client.get(api).headers["x-csrf-token"]
         nobody = "/api/users/nobody/revoke"
