@@ -206,7 +206,7 @@ class _Jobs(_DaskState):
             return None
         kind = "r" if self.reentrant else "n"
         dask_key = f"{self.prefix}{kind}{key}-{next(self.attempts)}"
-        workers: list[str] | None = [node_id] if node_id else self.wanted
+        workers: list[str] | None = [node_id] if node_id else self._restriction()
         if not node_id and self.failed:
             workers = list(self.workers) or workers  # not where setup failed
         with _no_large_graph_warning(sum(len(b) for b in buffers)):

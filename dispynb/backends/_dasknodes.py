@@ -158,12 +158,14 @@ class _Nodes(_DaskState):
             return
         info = await self.client.scheduler.identity()
         workers = {a: str(w.get("name", "")) for a, w in info["workers"].items()}
-        if not any(self._is_wanted(a, n) for a, n in workers.items()):
+        self.matched = {a for a, n in workers.items() if self._is_wanted(a, n)}
+        if not self.matched:
             listing = ", ".join(f"{n} ({a})" for a, n in sorted(workers.items()))
             raise ConfigurationError(
                 f"nodes={self.wanted}: no worker of the Dask cluster at "
                 f"{self.engine.address} matches (give worker addresses, hosts or "
-                f"names); its workers are: {listing or 'none'}"
+                f"names, or patterns of them such as '10.0.0.*' or 'local-*'); its "
+                f"workers are: {listing or 'none'}"
             )
 
     async def _await_setup(self, workers: set[str]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import fnmatch
 import itertools
 import logging
 import secrets
@@ -93,6 +94,8 @@ class _DaskState:
         self.take_handed = Coalescer(self.runner, self._take_handed)
         self.closed = False
         self.wanted = _wanted_workers(opts.nodes)
+        #: The workers a wildcard of ``nodes=`` matched when the cluster opened.
+        self.matched: set[str] = set()
         self.files_dir = opts.files_dir
         self.result_types = (
             None
@@ -107,7 +110,21 @@ class _DaskState:
             return True
         host, port = _host_port(address)
         forms = {address, f"{host}:{port}", f"[{host}]:{port}", host, name}
-        return any(item in forms for item in self.wanted)
+        return any(
+            item in forms
+            or ("*" in item and any(fnmatch.fnmatchcase(f, item) for f in forms))
+            for item in self.wanted
+        )
+
+    def _restriction(self) -> list[str] | None:
+        """Dask's ``workers=`` for the jobs: ``nodes=`` as given, each wildcard
+        (dispy's ``'192.168.1.*'``, or ``'local-*'``) replaced by the addresses of
+        the workers it matches, since Dask takes no patterns (None: any worker)."""
+        wanted = self.wanted
+        if wanted is None or not any("*" in item for item in wanted):
+            return wanted
+        exact = [item for item in wanted if "*" not in item]
+        return exact + sorted(self.matched.union(self.workers))
 
     def _key_of(self, dask_key: Any) -> int | None:
         if not isinstance(dask_key, str) or not dask_key.startswith(self.prefix):

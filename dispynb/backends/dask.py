@@ -16,7 +16,8 @@ on Dask's scheduler and workers. How each dispy feature maps onto Dask:
   runner process (a Dask task thread cannot be interrupted), then forks a fresh one.
 * **stdout / stderr** are captured per job in the runner and returned with the result.
 * **nodes=** (and ``%%dispy --on``) restricts the jobs to the Dask workers named
-  there (addresses, hosts or worker names), with Dask's ``workers=`` restrictions;
+  there (addresses, hosts or worker names, or wildcards of them: ``'10.0.0.*'``),
+  with Dask's ``workers=`` restrictions;
   ``submit_node`` restricts one job to one worker the same way.
 * **program computations** (``JobCluster('prog.sh')``): the program is written to
   the computation's directory on each worker and run once per job as a subprocess

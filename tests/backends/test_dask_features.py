@@ -79,7 +79,9 @@ def main(args):
     os.killpg(0, signal.SIGINT)
     time.sleep(0.5)  # a worker killed by it would be gone by now (checked below)
     out["exited_after_sigint"] = local.exited()
-    for wanted in (["local-1"], [local.node_specs()[0].split("//")[1]]):
+    spec = local.node_specs()[0].split("//")[1]
+    # dispy's wildcards too: of a host or a name ('127.0.0.*' was "no worker ...")
+    for wanted in (["local-1"], [spec], ["local-1*"], ["127.0.0.*"]):
         with JobCluster(where, nodes=wanted, engine=local.engine) as cluster:
             jobs = [cluster.submit(n) for n in range(4)]
             out.setdefault("restricted", []).append(sorted({j()[0] for j in jobs}))
@@ -117,7 +119,8 @@ def test_local_cluster_on_dask_keeps_the_local_cluster_api(
 ) -> None:
     """``LocalCluster`` under ``DISPYNB_LOCAL_ENGINE=dask``: Dask workers named
     ``local-N``, ``JobCluster(nodes=local)`` runs on them through their engine,
-    ``submit_node`` and ``nodes=`` (a worker's name or ``host:port``) restrict the
+    ``submit_node`` and ``nodes=`` (a worker's name or ``host:port``, or dispy's
+    wildcards of them: ``'127.0.0.*'`` found no worker) restrict the
     jobs, a name no worker has is one clear error, the process group's SIGINT (Stop
     in JupyterLab) leaves the workers alone, a dead worker shows in ``exited()``,
     and ``close`` leaves no worker process."""
@@ -132,6 +135,9 @@ def test_local_cluster_on_dask_keeps_the_local_cluster_api(
     assert out["restricted"][0] == ["local-1"] == out["restricted_nodes"][0]
     assert len(out["restricted"][1]) == 1
     assert out["restricted"][1] == out["restricted_nodes"][1]
+    assert out["restricted"][2] == ["local-1"] == out["restricted_nodes"][2]
+    assert out["restricted_nodes"][3] == ["local-0", "local-1"]
+    assert set(out["restricted"][3]) <= {"local-0", "local-1"}
     assert "nodes=['local-9']: no worker of the Dask cluster" in out["unknown"]
     assert "local-0 (tcp://127.0.0.1:" in out["unknown"]
     assert len(out["exited"]) == 1 and "local-0 exited" in out["exited"][0]
