@@ -91,21 +91,25 @@ def test_two_client_processes_share_the_nodes(
 
 
 def test_a_user_cannot_cancel_another_users_job(
-    scheduler: SchedulerProcess, users: dict[str, Path]
+    scheduler: SchedulerProcess, users: dict[str, Path], tmp_path: Path
 ) -> None:
     """Alice, with her own credential, names Bob's computation and job: refused,
-    and Bob's job ends normally."""
+    and Bob's job, still running then, ends normally."""
 
-    def slow(n: int) -> int:
+    def held(n: int, go: str) -> int:
+        import os
         import time
 
-        time.sleep(1.0)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(go) and time.monotonic() < deadline:
+            time.sleep(0.01)
         return n
 
+    go = tmp_path / "go"
     with SharedJobCluster(
-        slow, scheduler_host=scheduler.address, secret_file=str(users["bob"])
+        held, scheduler_host=scheduler.address, secret_file=str(users["bob"])
     ) as cluster:
-        job = cluster.submit(7)
+        job = cluster.submit(7, str(go))  # runs until the attack was answered
         comp_id = cluster._backend.driver.config.comp_id  # type: ignore[union-attr]
 
         attack = JobCancel(comp_id=comp_id, key=job._key or 0, attempt=1)
@@ -113,6 +117,7 @@ def test_a_user_cannot_cancel_another_users_job(
             scheduler.port, users["alice"], attack, until=Error, never=(JobResults,)
         )
         assert "alice" in refusal.message and "own computations" in refusal.message
+        go.touch()
         assert job() == 7
         assert job.status == JobStatus.Finished
 
