@@ -32,7 +32,8 @@ DEST_LOCK = ".node-lock"
 def use_dest_path(path: str, clean: bool, serving: bool) -> None:
     """Empty ``path`` first with ``clean``; if ``serving``, hold a shared lock on
     its `DEST_LOCK` until this process exits, after removing what nodes killed
-    there left (`nodeserver.leftovers`) if no other node runs there.
+    there left (`nodeserver.leftovers`: all of it if no other node runs there,
+    else what the nodes gone noted).
 
     dispynode's ``--clean`` removes what a node that did not exit cleanly left;
     a node still running there would lose its computations' files, so ``clean``
@@ -62,7 +63,9 @@ def use_dest_path(path: str, clean: bool, serving: bool) -> None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                pass  # another node runs here: what is noted may be its own
+                # Another node runs here: what is noted may be its own; what
+                # nodes gone left is not.
+                Removals(path).sweep(alone=False)
             else:
                 Removals(path).sweep()
             fcntl.flock(fd, fcntl.LOCK_SH)

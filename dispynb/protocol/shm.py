@@ -456,11 +456,15 @@ def unlink_partial_result(prefix: str, pid: int) -> bool:
     return True
 
 
-def unlink_results(prefix: str, keep: Container[str] = ()) -> int:
+def unlink_results(
+    prefix: str, keep: Container[str] = (), *, only_dead_writers: bool = False
+) -> int:
     """Unlink the result objects whose names start with ``dnr-`` and ``prefix``
     (a computation's `result_prefix`, whole or partly written; or that and a
     worker's `worker_tag`), except those named in ``keep``: their writers are gone
-    and nobody will read them. Returns how many were unlinked."""
+    and nobody will read them. ``only_dead_writers``: not those whose writer (the
+    pid in their name) still runs, either (where the caller cannot tell whose
+    they are). Returns how many were unlinked."""
     start = f"dnr-{prefix}"
     try:
         entries = list(os.scandir(SHM_DIR))
@@ -475,12 +479,34 @@ def unlink_results(prefix: str, keep: Container[str] = ()) -> int:
                 or _PARTIAL_NAME.fullmatch(entry.name)
             )
             and entry.name not in keep
+            and not (only_dead_writers and _writer_runs(entry.name))
         ):
             with contextlib.suppress(OSError):
                 if entry.stat(follow_symlinks=False).st_uid == os.geteuid():
                     os.unlink(entry.path)
                     removed += 1
     return removed
+
+
+def _writer_runs(name: str) -> bool:
+    """Whether the worker that wrote the result object ``name`` (its pid in the
+    name: `worker_tag`, or after the dot of a partly written one) may still run
+    (so may its node, which may yet pass it on)."""
+    try:
+        if "." in name:
+            pid = int(name.rpartition(".")[2])
+        else:
+            pid = int(name[4 + 16 : 4 + 24], 16)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, OSError):
+        return True  # another user's process, or no pid: not to be touched
+    try:  # a zombie (killed, not reaped yet: its parent was killed too) is gone
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] != b"Z"
 
 
 def unlink_worker_results(prefix: str, pid: int, keep: Container[str]) -> int:

@@ -182,3 +182,88 @@ def test_a_worker_the_oom_killer_ends_as_it_writes_a_result_leaves_no_part_of_it
                 assert len(c.submit(data, 64 * MiB)()) == 64 * MiB
         finally:
             remove(left)
+
+
+@pytest.mark.timeout(120)
+def test_a_killed_nodes_results_are_freed_beside_a_running_node(
+    tmp_path: Path,
+) -> None:
+    """Two nodes share a --dest-path (the default one is every node's of a user on
+    the machine); one is killed whole after a worker wrote a result to /dev/shm
+    that reached nobody. Before, a node started there while the other ran swept
+    nothing (what was noted might be the running one's): the result stayed in RAM
+    for as long as any node ran there. Now what the killed node noted goes, and
+    the running node's own unreported result stays: its client gets it."""
+    dest = tmp_path / "dest"
+    written: set[str] = set()
+    data = os.urandom(2 * MiB)  # through shared memory, both ways
+    with own_cgroup() as group:
+        killed = start_node(
+            tmp_path / "killed",
+            "--dest-path",
+            str(dest),
+            launcher=cgroup_launcher(group),
+        )
+        beside = start_node(tmp_path / "beside", "--dest-path", str(dest))
+        options = {"pulse_interval": 0.3}
+        try:
+            with (
+                JobCluster(
+                    wait_then_double,
+                    nodes=[killed.spec],
+                    secret=killed.secret,
+                    **options,
+                ) as lost,
+                JobCluster(
+                    wait_then_double,
+                    nodes=[beside.spec],
+                    secret=beside.secret,
+                    **options,
+                ) as held,
+            ):
+                prefixes = []
+                jobs = []
+                servers = []
+                for cluster, node, name in (
+                    (lost, killed, "lost"),
+                    (held, beside, "held"),
+                ):
+                    marks, go = tmp_path / f"marks-{name}", tmp_path / f"go-{name}"
+                    marks.mkdir()
+                    jobs.append(cluster.submit(str(marks), str(go), data))
+                    wait_until(lambda m=marks: (m / "started").exists(), timeout=30)
+                    prefixes.append((marks / "started").read_text())
+                    server = psutil.Process(node.proc.pid)
+                    servers.append(server)
+                    server.suspend()  # its result is reported to nobody yet
+                    go.touch()
+
+                def written_whole(prefix: str) -> bool:
+                    new = results_in_memory(prefix)
+                    written.update(new)
+                    return any(size >= 4 * MiB for size in new.values())
+
+                for prefix in prefixes:
+                    wait_until(lambda p=prefix: written_whole(p), timeout=30)
+                pids = {servers[0].pid} | {p.pid for p in servers[0].children(True)}
+                kill_tree(killed, group)
+                wait_until(lambda: not [pid for pid in pids if alive(pid)])
+                assert results_in_memory(prefixes[0])  # nobody left to unlink it
+                back = start_node(tmp_path / "back", "--dest-path", str(dest))
+                try:
+                    wait_until(lambda: not results_in_memory(prefixes[0]))
+                    assert results_in_memory(prefixes[1])  # the running node's
+                finally:
+                    back.stop()
+                servers[1].resume()
+                assert held.wait(timeout=30)
+                assert jobs[1]() == data + data
+                assert lost.wait(timeout=30)
+                assert_abandoned([jobs[0]], f"node {killed.spec} was lost (")
+        finally:
+            for node in (killed, beside):
+                if node.proc.poll() is None:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        psutil.Process(node.proc.pid).resume()
+                    node.stop()
+            remove(written)

@@ -68,3 +68,32 @@ def test_a_note_naming_a_place_outside_the_directory_removes_nothing(
     assert Removals(str(dest)).sweep() == 0
     assert (outside / "keep").is_dir() and dest.is_dir()
     assert list(notes.iterdir()) == []
+
+
+def test_beside_a_running_node_a_sweep_follows_only_the_notes_of_nodes_gone(
+    tmp_path: Path,
+) -> None:
+    """Another node runs on the directory: its notes (this process's here), and
+    those of an older node that named none, are left with what they name; a gone
+    node's are followed, but not into a directory a running node noted too."""
+    dest = tmp_path / "dest"
+    home = dest / "client"
+    mine, gone, shared, old = (
+        home / name for name in ("mine", "gone", "shared", "old")
+    )
+    for path in (mine, gone, shared, old):
+        path.mkdir(parents=True)
+    removals = Removals(str(dest))
+    removals.note(str(mine), str(home))
+    removals.note(str(shared), str(home))
+    for path in (gone, shared):
+        name = removals.note(str(path), str(home))
+        note = dest / NOTES / name
+        entry = json.loads(note.read_text())
+        entry["node"][1] = -1  # this pid's process of another start: gone
+        note.write_text(json.dumps(entry))
+    (dest / NOTES / "old").write_text(json.dumps({"path": str(old), "home": None}))
+    assert Removals(str(dest)).sweep(alone=False) == 1
+    assert not gone.exists()
+    assert mine.is_dir() and shared.is_dir() and old.is_dir()
+    assert len(list((dest / NOTES).iterdir())) == 3  # the running one's, the old one
