@@ -448,3 +448,27 @@ def test_a_host_this_machine_cannot_reach_says_to_give_register_host(
         "check the name, or give register_host= this machine's address that they "
         "reach (for a host that ssh reaches through a jump host, say)"
     ), done.stderr
+
+
+def test_a_python_without_dispynb_is_named_with_the_fix(
+    fake_ssh: Path, tmp_path: Path
+) -> None:
+    """The host's default python3 is not the environment dispynb went into: the
+    error showed only "python3: No module named nodeserver", the advice being to
+    check that ssh works. Now it names the Python and what to do."""
+    import venv
+
+    bare = tmp_path / "bare"  # a Python of the right version, without dispynb
+    venv.EnvBuilder(with_pip=False).create(bare)
+    python = tmp_path / "python3"  # PYTHONPATH (the checkout) unset, as on a host
+    python.write_text(f'#!/bin/sh\nunset PYTHONPATH\nexec {bare}/bin/python "$@"\n')
+    python.chmod(0o755)
+    nodes = SSHNodes(["node1"], python=str(python), wait=30)
+    with nodes, pytest.raises(LaunchError) as raised:
+        nodes.node_specs()
+    message = str(raised.value)
+    assert (
+        f"ssh to node1 exited with status 1 ({bare}/bin/python: No module named "
+        f"nodeserver): dispynb is not installed for {python} on node1; install "
+        "dispynb there, or give python= the Python that has it"
+    ) in message, message
