@@ -235,7 +235,8 @@ class NodeServer:
             "reached (it exits once its last client leaves)"
         )
         listener = self._listener
-        if listener is not None and listener.refuse_all(self.not_serving):
+        if listener is not None:
+            listener.refuse_all(self.not_serving)
             for announcer in self._announcers:
                 announcer.close(leaving=True)
             self._announcers.clear()

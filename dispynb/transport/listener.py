@@ -19,6 +19,7 @@ from dispynb.errors import (
     AuthenticationError,
     ConnectionClosedError,
     DispynbError,
+    NodeNotServingError,
     TransportError,
 )
 from dispynb.protocol.framing import encode_frames
@@ -183,15 +184,12 @@ class Listener:
         self._unix_paths.clear()
         self._tally.close()
 
-    def refuse_all(self, reason: str) -> bool:
+    def refuse_all(self, reason: str) -> None:
         """Go on listening, but refuse every new connection saying ``reason``
         (`NOT_SERVING`): a closed port would tell clients that no server runs.
-        Only without TLS (a TLS client reads no plain refusal): False then, and
-        the caller stops it."""
-        if self._ssl_context is not None:
-            return False
+        With TLS the refusal answers the client's hello inside TLS (a TLS client
+        reads no plain one), within the handshake slots of `Admission`."""
         self.refusal = reason
-        return True
 
     def _accept(self, listening: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -212,7 +210,7 @@ class Listener:
             if not isinstance(address, tuple):  # a Unix socket's peer has no name
                 address = (localsockets.UNIX_PEER, 0)
             source = source_of(address)
-            if self.refusal is not None:
+            if self.refusal is not None and self._ssl_context is None:
                 self._tally.event("refused connections", source, self.refusal)
                 _refuse(sock, self.refusal, code=NOT_SERVING)
                 continue
@@ -333,8 +331,10 @@ class Listener:
                     conn = await _accept_tls(
                         sock, peer, self._ssl_context, self._server
                     )
+                    if self.refusal is not None:  # (plain ones: at accept)
+                        await _answer_hello(conn, NOT_SERVING, self.refusal)
                 if stranger:
-                    await _refuse_stranger(conn, stranger)
+                    await _answer_hello(conn, "auth", stranger)
                 name = await node_handshake(
                     conn,
                     self._secret,
@@ -342,6 +342,10 @@ class Listener:
                     self._make_welcome,
                     handshake,
                 )
+        except NodeNotServingError as exc:  # told why: no failure of the client
+            self._tally.event("refused connections", source, str(exc))
+            _abort(conn, sock)
+            return  # (the finally clause releases its admission)
         except TimeoutError:
             if sock in self._dropped:
                 failure = (
@@ -432,12 +436,15 @@ def _user_name(uid: int) -> str:
         return f"uid {uid}"
 
 
-async def _refuse_stranger(conn: Connection, reason: str) -> None:
-    """Answer the client's hello with an 'auth' error saying ``reason``; raise
-    `AuthenticationError` (the caller closes)."""
+async def _answer_hello(conn: Connection, code: str, reason: str) -> None:
+    """Answer the client's hello with an error ``code`` saying ``reason``; raise
+    `AuthenticationError` ('auth': a stranger) or `NodeNotServingError`
+    (`NOT_SERVING`); the caller closes."""
     with contextlib.suppress(DispynbError):
         await conn.recv_unsigned_single()
-        await conn.send(Error(code="auth", message=reason))
+        await conn.send(Error(code=code, message=reason))
+    if code == NOT_SERVING:
+        raise NodeNotServingError(reason)
     raise AuthenticationError(reason)
 
 

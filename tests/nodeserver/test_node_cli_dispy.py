@@ -33,6 +33,7 @@ from tests.nodeproc import (
     start_node,
     write_secret_file,
 )
+from tests.transport.certs import make_cert
 
 pytestmark = pytest.mark.slow
 
@@ -161,6 +162,32 @@ def test_serve_n_exits_after_n_clients(tmp_path: Path) -> None:
     assert "served 1 client (--serve)" in log
     # Its last line says why, without parentheses in parentheses.
     assert log.rstrip().endswith("stopped (--serve 1: it served its 1 client)"), log
+
+
+def test_serve_n_over_tls_tells_another_client_why(tmp_path: Path) -> None:
+    """With TLS too (``--certfile``, ``--keyfile``), a client after the last
+    one --serve N takes is told why over TLS. Before: the node closed its port,
+    and the client said "nothing listens on port N there ... is dispynb-node
+    running there?" of a node that runs."""
+    cert, key = make_cert(tmp_path)
+    node = start_node(
+        tmp_path / "node", "--serve", "1", "--certfile", cert, "--keyfile", key
+    )
+    cluster = JobCluster(
+        write_in_cwd, nodes=[node.spec], secret=node.secret, cafile=cert
+    )
+    try:
+        job = cluster.submit("x")
+        assert job.wait(timeout=WAIT) and job.status == DispyJob.Finished
+        with pytest.raises(NodeNotServingError) as refused:
+            JobCluster(write_in_cwd, nodes=[node.spec], secret=node.secret, cafile=cert)
+        assert str(refused.value) == (
+            f"{node.spec}: node 'cli-node' serves no more clients: --serve 1 "
+            "reached (it exits once its last client leaves)"
+        )
+    finally:
+        cluster.close()
+    assert node.proc.wait(NODE_WAIT) == 0  # it exited by itself
 
 
 @pytest.mark.parametrize("extra", [8, -8], ids=["more", "all-but-more"])
