@@ -42,7 +42,7 @@ from dispynb.errors import (
 )
 from dispynb.globalwatch import GlobalWatch
 from dispynb.job import DispyJob
-from dispynb.log import set_level
+from dispynb.log import default_level, set_level
 from dispynb.node import DispyNode
 from dispynb.options import ClusterOptions, check_callback
 from dispynb.status import (
@@ -152,6 +152,8 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
         base.check_options(self.engine, opts)
         if opts.loglevel is not None:
             set_level(opts.loglevel)
+        else:
+            default_level()
         self._journal = ClusterJournal(
             opts.recover_file, nodes, base.RECOVERY in self._features
         )

@@ -7,6 +7,7 @@ this is the standard ``logging`` logger named ``dispynb`` with those attributes 
 from __future__ import annotations
 
 import logging
+import sys
 
 logger = logging.getLogger("dispynb")
 # (WARN and FATAL: dispy's logger, pycos's, names those levels so too)
@@ -25,3 +26,17 @@ def set_level(level: int) -> None:
             logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
         )
         root.addHandler(handler)
+
+
+def default_level() -> None:
+    """dispy's default, ``JobCluster(loglevel=logging.INFO)``, for a program that
+    set up no logging: its ``dispy.logger.info(...)`` lines and dispynb's own few
+    at INFO go to stderr, as dispy's went. A program that did (a handler on the
+    root logger or on ``dispynb``, or a level on ``dispynb``) keeps its choice, and
+    a notebook, which shows what matters in its cells, gets no such handler."""
+    own = logging.getLogger("dispynb")
+    if own.level != logging.NOTSET or own.handlers or logging.getLogger().handlers:
+        return
+    if "ipykernel" in sys.modules:
+        return
+    set_level(logging.INFO)

@@ -98,7 +98,10 @@ class ClusterOptions:
     dest_path:
         Directory for the computation's files, relative to the node's directory.
     loglevel:
-        A numeric logging level, or None to leave logging alone.
+        A numeric logging level (or its name). Default None: dispy's INFO, to
+        stderr, for a program that set up no logging (no handler on the root
+        logger or on ``dispynb``, no level on ``dispynb``) and runs outside a
+        notebook; otherwise logging is left as the program set it.
     ping_interval, pulse_interval, poll_interval:
         Seconds, within dispy's ranges, or None. With ``ping_interval``, discovery
         pings go out that often, and named nodes that are away (not started yet,

@@ -216,7 +216,8 @@ class NodeFinder:
                 )
         for spec in self.specs:
             if spec.matches(ip, name):
-                logger.info("discovered node %s (%s:%d)", name, ip, port)
+                # (debug, as dispy's: one line a node would fill a script's stderr)
+                logger.debug("discovered node %s (%s:%d)", name, ip, port)
                 self._use(ip, port, spec)
                 return
         logger.debug("node %s at %s matches no node spec", name, ip)

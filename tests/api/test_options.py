@@ -8,11 +8,13 @@ import os
 import stat
 import subprocess
 import sys
+import types
 
 import pytest
 
 from dispynb.defaults import SECRET_ENV, SECRET_FILE_ENV
 from dispynb.errors import ConfigurationError
+from dispynb.log import default_level
 from dispynb.options import ClusterOptions
 
 SECRET = "correct horse battery staple"
@@ -525,3 +527,32 @@ def test_a_function_called_or_named_instead_of_given_is_said_so(tmp_path):
         "name of a program on PATH; compute is a function of this program: give the "
         "function itself, JobCluster(compute), not its name"
     )
+
+
+def test_dispys_default_loglevel_leaves_a_programs_own_logging_alone(monkeypatch):
+    """Without loglevel a cluster logs at INFO to stderr as dispy's (see
+    tests/compat/programs/logger_default.py), unless the program set logging up
+    (a root handler, a level on ``dispynb``) or runs in a notebook."""
+    own, root = logging.getLogger("dispynb"), logging.getLogger()
+    level, handlers = own.level, list(own.handlers)
+    monkeypatch.setattr(own, "handlers", [])
+    try:
+        own.setLevel(logging.NOTSET)
+        monkeypatch.setattr(root, "handlers", [logging.NullHandler()])
+        default_level()
+        assert (own.level, own.handlers) == (logging.NOTSET, [])
+        monkeypatch.setattr(root, "handlers", [])
+        monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+        default_level()
+        assert (own.level, own.handlers) == (logging.NOTSET, [])
+        monkeypatch.delitem(sys.modules, "ipykernel")
+        own.setLevel(logging.WARNING)
+        default_level()
+        assert (own.level, own.handlers) == (logging.WARNING, [])
+        own.setLevel(logging.NOTSET)
+        default_level()
+        assert own.level == logging.INFO
+        assert [type(h) for h in own.handlers] == [logging.StreamHandler]
+    finally:
+        own.setLevel(level)
+        own.handlers = handlers

@@ -301,6 +301,14 @@ EXPECTED: dict[str, Expect] = {
             )
         ]
     ),
+    "logger_default": Expect(
+        ["results: [0, 2, 4]"],
+        stderr=(
+            *(R(rf'dispynb INFO job "{i}" submitted') for i in range(3)),
+            *(R(rf'dispynb INFO job "{i}" done with {2 * i}') for i in range(3)),
+        ),
+        not_in_stderr=("not shown",),
+    ),
     "module_api": Expect(
         [
             "dispy.logger: True",

@@ -178,7 +178,11 @@ JOBCLUSTER = [
         "are refused (dispy stripped a leading ``/``), and so is a path of more "
         "than 32 directories, when the cluster is made.",
     ),
-    Name("loglevel", differs="A `logging` level; None leaves logging alone."),
+    Name(
+        "loglevel",
+        differs="A `logging` level or its name. Not given: INFO to stderr, as "
+        "dispy's, unless the program set up logging itself or runs in a notebook.",
+    ),
     Name("callback", note="Deprecated alias of ``job_status``, as in dispy."),
     Name(
         "setup",
