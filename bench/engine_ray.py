@@ -11,10 +11,10 @@ which has the same ``ray`` release as the Ray peer's environment
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from backends import DispynbBackend
+from peers.ray_backend import import_ray, start_ray
 
 
 class DispynbRayBackend(DispynbBackend):
@@ -29,34 +29,15 @@ class DispynbRayBackend(DispynbBackend):
 
     def __init__(self, workers: int) -> None:
         super().__init__(workers)
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        os.environ.setdefault("RAY_DISABLE_IMPORT_WARNING", "1")
-        import ray  # imported before the start-up clock starts
-
+        self._ray = import_ray()
         from dispynb.backends import ray as _engine  # noqa: F401
 
-        self._ray = ray
         self._engine: Any = None
 
     def start(self) -> None:
         from dispynb.backends.ray import RayEngine
 
-        # On a loaded machine Ray's raylet may miss its fixed 30 s to register:
-        # start it again (both Ray rows do the same), at most three times.
-        for attempt in range(3):
-            try:
-                self._ray.init(
-                    num_cpus=self.workers,
-                    include_dashboard=False,
-                    _node_ip_address="127.0.0.1",
-                    log_to_driver=False,
-                    configure_logging=False,
-                )
-                break
-            except Exception as exc:
-                if "timed out during startup" not in str(exc) or attempt == 2:
-                    raise
-                self._ray.shutdown()
+        start_ray(self._ray, self.workers)
         self._engine = RayEngine()
 
     def close(self) -> None:

@@ -16,6 +16,36 @@ from typing import Any
 from backends import Task
 
 
+def import_ray() -> Any:
+    """``ray``, imported with its usage statistics and import warning off (before
+    a row's start-up clock starts: both Ray rows import it so)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DISABLE_IMPORT_WARNING", "1")
+    import ray
+
+    return ray
+
+
+def start_ray(ray: Any, workers: int) -> None:
+    """Start the local Ray instance both Ray rows measure: ``workers`` CPUs on
+    127.0.0.1, no dashboard. On a loaded machine Ray's raylet may miss its fixed
+    30 s to register: it is started again, at most three times."""
+    for attempt in range(3):
+        try:
+            ray.init(
+                num_cpus=workers,
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                log_to_driver=False,
+                configure_logging=False,
+            )
+            return
+        except Exception as exc:
+            if "timed out during startup" not in str(exc) or attempt == 2:
+                raise
+            ray.shutdown()
+
+
 class RayBackend:
     """Ray: a local instance with W CPUs."""
 
@@ -25,31 +55,12 @@ class RayBackend:
     release_wait = 1.0
 
     def __init__(self, workers: int) -> None:
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        os.environ.setdefault("RAY_DISABLE_IMPORT_WARNING", "1")
-        import ray  # imported before the start-up clock starts
-
-        self._ray = ray
+        self._ray = import_ray()
         self.workers = workers
         self._remote: dict[Task, Any] = {}
 
     def start(self) -> None:
-        # On a loaded machine Ray's raylet may miss its fixed 30 s to register:
-        # start it again (both Ray rows do the same), at most three times.
-        for attempt in range(3):
-            try:
-                self._ray.init(
-                    num_cpus=self.workers,
-                    include_dashboard=False,
-                    _node_ip_address="127.0.0.1",
-                    log_to_driver=False,
-                    configure_logging=False,
-                )
-                break
-            except Exception as exc:
-                if "timed out during startup" not in str(exc) or attempt == 2:
-                    raise
-                self._ray.shutdown()
+        start_ray(self._ray, self.workers)
 
     def _remote_for(self, fn: Task) -> Any:
         remote = self._remote.get(fn)
