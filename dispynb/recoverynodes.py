@@ -46,6 +46,11 @@ logger = logging.getLogger("dispynb.recovery")
 RECOVERY_PULSE = 1.0
 RECOVERY_SILENCE = 10.0
 
+#: Characters shown of why a node cannot send its kept results now (an
+#: authenticated node's words): what its operator is to do, and why, which
+#: `peer_text`'s usual 200 cut off.
+KEPT_UNAVAILABLE_TEXT = 1000
+
 #: Seconds ``recover_jobs(terminate_pending=True)`` waits, once its ``timeout``
 #: passed, for the ends of the jobs it had the nodes terminate.
 TERMINATE_WAIT = 10.0
@@ -138,7 +143,8 @@ async def _recover_from(
                 elif isinstance(message, Error) and message.code == KEPT_UNAVAILABLE:
                     # The results are whole, and stay kept: not journaled.
                     settled = {k for k, job in pending.items() if job.done()}
-                    _abandon(pending, f"node {node}: {peer_text(message.message)}")
+                    why = peer_text(message.message, KEPT_UNAVAILABLE_TEXT)
+                    _abandon(pending, f"node {node}: {why}")
                 elif isinstance(message, Recovered) and message.other_user:
                     settled = set()  # the right user's recovery gets them
                     _abandon(
@@ -213,7 +219,9 @@ async def _collect_from(
                 elif isinstance(message, JobsPlaced):
                     _note_placed(message, placed)
                 elif isinstance(message, Error) and message.code == KEPT_UNAVAILABLE:
-                    raise DispynbError(peer_text(message.message))
+                    raise DispynbError(
+                        peer_text(message.message, KEPT_UNAVAILABLE_TEXT)
+                    )
                 elif isinstance(message, JobResults):
                     found = {}
                     for entry in message.results:

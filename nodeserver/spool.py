@@ -313,10 +313,14 @@ class ResultSpool:
             )
             return None
         except CopyRefused as exc:
+            # The fix first (a client shows a node's error cut short), and not a
+            # --dest-path elsewhere: a node given another one no longer has the
+            # results kept in this one.
             raise KeptUnavailable(
-                f"the node cannot send the results it kept now: {exc.strerror}; "
-                "they stay kept: have the node's TMPDIR (or --dest-path) on a local "
-                "file system (ext4, xfs, btrfs, tmpfs), then call recover_jobs again"
+                "the node cannot send the results it kept now; they stay kept: "
+                "restart the node with TMPDIR on a local file system (ext4, xfs, "
+                "btrfs, tmpfs) and the same --dest-path, then call recover_jobs "
+                f"again ({exc.strerror})"
             ) from None
         except OSError as exc:
             if exc.errno in _SHORT:  # the file is whole: not to be taken for lost

@@ -190,8 +190,9 @@ def private_copy(fd: int, size: int, directory: str) -> mmap.mmap | bytearray:
         if not _UNNAMED_WARNED:
             _UNNAMED_WARNED = True
             logger.warning(
-                "%s: such results stay kept until the node has a --dest-path or "
-                "TMPDIR on a local file system (ext4, xfs, btrfs, tmpfs)",
+                "%s: such results stay kept until the node is restarted with "
+                "TMPDIR on a local file system (ext4, xfs, btrfs, tmpfs) and the "
+                "same --dest-path (where they are kept)",
                 why,
             )
         raise CopyRefused(refused.errno, why)

@@ -608,9 +608,9 @@ def test_a_large_result_on_a_file_system_without_unnamed_files_is_sent(
             spool.open(directory, directory.files[-1][0])
     said = [r.message for r in caplog.records if "files without a name" in r.message]
     assert len(said) == 1, said
-    assert "stay kept until the node has a --dest-path or TMPDIR" in said[0], said
+    assert "stay kept until the node is restarted with TMPDIR" in said[0], said
     assert "copies 1 MiB at most" in str(refused.value), refused.value
-    assert "TMPDIR (or --dest-path) on a local file system" in str(refused.value)
+    assert "restart the node with TMPDIR on a local file system" in str(refused.value)
     monkeypatch.setattr(spoolcheck, "MEMORY_COPY", 4 << 20)
     for _ in range(2):
         opened = spool.open(directory, directory.files[-1][0])
