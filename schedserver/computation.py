@@ -67,6 +67,17 @@ _HEADER_ROOM = 64 * 1024
 #: against --max_user_args: many jobs of no arguments are bounded as a few large.
 JOB_COST = 512
 
+#: Bytes each buffer held here counts besides its bytes (its view object and its
+#: place in a list): a message may carry 65,536 buffers, 4 bytes each on the wire
+#: when empty, and a job of that many held 12 MiB here, counted as 512 bytes.
+BUFFER_COST = 192
+
+
+def held_size(buffers: list[memoryview]) -> int:
+    """What ``buffers`` count against --max_user_args: their bytes, and
+    `BUFFER_COST` each."""
+    return sum(b.nbytes for b in buffers) + BUFFER_COST * len(buffers)
+
 
 def args_room(server: SchedulerServer, user: str) -> float:
     """Bytes more ``user``'s computations may hold in the scheduler's memory (their
@@ -168,7 +179,7 @@ class SharedComputation(_NodeUse, _NodeSide, _SentFiles):
         self.running: dict[int, QueuedJob] = {}
         #: Bytes it holds here against --max_user_args: its bundle (kept to set it
         #: up on nodes that join later) and its jobs' messages (`JobBatch`).
-        self.held_bytes = sum(b.nbytes for b in bundle)
+        self.held_bytes = held_size(bundle)
         #: A job of it was refused over --max_user_args (logged once).
         self._args_refused = False
         self.upstream: dict[str, Upstream] = {}
@@ -367,7 +378,7 @@ class SharedComputation(_NodeUse, _NodeSide, _SentFiles):
         refused: list[ResultEntry] = []
         quota = self.server.config.max_queued
         queued = self.server.queued_of(self.user) if quota is not None else 0
-        size = JOB_COST * len(message.jobs) + sum(b.nbytes for b in buffers)
+        size = JOB_COST * len(message.jobs) + held_size(buffers)
         over = size > self._args_room()
         batch = JobBatch(size)
         offset = 0

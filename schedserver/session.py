@@ -39,7 +39,7 @@ from dispynb.protocol.messages import (
 )
 from dispynb.transport.connection import BadMessageError, Connection
 from dispynb.wording import counted
-from schedserver.computation import args_room
+from schedserver.computation import args_room, held_size
 from schedserver.spill import KeptMessages
 from schedserver.toclient import SEND_HIGH, _ToClient
 
@@ -271,7 +271,7 @@ class SchedulerSession(_ToClient):
     def _bundle_too_large(self, bundle: list[memoryview]) -> str:
         """Why a computation's ``bundle`` (its functions, kept here while it lives)
         is refused ("" if it is not): over what its user may hold here."""
-        size = sum(b.nbytes for b in bundle)
+        size = held_size(bundle)
         if size <= args_room(self.server, self.user):
             return ""
         quota = self.server.config.max_user_args
