@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import re
 import socket
 import threading
 from types import TracebackType
@@ -99,6 +100,25 @@ def route_address(host: str, port: int = 22) -> str:
                 "through a jump host, say)"
             ) from exc
         return str(sock.getsockname()[0])
+
+
+#: A node's Python saying it lacks a module: ``python: No module named nodeserver``
+#: (``-m``), or a ModuleNotFoundError's last line for a module dispynb imports.
+_MISSING = re.compile(r"No module named '?(?P<name>[\w.]+)'?")
+
+
+def missing_module_hint(output: str, python: str, where: str) -> str:
+    """``": ... is not installed for PYTHON WHERE; ..."`` if a node's last ``output``
+    says its Python lacks dispynb or a module it needs (the machine's default
+    ``python3``, not the environment dispynb went into), else ``""``."""
+    missing = _MISSING.search(output)
+    if missing is None:
+        return ""
+    what = "dispynb" if missing["name"] == "nodeserver" else missing["name"]
+    return (
+        f": {what} is not installed for {python} {where}; install dispynb there, "
+        "or give python= the Python that has it"
+    )
 
 
 class NodeLauncher(_Registrations[Handle]):
@@ -216,4 +236,11 @@ class NodeLauncher(_Registrations[Handle]):
         )
 
 
-__all__ = ["LaunchError", "Launched", "NodeLauncher", "Subscriber", "route_address"]
+__all__ = [
+    "LaunchError",
+    "Launched",
+    "NodeLauncher",
+    "Subscriber",
+    "missing_module_hint",
+    "route_address",
+]

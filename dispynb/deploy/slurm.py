@@ -56,6 +56,7 @@ from dispynb.deploy.base import (
     Launched,
     LaunchError,
     NodeLauncher,
+    missing_module_hint,
     route_address,
 )
 from dispynb.deploy.registry import RegisteredNode
@@ -403,7 +404,8 @@ class SlurmNodes(_JobStates, NodeLauncher[SlurmJob]):
             if handle.last_output
             else ""
         )
-        return f"SLURM job {handle.job_id} {handle.state}{reason}{said}"
+        hint = missing_module_hint(handle.last_output, self.python, "on the nodes")
+        return f"SLURM job {handle.job_id} {handle.state}{reason}{said}{hint}"
 
     def _not_registered(self, waiting: list[Launched[SlurmJob]], timeout: float) -> str:
         message = super()._not_registered(waiting, timeout)

@@ -24,7 +24,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import re
 import shlex
 import signal
 from collections.abc import Mapping, Sequence
@@ -36,6 +35,7 @@ from dispynb.deploy.base import (
     REGISTER_WAIT,
     LaunchError,
     NodeLauncher,
+    missing_module_hint,
     route_address,
 )
 from dispynb.deploy.registry import RegisteredNode
@@ -53,9 +53,6 @@ KEPT_LINES = 8
 #: system's TCP timeout (over 2 minutes), beyond `REGISTER_WAIT`.
 CONNECT_TIMEOUT = 30.0
 
-#: A node's Python saying it lacks a module: ``python: No module named nodeserver``
-#: (``-m``), or a ModuleNotFoundError's last line for a module dispynb imports.
-_MISSING = re.compile(r"No module named '?(?P<name>[\w.]+)'?")
 #: ``ssh`` starts with no signal blocked (the I/O thread that starts it blocks some).
 _CHILD: dict[str, Any] = (
     {"preexec_fn": unblock_in_child} if hasattr(signal, "pthread_sigmask") else {}
@@ -356,12 +353,6 @@ class SSHNodes(NodeLauncher[SSHNode]):
                 f"{' ' if self.ssh_options else ''}{handle.host} true` works here "
                 "without a prompt (keys or an agent, a known host key)"
             )
-        elif (missing := _MISSING.search(last)) is not None:
-            # The node's Python lacks dispynb (or a module it needs): the host's
-            # default python3, not the environment dispynb was installed into.
-            what = "dispynb" if missing["name"] == "nodeserver" else missing["name"]
-            hint = (
-                f": {what} is not installed for {self.python} on {handle.host}; "
-                "install dispynb there, or give python= the Python that has it"
-            )
+        else:
+            hint = missing_module_hint(last, self.python, f"on {handle.host}")
         return f"ssh to {handle.host} exited with status {code} ({last}){hint}"

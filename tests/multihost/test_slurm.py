@@ -11,6 +11,7 @@ import json
 import os
 import stat
 import time
+import venv
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -441,13 +442,14 @@ def main(args):
         messages.append(str(exc))
     finally:
         nodes.close()
-    nodes = SlurmNodes(1, python="/nonexistent/python", wait=60)
-    try:
-        nodes.node_specs()
-    except LaunchError as exc:
-        messages.append(str(exc))
-    finally:
-        nodes.close()
+    for python in ("/nonexistent/python", args["bare"]):
+        nodes = SlurmNodes(1, python=python, wait=60)
+        try:
+            nodes.node_specs()
+        except LaunchError as exc:
+            messages.append(str(exc))
+        finally:
+            nodes.close()
     return messages
 """
 
@@ -455,11 +457,17 @@ def main(args):
 def test_refused_queued_and_failed_jobs_are_explained(
     network: Network, cluster_env: slurm.SlurmSetup, tmp_path: Path
 ) -> None:
+    bare = tmp_path / "bare"  # a Python of the right version, without dispynb's
+    venv.EnvBuilder(with_pip=False).create(bare)  # dependencies (msgpack...)
     messages = start_client(
-        network, network.hosts[-1], tmp_path, ERRORS_CLIENT, {}
-    ).result(60)
-    assert len(messages) == 3, messages
-    refused, queued, failed = messages
+        network,
+        network.hosts[-1],
+        tmp_path,
+        ERRORS_CLIENT,
+        {"bare": f"{bare}/bin/python"},
+    ).result(90)
+    assert len(messages) == 4, messages
+    refused, queued, failed, lacking = messages
     assert "sbatch refused node slurm-0-" in refused
     assert "invalid partition" in refused.lower(), refused
     assert "did not register" in queued and "(BeginTime)" in queued, queued
@@ -469,6 +477,15 @@ def test_refused_queued_and_failed_jobs_are_explained(
     assert "exited before registering" in failed and "FAILED" in failed, failed
     assert f"{tmp_path}/slurm-" in failed and ".out ends: " in failed, failed
     assert "/nonexistent/python: not found" in failed, failed
+    # A Python without what dispynb needs (the cluster's default python3, not the
+    # user's environment): the job's last line, then what to do.
+    assert "No module named 'msgpack'" in lacking, lacking
+    assert lacking.endswith(
+        f"msgpack is not installed for {bare}/bin/python on the nodes; install "
+        "dispynb there, or give python= the Python that has it). Check the nodes' "
+        "log records above (logger dispynb.deploy), that dispynb is installed "
+        "where they run, and that they can reach this address (register_host=)"
+    ), lacking
 
 
 KILLED_CLIENT = """
