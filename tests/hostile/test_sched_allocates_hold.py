@@ -12,11 +12,9 @@ from pathlib import Path
 import pytest
 
 from dispynb import SharedJobCluster
-from dispynb.protocol import serialize
-from dispynb.protocol.messages import ComputationReady, ComputationSetup, JobSubmit
 from tests.hostile.test_scheduler import people, shared_nodes  # noqa: F401
 from tests.hostile.tools import wait_for
-from tests.sharedsched.harness import raw_scheduler_session
+from tests.sharedsched.harness import raw_scheduler_session, set_up_raw, submit_raw
 from tests.sharedsched.nodeuse import held
 
 pytestmark = pytest.mark.slow
@@ -34,20 +32,8 @@ def _undecided(
     async def run() -> None:
         conn = await raw_scheduler_session(port, credential)
         try:
-            bundle = serialize.dumps({"func": abs, "setup": None, "setup_args": ()})
-            setup = ComputationSetup(
-                comp_id=1, name="undecided", workers=4, allocates=True
-            )
-            conn.write(setup, bundle)
-            async with asyncio.timeout(30):
-                while not isinstance((await conn.recv())[0], ComputationReady):
-                    pass
-            buffers = []
-            for i in range(100):
-                buffers.extend(serialize.dumps(((i,), {})))
-            conn.write(
-                JobSubmit(comp_id=1, jobs=[[i, 1, 1] for i in range(100)]), buffers
-            )
+            await set_up_raw(conn, abs, name="undecided", allocates=True)
+            submit_raw(conn, [(i,) for i in range(100)])
             ready.set()
             while not done.is_set():
                 await asyncio.sleep(0.05)

@@ -19,16 +19,17 @@ from pathlib import Path
 
 import pytest
 
-from dispynb.protocol import serialize
 from dispynb.protocol.messages import (
-    ComputationReady,
-    ComputationSetup,
     JobCancel,
-    JobSubmit,
 )
 from dispynb.transport.connection import Connection
 from tests.hostile.test_scheduler import alices_jobs_meanwhile, people, shared_nodes
-from tests.sharedsched.harness import SchedulerProcess, raw_scheduler_session
+from tests.sharedsched.harness import (
+    SchedulerProcess,
+    raw_scheduler_session,
+    set_up_raw,
+    submit_raw,
+)
 from tests.tcpstate import flushed_or_held
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -76,15 +77,8 @@ async def _backlogged(sched: SchedulerProcess, credential: Path) -> Connection:
     (her quota fills with them), then a few, so that the scheduler reads her
     requests again."""
     conn = await raw_scheduler_session(sched.port, credential, max_message_size=1 << 30)
-    bundle = serialize.dumps({"func": two_mib, "setup": None, "setup_args": ()})
-    conn.write(ComputationSetup(comp_id=1, name="flood", workers=4), bundle)
-    async with asyncio.timeout(WAIT):
-        while not isinstance((await conn.recv())[0], ComputationReady):
-            pass
-    buffers = []
-    for i in range(JOBS):
-        buffers.extend(serialize.dumps(((i,), {})))
-    conn.write(JobSubmit(comp_id=1, jobs=[[i, 1, 1] for i in range(JOBS)]), buffers)
+    await set_up_raw(conn, two_mib, name="flood", timeout=WAIT)
+    submit_raw(conn, [(i,) for i in range(JOBS)])
     await conn.flush()
     return conn
 

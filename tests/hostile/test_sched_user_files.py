@@ -19,19 +19,15 @@ import pytest
 
 from dispynb import SharedJobCluster
 from dispynb.errors import DispynbError
-from dispynb.protocol import serialize
 from dispynb.protocol.files import digest_of
 from dispynb.protocol.messages import (
-    ComputationReady,
-    ComputationSetup,
     Error,
     FilePut,
     FileRelease,
-    JobSubmit,
 )
 from dispynb.transport.connection import Connection
 from tests.hostile.test_scheduler import people, shared_nodes
-from tests.sharedsched.harness import raw_scheduler_session
+from tests.sharedsched.harness import raw_scheduler_session, set_up_raw, submit_raw
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -154,22 +150,11 @@ async def _away(port: int, credential: Path, recovery_id: str) -> None:
     scheduler keeps their results, within her quota)."""
     conn = await raw_scheduler_session(port, credential)
     try:
-        bundle = serialize.dumps({"func": two_mib, "setup": None, "setup_args": ()})
-        conn.write(
-            ComputationSetup(
-                comp_id=1, name="held", workers=4, recovery_id=recovery_id,
-                keep_results=600.0, keep_sent=False,
-            ),
-            bundle,
+        await set_up_raw(
+            conn, two_mib, name="held", recovery_id=recovery_id,
+            keep_results=600.0, keep_sent=False, timeout=WAIT,
         )  # fmt: skip
-        async with asyncio.timeout(WAIT):
-            while not isinstance((await conn.recv())[0], ComputationReady):
-                pass
-        buffers = []
-        for i in range(HELD_JOBS):
-            buffers.extend(serialize.dumps(((i,), {})))
-        jobs = [[i, 1, 1] for i in range(HELD_JOBS)]
-        conn.write(JobSubmit(comp_id=1, jobs=jobs), buffers)
+        submit_raw(conn, [(i,) for i in range(HELD_JOBS)])
         await conn.flush()
     finally:
         conn.close()

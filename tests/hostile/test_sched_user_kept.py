@@ -16,19 +16,20 @@ from pathlib import Path
 
 import pytest
 
-from dispynb.protocol import serialize
 from dispynb.protocol.messages import (
     FINISHED,
-    ComputationReady,
-    ComputationSetup,
     JobResults,
-    JobSubmit,
     Recover,
     Recovered,
 )
 from dispynb.protocol.records import ResultEntry
 from tests.hostile.test_scheduler import people, shared_nodes
-from tests.sharedsched.harness import SchedulerProcess, raw_scheduler_session
+from tests.sharedsched.harness import (
+    SchedulerProcess,
+    raw_scheduler_session,
+    set_up_raw,
+    submit_raw,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -64,19 +65,11 @@ async def _keep(port: int, credential: Path, name: str, go: Path) -> str:
     recovery_id = secrets.token_hex(16)
     conn = await raw_scheduler_session(port, credential)
     try:
-        bundle = serialize.dumps({"func": four_mib, "setup": None, "setup_args": ()})
-        setup = ComputationSetup(
-            comp_id=1, name=name, workers=4, recovery_id=recovery_id,
-            keep_results=600.0, keep_sent=False,
+        await set_up_raw(
+            conn, four_mib, name=name, recovery_id=recovery_id,
+            keep_results=600.0, keep_sent=False, timeout=WAIT,
         )  # fmt: skip
-        conn.write(setup, bundle)
-        async with asyncio.timeout(WAIT):
-            while not isinstance((await conn.recv())[0], ComputationReady):
-                pass
-        buffers = []
-        for i in range(JOBS):
-            buffers.extend(serialize.dumps(((i, str(go)), {})))
-        conn.write(JobSubmit(comp_id=1, jobs=[[i, 1, 1] for i in range(JOBS)]), buffers)
+        submit_raw(conn, [(i, str(go)) for i in range(JOBS)])
         await conn.flush()
     finally:
         conn.close()

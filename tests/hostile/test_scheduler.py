@@ -35,7 +35,6 @@ from dispynb.protocol.messages import (
     FilePut,
     JobCancel,
     JobResults,
-    JobSubmit,
     Recover,
     Recovered,
 )
@@ -47,6 +46,8 @@ from tests.sharedsched.harness import (
     add_user,
     raw_reply,
     raw_scheduler_session,
+    set_up_raw,
+    submit_raw,
 )
 
 pytestmark = pytest.mark.slow
@@ -197,16 +198,9 @@ async def _never_read(
         sched.port, people["mallory"], max_message_size=1 << 30
     )
     try:
-        bundle = serialize.dumps({"func": sixteen_mib, "setup": None, "setup_args": ()})
-        conn.write(ComputationSetup(comp_id=1, name="hoard", workers=4), bundle)
-        async with asyncio.timeout(30):
-            while not isinstance((await conn.recv())[0], ComputationReady):
-                pass
+        await set_up_raw(conn, sixteen_mib, name="hoard")
         before = psutil.Process(pid).memory_info().rss
-        buffers = []
-        for i in range(JOBS):
-            buffers.extend(serialize.dumps(((i,), {})))
-        conn.write(JobSubmit(comp_id=1, jobs=[[i, 1, 1] for i in range(JOBS)]), buffers)
+        submit_raw(conn, [(i,) for i in range(JOBS)])
         # Never read (the connection reads 16 MiB ahead, then stops): watch the
         # scheduler's memory, while alice runs jobs.
         peak = before

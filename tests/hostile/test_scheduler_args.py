@@ -27,7 +27,11 @@ from dispynb.protocol.messages import (
 )
 from dispynb.protocol.records import ResultEntry
 from tests.hostile.test_scheduler import alices_jobs_meanwhile, people, shared_nodes
-from tests.sharedsched.harness import SchedulerProcess, raw_scheduler_session
+from tests.sharedsched.harness import (
+    SchedulerProcess,
+    raw_scheduler_session,
+    set_up_raw,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -58,11 +62,7 @@ async def _flood(
     scheduler = psutil.Process(sched.proc.pid)
     conn = await raw_scheduler_session(sched.port, people["mallory"])
     try:
-        bundle = serialize.dumps({"func": long_job, "setup": None, "setup_args": ()})
-        conn.write(ComputationSetup(comp_id=1, name="flood", workers=4), bundle)
-        async with asyncio.timeout(30):
-            while not isinstance((await conn.recv())[0], ComputationReady):
-                pass
+        await set_up_raw(conn, long_job, name="flood")
         before = peak = scheduler.memory_info().rss
         argument = serialize.dumps(((b"a" * ARGUMENT,), {}))
         key = 0

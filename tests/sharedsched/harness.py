@@ -5,6 +5,7 @@ named with ``-n``, the node secret in the environment, a users file written by
 ``dispynb-scheduler user add``); `run_client` and `start_client` run a client
 program (`TIMED_CLIENT`, `DOOMED_CLIENT`) in its own process; `raw_scheduler_session`
 and `raw_reply` speak the protocol as a user's own raw client (for attacks), and
+`set_up_raw` and `submit_raw` run a computation on such a session, and
 `unread_answers` makes such a client one the scheduler reads no more. Every wait is
 bounded.
 """
@@ -24,7 +25,16 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from dispynb.protocol.messages import ComputationClose, Error, JobCancel, Message
+from dispynb.protocol import serialize
+from dispynb.protocol.messages import (
+    ComputationClose,
+    ComputationReady,
+    ComputationSetup,
+    Error,
+    JobCancel,
+    JobSubmit,
+    Message,
+)
 from dispynb.secret import read_secret_file
 from dispynb.transport.connection import QUEUED_HIGH, Connection
 from dispynb.transport.connector import connect
@@ -332,6 +342,29 @@ async def raw_scheduler_session(
         ssl_context=client_context(cafile=cafile) if cafile else None,
     )
     return conn
+
+
+async def set_up_raw(
+    conn: Connection, func: Any, *, timeout: float = 30.0, **fields: Any
+) -> None:
+    """Set ``func`` up as computation 1 of the raw session ``conn``
+    (`ComputationSetup` of 4 workers, and ``fields``: its ``name``...); return
+    once the scheduler says it is ready (within ``timeout`` seconds)."""
+    bundle = serialize.dumps({"func": func, "setup": None, "setup_args": ()})
+    conn.write(ComputationSetup(comp_id=1, **{"workers": 4, **fields}), bundle)
+    async with asyncio.timeout(timeout):
+        while not isinstance((await conn.recv())[0], ComputationReady):
+            pass
+
+
+def submit_raw(conn: Connection, arguments: list[tuple[Any, ...]]) -> None:
+    """Submit to computation 1 of ``conn`` a job per item of ``arguments`` (its
+    positional arguments), keys 0, 1, ..., in one message."""
+    buffers: list[Any] = []
+    for args in arguments:
+        buffers.extend(serialize.dumps((args, {})))
+    jobs = [[key, 1, 1] for key in range(len(arguments))]
+    conn.write(JobSubmit(comp_id=1, jobs=jobs), buffers)
 
 
 async def unread_answers(conn: Connection) -> None:

@@ -10,17 +10,13 @@ from pathlib import Path
 import pytest
 
 from dispynb import LocalCluster, SharedJobCluster
-from dispynb.protocol import serialize
 from dispynb.protocol.messages import (
-    ComputationReady,
-    ComputationSetup,
     JobResults,
-    JobSubmit,
 )
 from dispynb.secret import read_secret_file
 from dispynb.transport.connector import connect
 from tests.jobs import wait_until
-from tests.sharedsched.harness import SchedulerProcess
+from tests.sharedsched.harness import SchedulerProcess, set_up_raw, submit_raw
 from tests.sharedsched.test_kept import _scheduler
 
 pytestmark = pytest.mark.slow
@@ -107,17 +103,8 @@ async def _not_reading(
         max_message_size=1 << 30,
     )  # fmt: skip
     try:
-        bundle = serialize.dumps({"func": hoard, "setup": None, "setup_args": ()})
-        conn.write(ComputationSetup(comp_id=1, name="hoard", workers=4), bundle)
-        async with asyncio.timeout(30):
-            while not isinstance((await conn.recv())[0], ComputationReady):
-                pass
-        buffers = []
-        for i in range(HOARDED + 1):
-            buffers.extend(serialize.dumps(((i, str(go), str(mark)), {})))
-        conn.write(
-            JobSubmit(comp_id=1, jobs=[[i, 1, 1] for i in range(HOARDED + 1)]), buffers
-        )
+        await set_up_raw(conn, hoard, name="hoard")
+        submit_raw(conn, [(i, str(go), str(mark)) for i in range(HOARDED + 1)])
         await asyncio.to_thread(
             sched.wait_for_log, "does not read what is sent to it", timeout=60
         )
