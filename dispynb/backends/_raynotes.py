@@ -4,7 +4,8 @@ task ("A worker died or was killed while executing a task by an unexpected syste
 error ... the OOM killer ... ray stop --force ..."). For dispynb's actors that is a
 job whose process ended (``os._exit``, a fatal signal, a Stop's kill), which the
 job's outcome already tells under its input, with the reason; the paragraph goes
-to the ``dispynb.backends.ray`` logger instead. Ray's other messages (a task that
+to the ``dispynb.backends.ray`` logger instead, at DEBUG (a script's default INFO
+on stderr would print it again). Ray's other messages (a task that
 cannot be scheduled, a node removed...) are printed as before."""
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def route_worker_deaths() -> None:
         raylet = data.get("pid") == "raylet" and bool(lines)
         if raylet and all(line.startswith(WORKER_DIED) for line in lines):
             for line in lines:
-                logger.info("Ray: %s", line)
+                logger.debug("Ray: %s", line)
             return
         printer(data, ignore_prefix=ignore_prefix)
 

@@ -154,8 +154,10 @@ class Routed(logging.Handler):
         if "A worker died or was killed" in record.getMessage():
             routed.set()
 
-logging.getLogger("dispynb.backends.ray").addHandler(Routed(logging.INFO))
-logging.getLogger("dispynb.backends.ray").setLevel(logging.INFO)
+ray_logger = logging.getLogger("dispynb.backends.ray")
+ray_logger.addHandler(Routed(logging.DEBUG))
+ray_logger.setLevel(logging.DEBUG)
+ray_logger.propagate = False  # only here: the default handler is INFO's, on stderr
 
 def leave(code):
     import os
