@@ -27,15 +27,17 @@ CLIENT = f"""
 import sys, time
 from dispynb import DispyJob, JobCluster
 
-def result(n):
-    import time
-    time.sleep(2)
+def result(n, go):
+    import os, time
+    deadline = time.monotonic() + 60  # ends once its client is gone: kept
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.01)
     return bytes([n]) * {RESULT}
 
 cluster = JobCluster(
     result, nodes=[sys.argv[1]], secret=sys.argv[2], recover_file=sys.argv[3]
 )
-jobs = [cluster.submit(i) for i in range({JOBS})]
+jobs = [cluster.submit(i, sys.argv[4]) for i in range({JOBS})]
 while sum(job.status == DispyJob.Running for job in jobs) < {JOBS}:
     time.sleep(0.02)
 print("running", flush=True)
@@ -61,12 +63,20 @@ def test_results_a_full_spool_disk_refuses_are_logged_once(tmp_path: Path, measu
     with running_node(tmp_path / "node", launcher=launcher, cpus=JOBS) as node:
         with subprocess.Popen(
             [sys.executable, "-c", CLIENT, node.spec, node.secret,
-             str(tmp_path / "recover.db")],
+             str(tmp_path / "recover.db"), str(tmp_path / "go")],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         ) as client:  # fmt: skip
             assert client.stdout is not None
             assert client.stdout.readline().strip() == "running"
             client.kill()
+        # Its jobs end once the node keeps their results for nobody (they slept
+        # 2 s: a node slower than that to see the client go sent them on).
+        wait_for(
+            lambda: "gone: its jobs go on" in node.log_text(),
+            "the node to see its client gone",
+            timeout=30,
+        )
+        (tmp_path / "go").touch()
         # Then the node's stop drains the jobs: every result is in by its end.
         wait_for(
             lambda: "cannot spool a kept result" in node.log_text(),
