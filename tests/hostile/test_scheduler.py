@@ -82,10 +82,15 @@ def shared_nodes(
             sched.stop()
 
 
-def slow_square(n: int) -> int:
+def held_square(n: int, go: str) -> int:
+    """``n * n`` once ``go`` exists (it slept 1.5 s: on a loaded machine the
+    attacks below came after the jobs ended, and showed nothing of them)."""
+    import os
     import time
 
-    time.sleep(1.5)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.01)
     return n * n
 
 
@@ -103,16 +108,17 @@ def test_a_user_cannot_reach_another_users_computation(
     and sends, with her own credential: cancel, close, send_file and recover. Ids
     are per session and recovery per user, so none reaches alice's computation."""
     journal = tmp_path / "alice.journal"
+    go = tmp_path / "go"
     with (
         shared_nodes(tmp_path, people) as sched,
         SharedJobCluster(
-            slow_square,
+            held_square,
             scheduler_host=sched.address,
             secret_file=str(people["alice"]),
             recover_file=str(journal),
         ) as cluster,
     ):
-        jobs = [cluster.submit(n) for n in range(4)]
+        jobs = [cluster.submit(n, str(go)) for n in range(4)]  # until the attacks
         config = cluster._backend.driver.config  # type: ignore[union-attr]
         comp_id, recovery_id = config.comp_id, config.recovery_id
         assert recovery_id, "alice's cluster has a recovery id"
@@ -136,6 +142,7 @@ def test_a_user_cannot_reach_another_users_computation(
             never=(JobResults,),
         )
         answers.append(not recovered.found)
+        go.touch()
         results = [job() for job in jobs]
         statuses = {job.status for job in jobs}
     refused = sum(answers)
