@@ -313,8 +313,8 @@ def _report_lost_from_memory(kept: Kept) -> None:
         why = kept.no_spool or "the node has no spool for them"
     else:
         why = (
-            f"its disk refused them: {kept.spool.failure or 'see above'}; free "
-            "space in the node's --dest-path, or let the node write there"
+            f"its disk refused them: {kept.spool.failure or 'see above'}; "
+            f"{kept.spool.remedy or 'see above'}"
         )
     logger.warning(
         "computation %s: %s held in memory for its client's recover_jobs %s lost "

@@ -88,8 +88,9 @@ class SpoolDir:
     dropped: int = 0
     #: Results that failed to be written since the last that was (`write`).
     failed: int = 0
-    #: Why the first of them failed.
+    #: Why the first of them failed, and what gives room for more.
     failure: str = ""
+    remedy: str = ""
     #: The key of its files' checks (`nodeserver.spoolcheck`); None until its
     #: computation's recovery id is known (a spool an earlier process left).
     key: bytes | None = dataclasses.field(default=None, repr=False)
@@ -213,13 +214,13 @@ class ResultSpool:
         except OSError as exc:
             spool.failed += 1
             if spool.failed == 1:  # then counted: a full disk fails every result
-                spool.failure = str(exc)
+                spool.failure, spool.remedy = _why_not_written(exc)
                 logger.warning(
                     "cannot spool a kept result of computation %s to %s: %s (results "
                     "of it that fail so are counted, not logged each)",
                     spool.name,
                     spool.path,
-                    exc,
+                    spool.failure,
                 )
             else:
                 logger.debug(
@@ -549,6 +550,17 @@ class ResultSpool:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+
+
+def _why_not_written(exc: OSError) -> tuple[str, str]:
+    """Why a kept result could not be written, and what gives room for more: a
+    node's file size limit (``ulimit -f``, a batch system's) is not its disk."""
+    if exc.errno == errno.EFBIG:
+        return (
+            f"{exc} (the node's file size limit, ulimit -f)",
+            "have the node's file size limit (ulimit -f) raised",
+        )
+    return str(exc), "free space in the node's --dest-path, or let the node write there"
 
 
 #: Errors of a node short of memory, descriptors or disk space for a copy (its

@@ -15,7 +15,9 @@ import pytest
 
 from dispynb import JobCluster
 from dispynb.errors import SetupError
-from tests.nodeproc import running_node
+from tests.api.test_recovery_kept import kill_client_with_kept_results
+from tests.jobs import wait_until
+from tests.nodeproc import running_node, start_node
 
 pytestmark = pytest.mark.slow
 
@@ -41,3 +43,27 @@ def test_a_file_over_the_nodes_file_size_limit_names_that_limit(
     text = str(raised.value)
     assert "cannot store a file of 2097152 bytes" in text, text
     assert "File too large (the node's file size limit, ulimit -f: have it" in text
+
+
+@pytest.mark.timeout(90)
+def test_a_kept_result_over_the_nodes_file_size_limit_names_that_limit(
+    tmp_path: Path,
+) -> None:
+    """A client killed, its job's result (30 MiB) over the node's file size limit:
+    the node keeps it in memory (its spool refused it) and says why. It said
+    "File too large" alone, and, as the node stopped with it still unclaimed,
+    advised freeing space in --dest-path: the disk had room."""
+    limit = ["prlimit", "--fsize=20000000", "--"]
+    node = start_node(tmp_path / "node", cpus=2, launcher=limit)
+    try:
+        kill_client_with_kept_results(tmp_path, node, [f"bytes:{30 << 20}", "int:3"])
+        wait_until(lambda: "cannot spool a kept result" in node.log_text())
+    finally:
+        node.stop()
+    log = node.log_text()
+    limited = "File too large (the node's file size limit, ulimit -f)"
+    assert f"{limited} (results of it that fail so" in log, log
+    assert (
+        f"its disk refused them: [Errno 27] {limited}; have the node's file size "
+        "limit (ulimit -f) raised)"
+    ) in log, log
