@@ -87,8 +87,8 @@ class _RunOutput(_RunState):
                     shown = without_client_advice(shown)
                 writer(
                     "stderr",
-                    f"job {job.id} (input {index}: {self._call_of(job)}){where} "
-                    "failed:\n"
+                    f"input {index}: {self._call_of(job)}{where} failed "
+                    f"(job {job.id}):\n"
                     f"{shown}\n{_missing_file_hint(job)}{_missing_name_hint(job)}{own}"
                     f"{self._reentrant_hint(job)}",
                 )
@@ -167,7 +167,8 @@ class _RunOutput(_RunState):
             if len(jobs) > 1:
                 writer(
                     "stderr",
-                    f"{len(jobs)} jobs failed ({kind}), job {jobs[0].id} shown above; "
+                    f"{len(jobs)} jobs failed ({kind}), input "
+                    f"{self._index.get(jobs[0].id)} shown above; "
                     f"see {self._reach('failures')} or {self._reach('df.exception')}\n",
                 )
 

@@ -109,7 +109,7 @@ def test_run_all_stops_at_a_cell_whose_jobs_all_failed(k):
     # error, 'ZeroDivisionError: 2 jobs (first: job 7); see none.failures or
     # .df.exception', under the traceback's own 'ZeroDivisionError: ...' line.
     assert re.search(
-        r"\n2 jobs failed \(ZeroDivisionError\), job \d+ shown above; see "
+        r"\n2 jobs failed \(ZeroDivisionError\), input \d shown above; see "
         r"none\.failures or none\.df\.exception\n",
         out.stderr,
     ), out.stderr
@@ -266,7 +266,7 @@ def test_a_module_beside_the_notebook_says_how_to_send_it(k):
     out = k.execute(f'%%dispy --over "range(2)" --into inside\n{inside}')
     assert "(%%dispy --depends \"['jobtools.py']\")" in out.stderr, out.text
     assert "JobCluster(" not in out.stderr, out.text  # said once, as %%dispy says it
-    assert "2 jobs failed (ModuleNotFoundError), job" in out.stderr, out.text
+    assert "2 jobs failed (ModuleNotFoundError), input" in out.stderr, out.text
     out = k.execute(
         '%%dispy --over "range(2)" --into third\ndef h(x):\n    import nosuch\n'
     )
@@ -553,7 +553,7 @@ def test_a_failure_names_the_node_it_ran_on_among_nodes_of_one_address(tmp_path)
         session = "get_ipython().magics_manager.registry['DispyMagics'].session"
         port = k.value(f"{session}.local.addresses[1][1]")  # local-1's
     assert out.status == "ok", out.text
-    found = re.search(r"job \d+ \(input 1: where\(1\)\) on (.+) failed:", out.stderr)
+    found = re.search(r"input 1: where\(1\) on (.+) failed \(job \d+\):", out.stderr)
     assert found, out.stderr
     assert found.group(1) == f"local-1 (127.0.0.1:{port})", out.stderr
 

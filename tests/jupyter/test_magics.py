@@ -177,7 +177,8 @@ def test_magic_cell_remote_output_and_traceback_appear_in_the_cell(ip):
     assert "KeyError: 2" in err
     # Which input failed, and the call it made: 'input 2' alone read as the value.
     job = ip.user_ns["noisy"].jobs[2]
-    assert f"job {job.id} (input 2: noisy(2)) on " in err
+    assert "input 2: noisy(2) on local-0 (" in err
+    assert f") failed (job {job.id}):\n" in err
     assert ip.user_ns["noisy"].df.loc[0, "stdout"] == "hello from job 0\n"
 
 
