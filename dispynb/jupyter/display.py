@@ -125,8 +125,9 @@ def run_html(run: Run) -> str:
     failures = run.failures
     if failures:
         first = failures[0]
-        summary = (
-            f"{len(failures)} failed; first: job {first.id}{run._where_failed(first)}"
+        summary = (  # by input, as the cell's lines: the row of .df
+            f"{len(failures)} failed; first: input {run._index.get(first.id)} (job "
+            f"{first.id}){run._where_failed(first)}"
         )
         parts.append(details_html(summary, run.traceback(first)))
     parts.append(

@@ -545,7 +545,8 @@ def test_run_repr_and_html(local):
     assert repr(run).startswith("<Run 'bad' 0/1 done, 1 failed")
     html = run._repr_html_()
     assert "Run bad" in html
-    assert "1 failed; first: job" in html
+    # By input, the row of run.df, as the cell's output says it (was: 'job 7').
+    assert f"1 failed; first: input 0 (job {run.jobs[0].id}) on" in html
     # The node by name and port, as the cell's line says it (before: 127.0.0.1).
     host, port = local.addresses[0]
     assert f"on local-0 ({host}:{port})" in html, html
