@@ -38,7 +38,13 @@ from typing import TYPE_CHECKING, Any
 from dispynb._interruptible import Flag, HeldInterrupts, at_the_call, start_thread
 from dispynb.captures import check_shippable
 from dispynb.celloutput import MapOutput
-from dispynb.errors import DispynbError, RemoteError, SerializationError
+from dispynb.errors import (
+    ClusterError,
+    DispynbError,
+    NotSupportedError,
+    RemoteError,
+    SerializationError,
+)
 from dispynb.executorfailures import (
     Args,
     unpicklable_call,
@@ -61,6 +67,7 @@ if TYPE_CHECKING:
     from dispynb.backends.base import Engine
     from dispynb.cluster import ClusterFactory
     from dispynb.local import LocalCluster
+    from dispynb.objects import ObjectRef
 
 __all__ = ["Executor", "dispynb_executor"]
 
@@ -159,6 +166,10 @@ class Executor(concurrent.futures.Executor):
         self._closing = threading.Lock()  # held by the thread closing
         self._local: LocalCluster | None = None
         self._initializer = initializer  # its output's lines are mapped back too
+        # Large functions (a closure over an array) put once, by digest: see
+        # `_carrier`. None: the engine cannot put (Dask, Ray).
+        self._put: dict[str, ObjectRef] | None = {}
+        self._large_seen: set[str] = set()
         # Nothing after the nodes start but in this try: a Ctrl-C landing there
         # must not leave them running, out of the user's reach.
         try:
@@ -222,6 +233,7 @@ class Executor(concurrent.futures.Executor):
         batch"``): a value that cannot be sent back is named by its place there."""
         key, blob = _pickle(fn)
         sources = (*sources, self._initializer)  # the lines of its warnings too
+        blob = self._carrier(key, blob, reused=False)
         try:
             with self._lock:
                 job = self._new_job(key, blob, [args], kwargs)
@@ -239,10 +251,34 @@ class Executor(concurrent.futures.Executor):
             raise
         return future
 
+    def _carrier(self, key: str, blob: bytes, *, reused: bool) -> Any:
+        """What the jobs of one `submit` or ``map`` carry for their function: its
+        ``blob``, or, for one of at least `PUT_BYTES` that calls use again (a
+        ``map``'s chunks, a second `submit`), a tuple holding its `ObjectRef`:
+        put once, each node receives it once, where each job carried all its
+        bytes (a lambda closing over a large array sent it with every call). A
+        new object per call, by which `_unfinished` tells the call's jobs."""
+        if len(blob) < PUT_BYTES or self._put is None:
+            return blob
+        with self._lock:
+            ref = self._put.get(key)
+            if ref is None:
+                if not reused and key not in self._large_seen:
+                    self._large_seen.add(key)  # once is no reuse: no file for it
+                    return blob
+                try:
+                    ref = self._put[key] = self.cluster.put(blob)
+                except (NotSupportedError, AttributeError):
+                    self._put = None  # not on this engine (or cluster): as before
+                    return blob
+                except ClusterError:  # no room for its file: with each job
+                    return blob
+        return (ref,)
+
     def _new_job(
         self,
         key: str,
-        blob: bytes,
+        blob: Any,
         calls: list[Args],
         kwargs: dict[str, Any] | None = None,
     ) -> DispyJob:
@@ -258,7 +294,7 @@ class Executor(concurrent.futures.Executor):
             message = unpicklable_call(calls, kwargs or {}, exc)
             raise SerializationError(message) from None
 
-    def _submit_chunk(self, key: str, blob: bytes, calls: list[Args]) -> DispyJob:
+    def _submit_chunk(self, key: str, blob: Any, calls: list[Args]) -> DispyJob:
         """Submit a job of a ``map``: no future (one per job would cost the I/O
         thread a third of its time per job, W8), the job itself is waited for."""
         with self._lock:
@@ -295,6 +331,7 @@ class Executor(concurrent.futures.Executor):
             raise ValueError("buffersize must be None or > 0.")
         end = None if timeout is None else time.monotonic() + timeout
         key, blob = _pickle(fn)
+        blob = self._carrier(key, blob, reused=True)
         chunks = _chunks(zip(*iterables, strict=False), chunksize)
         in_flight = itertools.islice(chunks, buffersize) if buffersize else chunks
         jobs: collections.deque[DispyJob] = collections.deque()
@@ -321,7 +358,7 @@ class Executor(concurrent.futures.Executor):
         more: Iterator[list[Args]],
         fn: Callable[..., Any],
         key: str,
-        blob: bytes,
+        blob: Any,
         end: float | None,
         output: MapOutput | None = None,
     ) -> Iterator[Any]:
@@ -354,7 +391,7 @@ class Executor(concurrent.futures.Executor):
         finally:
             self._cancel_chunks(jobs)
 
-    def _stop_interrupted(self, jobs: Iterable[DispyJob], blob: bytes) -> None:
+    def _stop_interrupted(self, jobs: Iterable[DispyJob], blob: Any) -> None:
         """Stop the jobs of a ``map`` or `submit` interrupted (Ctrl-C, the
         notebook's Stop) as it submits or waits (``jobs``, and the one whose
         submit it cut short: `_unfinished`): the queued ones are cancelled and
@@ -365,12 +402,12 @@ class Executor(concurrent.futures.Executor):
         with HeldInterrupts():  # a second press must not cut this short
             self.cluster._cancel_all(self._unfinished(jobs, blob))
 
-    def _unfinished(self, jobs: Iterable[DispyJob], blob: bytes) -> list[DispyJob]:
+    def _unfinished(self, jobs: Iterable[DispyJob], blob: Any) -> list[DispyJob]:
         """The jobs of a ``map`` or `submit` not done: ``jobs``, and any other job
-        of its function's ``blob`` (its own bytes: each map and `submit` pickles
-        anew). An interrupt landing as the cluster's submit returned leaves the
-        cluster with a job the caller never got: found that way, it is stopped
-        too."""
+        of its function's ``blob`` (its own bytes, or `_carrier`'s tuple: new for
+        each map and `submit`). An interrupt landing as the cluster's submit
+        returned leaves the cluster with a job the caller never got: found that
+        way, it is stopped too."""
         own = [job for job in jobs if not job.done()]
         ids = {id(job) for job in own}
         stray = [
@@ -515,6 +552,11 @@ def _check_options(options: dict[str, Any], factory: Any) -> None:
     if factory is None:
         own = inspect.signature(Executor).parameters
         ClusterOptions.check_keywords(options, "Executor", own)
+
+
+#: A pickled function this large (a closure over an array, say) goes to the nodes
+#: once when calls reuse it, not with each job (`Executor._carrier`).
+PUT_BYTES = 1 << 20
 
 
 def _pickle(fn: Callable[..., Any]) -> tuple[str, bytes]:

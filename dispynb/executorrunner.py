@@ -58,7 +58,7 @@ _UNSET = object()
 
 def dispynb_executor(
     key: str,
-    blob: bytes,
+    blob: bytes | tuple[bytes],
     count: int,
     columns: tuple[Sequence[Any], ...],
     kwargs: dict[str, Any] | None = None,
@@ -70,6 +70,8 @@ def dispynb_executor(
     def`` function) has it run to its end."""
     fn = _fn_cache.get(key)
     if fn is None:
+        if type(blob) is tuple:  # a large function put once (Executor._carrier)
+            blob = blob[0]
         fn = _with_init_globals(cloudpickle.loads(blob))
         if len(blob) <= _CACHE_MAX_BYTES:
             _fn_cache[key] = fn
