@@ -7,7 +7,9 @@ that made it, and the next one to make a directory of the same kind removes thos
 whose lock nobody holds: their owner has ended. The kernel lets a lock go only when
 the last descriptor sharing it closes, which a pid could not tell: in another pid
 namespace (a container sharing the temporary directory) it names another process,
-or none. Only this user's directories are removed, never one reached by a link.
+or none. Only this user's directories are removed, never one reached by a link;
+with each, the job results in shared memory named after its directories (those
+its nodes' workers wrote for the killed client).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import fcntl
 import os
 import shutil
 import tempfile
+
+from dispynb.protocol import shm
 
 
 def make(prefix: str) -> tuple[str, int]:
@@ -54,8 +58,23 @@ def _remove_if_unlocked(path: str) -> None:
     try:
         if os.fstat(fd).st_uid == os.getuid():
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _unlink_results_within(path)
             shutil.rmtree(path, ignore_errors=True)
     except OSError:  # locked: its owner runs
         pass
     finally:
         os.close(fd)
+
+
+def _unlink_results_within(path: str) -> None:
+    """Unlink the job results in shared memory named after a directory under
+    ``path`` (`shm.result_prefix`: a computation's, on a LocalCluster's node):
+    passed on to a client killed with its nodes, or written for it, nobody else
+    reads or unlinks them, and they stayed in RAM until the machine rebooted."""
+    prefixes = {
+        shm.result_prefix(os.path.join(parent, name))
+        for parent, names, _files in os.walk(path)
+        for name in names
+    }
+    if prefixes:
+        shm.unlink_results(tuple(prefixes))

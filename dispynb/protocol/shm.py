@@ -457,15 +457,20 @@ def unlink_partial_result(prefix: str, pid: int) -> bool:
 
 
 def unlink_results(
-    prefix: str, keep: Container[str] = (), *, only_dead_writers: bool = False
+    prefix: str | tuple[str, ...],
+    keep: Container[str] = (),
+    *,
+    only_dead_writers: bool = False,
 ) -> int:
     """Unlink the result objects whose names start with ``dnr-`` and ``prefix``
     (a computation's `result_prefix`, whole or partly written; or that and a
     worker's `worker_tag`), except those named in ``keep``: their writers are gone
-    and nobody will read them. ``only_dead_writers``: not those whose writer (the
-    pid in their name) still runs, either (where the caller cannot tell whose
-    they are). Returns how many were unlinked."""
-    start = f"dnr-{prefix}"
+    and nobody will read them (``prefix``: a tuple of them, scanned for at
+    once). ``only_dead_writers``: not those whose writer (the pid in their name)
+    still runs, either (where the caller cannot tell whose they are). Returns how
+    many were unlinked."""
+    prefixes = (prefix,) if isinstance(prefix, str) else prefix
+    start = tuple(f"dnr-{one}" for one in prefixes)
     try:
         entries = list(os.scandir(SHM_DIR))
     except OSError:
