@@ -40,6 +40,32 @@ def test_readme_links_lead_to_files_of_the_repository() -> None:
     assert not broken, f"README links to missing files: {broken}"
 
 
+def test_readme_says_where_to_import_the_classes_it_names() -> None:
+    """A class the README calls in its text (``SSHNodes(hosts)``) is one of
+    ``dispynb``'s, or of a module the README names: a newcomer's ``from dispynb
+    import SSHNodes`` failed with only "cannot import name", the README not saying
+    that it is in ``dispynb.deploy``."""
+    import importlib
+
+    import dispynb
+
+    text = README.read_text(encoding="utf-8")
+    spans = re.findall(r"`([^`\n]+)`", text)
+    called = {n for span in spans for n in re.findall(r"\b([A-Z]\w+)\(", span)}
+    modules = [
+        importlib.import_module(name)
+        for span in spans
+        for name in re.findall(r"^(dispynb(?:\.\w+)+)$", span)
+    ]
+    unplaced = sorted(
+        name
+        for name in called
+        if not hasattr(dispynb, name) and not any(hasattr(m, name) for m in modules)
+    )
+    assert called >= {"SSHNodes", "DaskEngine"}, called
+    assert not unplaced, f"README names, but says not where from: {unplaced}"
+
+
 def readme_script() -> str:
     """The README's script example (its Python block with ``__main__``)."""
     text = README.read_text(encoding="utf-8")
