@@ -7,6 +7,7 @@ address, a random token, the `Guard` that checks Host, Origin, token and CSRF).
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import ssl
@@ -85,6 +86,12 @@ def open_endpoint(
     try:
         sockets = bind_listening(host, port)
     except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:  # its text names nodes and schedulers
+            raise ConfigurationError(
+                f"cannot listen on {host or '*'} port {port}: it is in use, most "
+                "likely by another web monitor (of another script or notebook); "
+                "shut that one down, or give another port= (port=0 picks a free one)"
+            ) from exc
         raise ConfigurationError(
             f"cannot listen on {host or '*'} port {port}: {exc.strerror or exc}; "
             "pick another port (port=0 picks a free one)"

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from dispynb import DispyJob, JobCluster, LocalCluster
+from dispynb.errors import ConfigurationError
 from dispynb.httpd import DispyHTTPServer
 from tests import jobs
 from tests.httpd.client import MonitorClient, Reply
@@ -208,6 +209,23 @@ def test_port_zero_url_and_shutdown(cluster):
         socket.create_connection(("127.0.0.1", server.port), 2),
     ):
         pass
+
+
+def test_a_port_in_use_says_to_shut_the_other_monitor_or_give_another(cluster):
+    """Two scripts (or a script run again while the first runs) each start a
+    monitor on the default port: the message said "already in use (by a node or
+    scheduler ...): stop it, or choose another port; pick another port"."""
+    first = DispyHTTPServer(cluster, port=0)
+    try:
+        with pytest.raises(ConfigurationError) as raised:
+            DispyHTTPServer(cluster, port=first.port)
+    finally:
+        first.shutdown()
+    assert str(raised.value) == (
+        f"cannot listen on 127.0.0.1 port {first.port}: it is in use, most likely "
+        "by another web monitor (of another script or notebook); shut that one "
+        "down, or give another port= (port=0 picks a free one)"
+    )
 
 
 def test_shutdown_wait_answers_pending_long_polls(cluster):
