@@ -60,9 +60,12 @@ class _Events(_ClusterState):
         node = self._nodes.pop(info.node_id, None)
         if node is None:
             if departure is not Departure.RESETUP:
-                # Released as it was set up again (close_node, allocate_node,
-                # close_node): told Closed already, as its new setup began.
-                self._resetting.pop(info.node_id, None)
+                # Gone as it was set up again (resetup_node, or close_node,
+                # allocate_node, close_node): cluster_status hears of it now, as
+                # its new setup began it heard nothing (as dispy's).
+                node = self._resetting.pop(info.node_id, None)
+                if node is not None:
+                    self._notify_cluster(DispyNode.Closed, node, None)
             return
         if departure is not Departure.RESETUP:
             self._deallocated.discard(info.node_id)  # if it comes back: set up anew
@@ -83,7 +86,8 @@ class _Events(_ClusterState):
                 reason,
                 self._outstanding,
             )
-        self._notify_cluster(DispyNode.Closed, node, None)
+        if departure is not Departure.RESETUP:  # dispy's says Initialized only
+            self._notify_cluster(DispyNode.Closed, node, None)
         self._emit(DispyNode.Closed, node, None)
 
     def _node_status(self, info: NodeInfo, avail: DispyNodeAvailInfo | None) -> None:

@@ -345,8 +345,16 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
     # -- status ------------------------------------------------------------------------
 
     def status(self) -> ClusterStatus:
-        """The cluster's nodes and the number of jobs not yet done."""
-        return ClusterStatus(list(self._nodes.values()), self._outstanding)
+        """The cluster's nodes (those being set up again too, as dispy's) and the
+        number of jobs not yet done."""
+        return ClusterStatus(self._listed_nodes(), self._outstanding)
+
+    def _listed_nodes(self) -> list[DispyNode]:
+        """The nodes `status` lists: the cluster's, and those `resetup_node` sets
+        up again (dispy's keeps them)."""
+        nodes = dict(self._resetting)
+        nodes.update(self._nodes)
+        return list(nodes.values())
 
     def workload(self) -> Workload:
         """Jobs waiting for a node and each node's load (launchers' ``adapt`` reads
@@ -371,10 +379,10 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
         self._update_traffic()
         if wall_time is None:
             wall_time = time.time() - self._start_time
-        nodes = list(self._nodes.values()) + [
+        nodes = self._listed_nodes() + [
             node
             for node_id, node in self._released_nodes.items()
-            if node_id not in self._nodes
+            if node_id not in self._nodes and node_id not in self._resetting
         ]
         traffic = base.TRAFFIC in self._features
         print(format_status(nodes, wall_time, self._outstanding, traffic=traffic))

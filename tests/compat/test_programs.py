@@ -418,8 +418,11 @@ EXPECTED: dict[str, Expect] = {
         [
             "before resetup: [('first.txt', 1, 'contents of first.txt')]",
             "resetup_node: 0",
+            "nodes as it is set up again: 1",
             "initialized again: True",
             "after resetup: [('second.txt', 2, 'contents of second.txt')]",
+            "Closed before close: 0",
+            "Closed after close: 1",
         ]
     ),
     "callbacks": Expect(

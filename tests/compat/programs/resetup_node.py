@@ -38,6 +38,8 @@ def cluster_status(status, node, job):  # executed at the client
         with cond:
             initialized.append(node)
             cond.notify()
+    elif status == dispy.DispyNode.Closed:
+        closed.append(node)
 
 
 if __name__ == "__main__":
@@ -58,7 +60,7 @@ if __name__ == "__main__":
             return cpus
 
     cond = threading.Condition()
-    initialized = []
+    initialized, closed = [], []
     host, port = NODES[0].rsplit(":", 1)
     cluster = dispy.JobCluster(
         compute,
@@ -72,9 +74,12 @@ if __name__ == "__main__":
     with cond:
         cond.wait_for(lambda: len(initialized) == 1, timeout=10)
     print("resetup_node: %s" % cluster.resetup_node(initialized[0]))
+    print("nodes as it is set up again: %s" % len(cluster.status().nodes))
     with cond:
         cond.wait_for(lambda: len(initialized) == 2, timeout=10)
         print("initialized again: %s" % (len(initialized) == 2))
     jobs = [cluster.submit(i) for i in range(3)]
     print("after resetup: %s" % sorted(set(job() for job in jobs)))
+    print("Closed before close: %s" % len(closed))
     cluster.close()
+    print("Closed after close: %s" % len(closed))
