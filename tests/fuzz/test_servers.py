@@ -132,30 +132,28 @@ def test_a_scheduler_survives_fuzzed_messages_of_a_node(
     tmp_path: Path, people: dict[str, Path]
 ) -> None:
     node = FuzzingNode(SEED, PER_JOB)
-    with serving_in_thread(node) as port:
-        sched = SchedulerProcess(tmp_path, [f"127.0.0.1:{port}"], SECRET.decode())
-        sched.start()
-        try:
-            assert sched.proc is not None
-            pid = sched.proc.pid
-            before = footprint(pid)
-            outcomes = [_jobs_through(sched.address, people["alice"]) for _ in range(2)]
-            assert sched.proc.poll() is None, "the scheduler died"
-            node.fuzzing = False
-            wait_for(
-                lambda: footprint(pid)[0] <= before[0] + 2,
-                "the scheduler's descriptors back",
-            )
-            answered = _jobs_through(sched.address, people["alice"])
-            _check(
-                pid,
-                before,
-                sched.log_text(),
-                {"sent": PER_JOB * 3 * 2, "sessions": len(outcomes)},
-                answered,
-                ["Finished"],
-                # (why it dropped the node is the client's to hear, in its error)
-                re.compile(rf"WARNING.*node 127.0.0.1:{port} lost"),
-            )
-        finally:
-            sched.stop()
+    with (
+        serving_in_thread(node) as port,
+        SchedulerProcess(tmp_path, [f"127.0.0.1:{port}"], SECRET.decode()) as sched,
+    ):
+        assert sched.proc is not None
+        pid = sched.proc.pid
+        before = footprint(pid)
+        outcomes = [_jobs_through(sched.address, people["alice"]) for _ in range(2)]
+        assert sched.proc.poll() is None, "the scheduler died"
+        node.fuzzing = False
+        wait_for(
+            lambda: footprint(pid)[0] <= before[0] + 2,
+            "the scheduler's descriptors back",
+        )
+        answered = _jobs_through(sched.address, people["alice"])
+        _check(
+            pid,
+            before,
+            sched.log_text(),
+            {"sent": PER_JOB * 3 * 2, "sessions": len(outcomes)},
+            answered,
+            ["Finished"],
+            # (why it dropped the node is the client's to hear, in its error)
+            re.compile(rf"WARNING.*node 127.0.0.1:{port} lost"),
+        )

@@ -123,13 +123,11 @@ def test_a_node_asking_for_files_by_lists_is_warned_of(
     tmp_path: Path, people: dict[str, Path], measure
 ) -> None:
     node = _AsksByLists()
-    with serving_in_thread(node) as port:
-        sched = SchedulerProcess(tmp_path, [f"127.0.0.1:{port}"], SECRET.decode())
-        sched.start()
-        try:
-            results = _alices_jobs(sched.address, people["alice"])
-        finally:
-            sched.stop()
+    with (
+        serving_in_thread(node) as port,
+        SchedulerProcess(tmp_path, [f"127.0.0.1:{port}"], SECRET.decode()) as sched,
+    ):
+        results = _alices_jobs(sched.address, people["alice"])
     log = sched.log_text()
     warned = "malformed digests" in log
     measure(f"jobs: {results}; warned: {warned}; {log.count('Traceback')} tracebacks")

@@ -114,19 +114,17 @@ def test_the_scheduler_piles_no_ping_up_for_a_node_that_does_not_read(
 ) -> None:
     node = StallingNode()
     credential = add_user(tmp_path, "alice")
-    with serving_in_thread(node) as port:
-        sched = SchedulerProcess(tmp_path, [f"127.0.0.1:{port}"], SECRET.decode())
-        sched.start()
-        try:
-            with SharedJobCluster(
-                echo, scheduler_host=sched.address, secret_file=str(credential)
-            ) as cluster:
-                first = cluster.submit(b"x")
-                assert node.stalled.wait(20)
-                second = cluster.submit(bytes(32 << 20))
-                assert first.wait(timeout=30) and second.wait(timeout=30)
-                wait_for(lambda: node.waiting_pings is not None, "the pings counted")
-        finally:
-            sched.stop()
+    with (
+        serving_in_thread(node) as port,
+        SchedulerProcess(tmp_path, [f"127.0.0.1:{port}"], SECRET.decode()) as sched,
+        SharedJobCluster(
+            echo, scheduler_host=sched.address, secret_file=str(credential)
+        ) as cluster,
+    ):
+        first = cluster.submit(b"x")
+        assert node.stalled.wait(20)
+        second = cluster.submit(bytes(32 << 20))
+        assert first.wait(timeout=30) and second.wait(timeout=30)
+        wait_for(lambda: node.waiting_pings is not None, "the pings counted")
     measure(f"{node.waiting_pings} pings were waiting when it read again")
     assert node.waiting_pings is not None and node.waiting_pings <= 2

@@ -74,9 +74,9 @@ def test_a_dispyscheduler_config_file_starts_the_scheduler_on_its_nodes(
             nodes=repr(specs), loglevel="True", daemon="True", zombie_interval="5"
         )
     )
-    scheduler = SchedulerProcess(tmp_path, [], nodes.secret, ("--config", str(config)))
-    scheduler.start()
-    try:
+    with SchedulerProcess(
+        tmp_path, [], nodes.secret, ("--config", str(config))
+    ) as scheduler:
         scheduler.wait_for_log("is up with", len(specs))
         with SharedJobCluster(
             square, scheduler_host=scheduler.address, secret_file=str(users["alice"])
@@ -87,8 +87,6 @@ def test_a_dispyscheduler_config_file_starts_the_scheduler_on_its_nodes(
             (JobStatus.Finished, n * n) for n in range(6)
         ]
         assert " DEBUG " in scheduler.log_text()  # loglevel = True: -d
-    finally:
-        scheduler.stop()
 
 
 def test_the_keys_at_dispys_defaults_are_options_not_given(tmp_path: Path) -> None:

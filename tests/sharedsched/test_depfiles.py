@@ -203,14 +203,12 @@ def test_depends_over_max_file_size_is_refused(
     tmp_path: Path, first_node: LocalCluster, users: dict[str, Path]
 ) -> None:
     credential = users["alice"]
-    sched = SchedulerProcess(
+    with SchedulerProcess(
         tmp_path,
         first_node.node_specs(),
         first_node.secret,
         args=("--max_file_size", "1M"),
-    )
-    sched.start()
-    try:
+    ) as sched:
         path = tmp_path / "big.bin"
         path.write_bytes(b"x" * (2 * MiB))
         with pytest.raises(DispynbError, match="--max_file_size"):
@@ -220,8 +218,6 @@ def test_depends_over_max_file_size_is_refused(
                 secret_file=str(credential),
                 depends=[str(path)],
             )
-    finally:
-        sched.stop()
 
 
 @pytest.mark.timeout(60)
@@ -232,14 +228,12 @@ def test_depends_over_the_users_max_files_fail_the_setup(
     --max_files, or its disk would fill) fails to set up, saying why: the node
     waited for the file for ever, and the client too (a warning, then jobs that
     never ran)."""
-    sched = SchedulerProcess(
+    with SchedulerProcess(
         tmp_path,
         first_node.node_specs(),
         first_node.secret,
         args=("--max_files", "2"),
-    )
-    sched.start()
-    try:
+    ) as sched:
         depends = []
         for index in range(3):
             path = tmp_path / f"part{index}.bin"
@@ -254,8 +248,6 @@ def test_depends_over_the_users_max_files_fail_the_setup(
                 depends=depends,
             )
         assert time.monotonic() - started < 10
-    finally:
-        sched.stop()
 
 
 def file_digest(name: str) -> str:
@@ -271,14 +263,12 @@ def test_revoked_users_depends_file_is_released(
 ) -> None:
     credential = users["bob"]
     spill = tmp_path / "spill"
-    sched = SchedulerProcess(
+    with SchedulerProcess(
         tmp_path,
         first_node.node_specs(),
         first_node.secret,
         args=("--dest_path_prefix", str(spill)),
-    )
-    sched.start()
-    try:
+    ) as sched:
         assert sched.proc is not None
         pid = sched.proc.pid
         data = os.urandom(MiB + 7)
@@ -301,8 +291,6 @@ def test_revoked_users_depends_file_is_released(
                 lambda: not spill_files(pid, spill),
                 "the scheduler still holds a revoked user's file",
             )
-    finally:
-        sched.stop()
 
 
 #: A client with a ``depends`` file (and a recover_file: its computation outlives
@@ -387,14 +375,12 @@ def test_send_file_through_the_scheduler_is_released_with_the_session(
     session that sent it, and released when that client is gone."""
     credential = users["alice"]
     spill = tmp_path / "spill"
-    sched = SchedulerProcess(
+    with SchedulerProcess(
         tmp_path,
         first_node.node_specs(),
         first_node.secret,
         args=("--dest_path_prefix", str(spill)),
-    )
-    sched.start()
-    try:
+    ) as sched:
         assert sched.proc is not None
         pid = sched.proc.pid
         data = os.urandom(300_000)
@@ -410,8 +396,6 @@ def test_send_file_through_the_scheduler_is_released_with_the_session(
             lambda: not spill_files(pid, spill),
             "the scheduler still holds a gone client's send_file file",
         )
-    finally:
-        sched.stop()
 
 
 def test_a_file_that_cannot_be_written_drops_no_other(tmp_path: Path) -> None:
@@ -497,9 +481,9 @@ def test_an_executable_in_depends_stays_executable_through_the_scheduler(
     tool = tmp_path / "tool.sh"
     tool.write_text("#!/bin/sh\necho shared tool ran\n")
     tool.chmod(0o755)
-    sched = SchedulerProcess(tmp_path, first_node.node_specs(), first_node.secret)
-    sched.start()
-    try:
+    with SchedulerProcess(
+        tmp_path, first_node.node_specs(), first_node.secret
+    ) as sched:
         with SharedJobCluster(
             run_tool,
             scheduler_host=sched.address,
@@ -509,5 +493,3 @@ def test_an_executable_in_depends_stays_executable_through_the_scheduler(
             job = cluster.submit("tool.sh")
             assert job.finish.wait(WAIT), "no result"
         assert job.result == "shared tool ran\n", job.exception
-    finally:
-        sched.stop()

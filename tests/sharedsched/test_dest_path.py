@@ -36,9 +36,7 @@ def test_a_users_dest_path_files_are_found_by_that_user_only(
     """alice leaves a file in dest_path 'data' (cleanup=False): her next cluster
     finds it there, bob's cluster given the same dest_path does not (nor does its
     close, cleanup=True, remove it). One node: each job runs where the file is."""
-    sched = SchedulerProcess(tmp_path, nodes.node_specs()[:1], nodes.secret)
-    sched.start()
-    try:
+    with SchedulerProcess(tmp_path, nodes.node_specs()[:1], nodes.secret) as sched:
 
         def cluster(function: object, user: str, **options: object) -> SharedJobCluster:
             return SharedJobCluster(
@@ -58,8 +56,6 @@ def test_a_users_dest_path_files_are_found_by_that_user_only(
         with cluster(look, "alice") as again:
             job = again.submit(0)
             assert job.finish.wait(WAIT) and job.result == ["alice.txt"], job.exception
-    finally:
-        sched.stop()
 
 
 def where(_: int) -> str:
@@ -77,9 +73,7 @@ def test_a_dest_path_of_32_directories_works_as_with_jobcluster(
     deep = "/".join(f"d{i}" for i in range(32))
     with JobCluster(where, nodes=nodes, dest_path=deep) as direct:
         assert direct.submit(0)().endswith(deep)
-    sched = SchedulerProcess(tmp_path, nodes.node_specs()[:1], nodes.secret)
-    sched.start()
-    try:
+    with SchedulerProcess(tmp_path, nodes.node_specs()[:1], nodes.secret) as sched:
         with SharedJobCluster(
             where,
             scheduler_host=sched.address,
@@ -93,5 +87,3 @@ def test_a_dest_path_of_32_directories_works_as_with_jobcluster(
         for cluster in (JobCluster, SharedJobCluster):
             with pytest.raises(ConfigurationError, match="names 33 directories"):
                 cluster(where, nodes=nodes, dest_path=f"{deep}/d32")
-    finally:
-        sched.stop()

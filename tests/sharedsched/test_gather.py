@@ -251,28 +251,25 @@ def test_gathered_results_stay_within_the_clients_max_message_size(
     larger frame: it lost the scheduler, and its jobs, before). A result over the
     client's limit is refused on its node, as without a scheduler."""
     count, size = 1000, 30 * 1024
-    with LocalCluster(nodes=2, cpus=4) as local:
-        # Nodes report every 0.1 s: a report read after a node's results leaves
-        # them held while the other node's arrive, and join them.
-        sched = SchedulerProcess(
-            tmp_path, local.node_specs(), local.secret, args=("--pulse_interval", "0.1")
-        )
-        sched.start()
-        try:
-            with SharedJobCluster(
-                payload,
-                scheduler_host=sched.address,
-                secret_file=str(users["alice"]),
-                max_message_size=SMALL_LIMIT,
-            ) as cluster:
-                jobs = [cluster.submit(n, size) for n in range(count)]
-                results = [job() for job in jobs]
-                assert results == [payload(n, size) for n in range(count)]
-                assert all(job.status == JobStatus.Finished for job in jobs)
-                large = cluster.submit(0, 2 * SMALL_LIMIT)
-                assert large() is None and large.status == JobStatus.Terminated
-                assert "ResultTooLarge" in large.exception
-                again = cluster.submit(1, size)
-                assert again() == payload(1, size)  # the session lives on
-        finally:
-            sched.stop()
+    # Nodes report every 0.1 s: a report read after a node's results leaves them
+    # held while the other node's arrive, and join them.
+    pulse = ("--pulse_interval", "0.1")
+    with (
+        LocalCluster(nodes=2, cpus=4) as local,
+        SchedulerProcess.owning(tmp_path, local, *pulse) as sched,
+        SharedJobCluster(
+            payload,
+            scheduler_host=sched.address,
+            secret_file=str(users["alice"]),
+            max_message_size=SMALL_LIMIT,
+        ) as cluster,
+    ):
+        jobs = [cluster.submit(n, size) for n in range(count)]
+        results = [job() for job in jobs]
+        assert results == [payload(n, size) for n in range(count)]
+        assert all(job.status == JobStatus.Finished for job in jobs)
+        large = cluster.submit(0, 2 * SMALL_LIMIT)
+        assert large() is None and large.status == JobStatus.Terminated
+        assert "ResultTooLarge" in large.exception
+        again = cluster.submit(1, size)
+        assert again() == payload(1, size)  # the session lives on

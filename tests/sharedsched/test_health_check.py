@@ -68,12 +68,8 @@ def test_a_probe_says_how_the_scheduler_is_and_is_no_user(
 
 def test_a_scheduler_with_no_node_up_is_a_warning(tmp_path: Path) -> None:
     secret = "node-secret-for-the-health-check-0123456789"
-    sched = SchedulerProcess(tmp_path, [], secret, ("--register_port", "0"))
-    sched.start()
-    try:
+    with SchedulerProcess(tmp_path, [], secret, ("--register_port", "0")) as sched:
         done = check(sched.address, secret)
-    finally:
-        sched.stop()
     assert done.returncode == 1, done.stdout + done.stderr
     assert done.stdout.startswith(
         f"WARNING - scheduler 'dispynb-scheduler' at {sched.address} up with no "

@@ -81,23 +81,21 @@ def test_a_long_computation_sends_jobs_own_files_past_the_files_quota(
     names = [f"in-{n}.txt" for n in range(6)]
     for n, name in enumerate(names):
         (tmp_path / name).write_text(f"content {n}")
-    sched = SchedulerProcess(
-        tmp_path, nodes.node_specs(), nodes.secret, args=("--max_files", "2")
-    )
-    sched.start()
-    try:
-        with SharedJobCluster(
+    with (
+        SchedulerProcess(
+            tmp_path, nodes.node_specs(), nodes.secret, args=("--max_files", "2")
+        ) as sched,
+        SharedJobCluster(
             read_job_file,
             scheduler_host=sched.address,
             secret_file=str(users["alice"]),
-        ) as cluster:
-            results = []
-            for name in [*names, names[0]]:
-                job = cluster.submit(name, dispy_job_depends=[name])
-                results.append(job())
-                assert job.exception is None, job.exception
-    finally:
-        sched.stop()
+        ) as cluster,
+    ):
+        results = []
+        for name in [*names, names[0]]:
+            job = cluster.submit(name, dispy_job_depends=[name])
+            results.append(job())
+            assert job.exception is None, job.exception
     assert results == [f"content {n}" for n in [*range(6), 0]]
 
 

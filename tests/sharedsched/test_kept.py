@@ -555,19 +555,15 @@ def test_jobs_running_at_recover_jobs_timeout_name_the_node_behind_the_scheduler
     """A job still running at recover_jobs' timeout names the node that runs it
     (127.0.0.2 here), as the crashed SharedJobCluster's job did, not the
     scheduler (127.0.0.1) its journal names."""
-    with running_node(
-        tmp_path / "node", "--host", "127.0.0.2", cpus=2, name="behind"
-    ) as node:
-        sched = SchedulerProcess(tmp_path, [f"127.0.0.2:{node.port}"], node.secret)
-        sched.start()
-        try:
-            journal, _ = _endless_jobs_left(sched, users["alice"], tmp_path)
-            jobs = recover_jobs(
-                str(journal), secret_file=str(users["alice"]), timeout=1
-            )
-            _recovered_terminated(journal, users["alice"])
-        finally:
-            sched.stop()
+    with (
+        running_node(
+            tmp_path / "node", "--host", "127.0.0.2", cpus=2, name="behind"
+        ) as node,
+        SchedulerProcess(tmp_path, [f"127.0.0.2:{node.port}"], node.secret) as sched,
+    ):
+        journal, _ = _endless_jobs_left(sched, users["alice"], tmp_path)
+        jobs = recover_jobs(str(journal), secret_file=str(users["alice"]), timeout=1)
+        _recovered_terminated(journal, users["alice"])
     assert [(job.status, job.ip_addr) for job in jobs] == [
         (JobStatus.Running, "127.0.0.2")
     ] * 2, [(job.status, job.ip_addr, job.exception) for job in jobs]

@@ -59,7 +59,7 @@ def monitor(
     """A scheduler of ``nodes`` with its web monitor (and ``args``), and a client
     of the monitor."""
     token_file = tmp_path / "monitor.token"
-    sched = SchedulerProcess(
+    with SchedulerProcess(
         tmp_path,
         nodes.node_specs(),
         nodes.secret,
@@ -67,16 +67,12 @@ def monitor(
             "--httpd", "--httpd_port", "0", "--httpd_token_file", str(token_file),
             *args,
         ),
-    )  # fmt: skip
-    sched.start()
-    try:
+    ) as sched:  # fmt: skip
         sched.wait_for_log("web monitor at")
         match = URL.search(sched.log_text())
         assert match, sched.log_text()
         token = token_file.read_text().strip()
         yield sched, MonitorClient(Site(int(match[1]), token))  # type: ignore[arg-type]
-    finally:
-        sched.stop()
 
 
 @pytest.fixture

@@ -45,32 +45,30 @@ time.sleep(300)
 def test_recovered_jobs_name_the_node_behind_the_scheduler_that_ran_them(
     users: dict[str, Path], tmp_path: Path
 ) -> None:
-    with running_node(
-        tmp_path / "node", "--host", "127.0.0.2", cpus=2, name="behind"
-    ) as node:
-        sched = SchedulerProcess(tmp_path, [f"127.0.0.2:{node.port}"], node.secret)
-        sched.start()
+    with (
+        running_node(
+            tmp_path / "node", "--host", "127.0.0.2", cpus=2, name="behind"
+        ) as node,
+        SchedulerProcess(tmp_path, [f"127.0.0.2:{node.port}"], node.secret) as sched,
+    ):
+        marks = tmp_path / "marks"
+        marks.mkdir()
+        journal = tmp_path / "step.journal"
+        proc = start_client(
+            CLIENT, sched.address, str(users["alice"]), str(journal),
+            str(marks), cwd=tmp_path, name="step",
+        )  # fmt: skip
         try:
-            marks = tmp_path / "marks"
-            marks.mkdir()
-            journal = tmp_path / "step.journal"
-            proc = start_client(
-                CLIENT, sched.address, str(users["alice"]), str(journal),
-                str(marks), cwd=tmp_path, name="step",
-            )  # fmt: skip
-            try:
-                assert proc.stdout is not None
-                line = proc.stdout.readline().strip()
-                assert line == "submitted", proc.communicate()
-            finally:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.communicate(timeout=20)
-            sched.wait_for_log("client gone; its jobs go on")
-            (marks / "go").touch()
-            sched.wait_for_log("no job of it runs, 0 wait")  # job 1's result kept
-            jobs = recover_jobs(str(journal), secret_file=str(users["alice"]))
+            assert proc.stdout is not None
+            line = proc.stdout.readline().strip()
+            assert line == "submitted", proc.communicate()
         finally:
-            sched.stop()
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate(timeout=20)
+        sched.wait_for_log("client gone; its jobs go on")
+        (marks / "go").touch()
+        sched.wait_for_log("no job of it runs, 0 wait")  # job 1's result kept
+        jobs = recover_jobs(str(journal), secret_file=str(users["alice"]))
     assert [(job.status, job.result, job.ip_addr) for job in jobs] == [
         (JobStatus.Finished, 0, "127.0.0.2"),
         (JobStatus.Finished, 1, "127.0.0.2"),

@@ -215,15 +215,11 @@ def test_a_node_waits_for_a_scheduler_started_after_it(
             f"refused: nothing listens on port {port} there; is dispynb-scheduler "
             "running there, with --register_port?): trying until it answers"
         ) in node.log_text(), node.log_text()
-        sched = SchedulerProcess(
+        with SchedulerProcess(
             tmp_path, [], SECRET, args=("--register_port", str(port))
-        )
-        sched.start()
-        try:
+        ) as sched:
             sched.wait_for_log(f"node {node.spec} is up with 2 CPUs")
             runs_jobs(sched, users["alice"], 4, tmp_path)
-        finally:
-            sched.stop()
 
 
 def test_a_registered_node_finds_its_restarted_scheduler(
@@ -245,17 +241,13 @@ def test_a_registered_node_finds_its_restarted_scheduler(
         wait_for_node_log(node, "lost the scheduler at")
         wait_for_node_log(node, "registering again with", count=3)  # debug level
         since = len(sched.log_text())
-        again = SchedulerProcess(
+        with SchedulerProcess(
             tmp_path, [], SECRET, port=sched.port,
             args=("--register_port", address.rpartition(":")[2]),
-        )  # fmt: skip
-        again.start()
-        try:
+        ) as again:  # fmt: skip
             again.wait_for_log(f"node {node.spec} is up with 2 CPUs", since=since)
             runs_jobs(again, users["bob"], 4, tmp_path)
             log = node.log_text()  # before this scheduler goes too
-        finally:
-            again.stop()
         assert node.proc.poll() is None  # never restarted
         # --scheduler_host: its log names the scheduler (it said "the client",
         # which in a node's log are the users' programs)

@@ -59,22 +59,20 @@ def test_a_computation_whose_link_to_a_live_node_ended_is_set_up_there_again(
     tmp_path: Path, people: dict[str, Path], reentrant: bool
 ) -> None:
     node = _DropsFirstLink()
-    with serving_in_thread(node) as port:
-        sched = SchedulerProcess(tmp_path, [f"127.0.0.1:{port}"], SECRET.decode())
-        sched.start()
-        try:
-            with SharedJobCluster(
-                _square,
-                scheduler_host=sched.address,
-                secret_file=str(people["alice"]),
-                reentrant=reentrant,
-            ) as cluster:
-                jobs = [cluster.submit(n) for n in range(4)]
-                for job in jobs:
-                    job.future.exception(timeout=30)
-            log = sched.log_text()
-        finally:
-            sched.stop()
+    with (
+        serving_in_thread(node) as port,
+        SchedulerProcess(tmp_path, [f"127.0.0.1:{port}"], SECRET.decode()) as sched,
+    ):
+        with SharedJobCluster(
+            _square,
+            scheduler_host=sched.address,
+            secret_file=str(people["alice"]),
+            reentrant=reentrant,
+        ) as cluster:
+            jobs = [cluster.submit(n) for n in range(4)]
+            for job in jobs:
+                job.future.exception(timeout=30)
+        log = sched.log_text()
     # The node answers with the square of each job's key (1 to 4), not its argument.
     statuses = [job.status for job in jobs]
     assert node.dropped == 1

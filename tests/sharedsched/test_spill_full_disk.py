@@ -35,13 +35,11 @@ def test_results_a_full_spill_disk_cannot_keep_become_errors_saying_so(
     prefix = tmp_path / "spill"
     prefix.mkdir()
     mount = f'mount -t tmpfs -o size={DISK} tmpfs "$0" && exec "$@"'
-    sched = SchedulerProcess(
+    with SchedulerProcess(
         tmp_path, nodes.node_specs(), nodes.secret,
         args=("--dest_path_prefix", str(prefix), "--kept_memory", "8M"),
         launcher=("unshare", "-m", "--", "sh", "-c", mount, str(prefix)),
-    )  # fmt: skip
-    sched.start()
-    try:
+    ) as sched:  # fmt: skip
         assert sched.proc is not None
         journal = tmp_path / "big.journal"
         _kill_client_after_submit(sched, users["alice"], journal, tmp_path)
@@ -52,8 +50,6 @@ def test_results_a_full_spill_disk_cannot_keep_become_errors_saying_so(
         assert stats.f_bavail * stats.f_frsize >= 8 * MiB
         log = sched.log_text()
         jobs = recover_jobs(str(journal), secret_file=str(users["alice"]), timeout=60)
-    finally:
-        sched.stop()
     assert "Traceback" not in log and " ERROR " not in log and "lost" not in log, log
     assert log.count("(--dest_path_prefix) is full (No space left on device)") == 1
     held = re.search(r"no job of it runs, (\d+) wait", log)
