@@ -50,22 +50,25 @@ class _Note:
 
 
 def _identity() -> list[object]:
-    """This process as a note names its node: its pid, when it started, and the
-    machine's boot (a pid is reused, and counted again after a reboot)."""
+    """This process as a note names its node: its pid, when it started (a pid is
+    reused), the machine's boot and the pid namespace (where that pid means it)."""
     pid = os.getpid()
-    return [pid, start_time(pid), shm.boot_id()]
+    return [pid, start_time(pid), shm.boot_id(), shm.pid_namespace()]
 
 
 def _gone(owner: object) -> bool:
-    """Whether the node a note names (`_identity`) is gone; False if the note does
-    not say (an older node's), or for this very process."""
-    if not isinstance(owner, list) or len(owner) != 3:
+    """Whether the node a note names (`_identity`) is gone. Only a node of this
+    machine's boot and pid namespace can be told gone: a --dest-path on a file
+    system shared with other machines (NFS), or containers, holds the notes of
+    nodes running there, whose pids mean nothing here. Not gone either: a note
+    that does not say (an older node's)."""
+    if not isinstance(owner, list) or len(owner) != 4:
         return False
-    pid, started, boot = owner
-    if type(pid) is not int or pid <= 0:
+    pid, started, boot, namespace = owner
+    if type(pid) is not int or pid <= 0 or not boot or not namespace:
         return False
-    if boot != shm.boot_id():
-        return True  # written before the machine's last boot
+    if boot != shm.boot_id() or namespace != shm.pid_namespace():
+        return False
     return bool(start_time(pid) != started)
 
 

@@ -205,20 +205,14 @@ def test_a_killed_nodes_results_are_freed_beside_a_running_node(
             launcher=cgroup_launcher(group),
         )
         beside = start_node(tmp_path / "beside", "--dest-path", str(dest))
-        options = {"pulse_interval": 0.3}
         try:
             with (
                 JobCluster(
-                    wait_then_double,
-                    nodes=[killed.spec],
-                    secret=killed.secret,
-                    **options,
+                    wait_then_double, nodes=[killed.spec], secret=killed.secret
                 ) as lost,
+                # (Its node stopped meanwhile is not to be taken for lost.)
                 JobCluster(
-                    wait_then_double,
-                    nodes=[beside.spec],
-                    secret=beside.secret,
-                    **options,
+                    wait_then_double, nodes=[beside.spec], secret=beside.secret
                 ) as held,
             ):
                 prefixes = []

@@ -97,3 +97,23 @@ def test_beside_a_running_node_a_sweep_follows_only_the_notes_of_nodes_gone(
     assert not gone.exists()
     assert mine.is_dir() and shared.is_dir() and old.is_dir()
     assert len(list((dest / NOTES).iterdir())) == 3  # the running one's, the old one
+
+
+def test_beside_running_nodes_a_note_of_another_machine_is_never_followed(
+    tmp_path: Path,
+) -> None:
+    """A --dest-path on NFS holds the notes of nodes running on other machines (or
+    in other containers): their pids mean nothing here, so they are not taken for
+    gone, nor what they name removed."""
+    dest = tmp_path / "dest"
+    there = dest / "client" / "there"
+    there.mkdir(parents=True)
+    name = Removals(str(dest)).note(str(there), str(dest / "client"))
+    note = dest / NOTES / name
+    for field, other in ((2, "another-boot-id"), (3, 12345)):
+        entry = json.loads(note.read_text())
+        entry["node"][1] = -1  # gone, were it of this machine
+        entry["node"][field] = other
+        note.write_text(json.dumps(entry))
+        assert Removals(str(dest)).sweep(alone=False) == 0
+        assert there.is_dir() and note.exists()
