@@ -316,7 +316,7 @@ class DriverOutbox:
                 )
             elif isinstance(instruction, ResubmitJob):
                 self._release_segments(instruction.key)  # sent again, anew
-                logger.info(
+                logger.debug(  # (a line a job: dispy's says it at debug too)
                     "resubmitting job %d (attempt %d)",
                     instruction.key,
                     instruction.attempt,

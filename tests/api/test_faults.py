@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import logging
 import os
 import signal
 import stat
@@ -52,7 +53,10 @@ class Events:
             self.closed.setdefault(node.name, time.monotonic())
 
 
-def test_stopped_node_declared_dead_and_reentrant_jobs_complete_once(tmp_path):
+def test_stopped_node_declared_dead_and_reentrant_jobs_complete_once(tmp_path, caplog):
+    """... and a job run again says nothing at INFO, a line a job on a script's
+    stderr (dispy's default level): dispy's says it at debug."""
+    caplog.set_level(logging.INFO, logger="dispynb")
     events = Events()
     with (
         running_node(tmp_path / "a", name="a") as a,
@@ -87,6 +91,12 @@ def test_stopped_node_declared_dead_and_reentrant_jobs_complete_once(tmp_path):
             assert len(events.finals) == 12
         finally:
             cluster.close()
+    per_job = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.INFO and "job" in r.getMessage()
+    ]
+    assert not per_job, per_job
     # dead after 3 pulses without a word; checked every half pulse
     assert detection < 4 * PULSE + 1.0, f"detected after {detection:.2f} s"
     print(f"dead-node detection: {detection:.2f} s with pulse {PULSE} s")
