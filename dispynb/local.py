@@ -215,6 +215,7 @@ class LocalCluster:
         self._procs: list[subprocess.Popen[bytes]] = []
         self._pipes: list[int] = []  # write ends: the nodes stop when they close
         self.addresses: list[tuple[str, int]] = []
+        self._closed = False  # `node_specs` then says so, not "nothing listens"
         # The clusters given nodes=self (`serving`), closed first by `close`.
         self._clusters: weakref.WeakSet[JobCluster] = weakref.WeakSet()
         atexit.register(self.close)
@@ -298,8 +299,21 @@ class LocalCluster:
         raise ClusterError(f"local node {index} did not start in {START_TIMEOUT} s")
 
     def node_specs(self) -> list[str]:
-        """Node specs for ``JobCluster(nodes=...)``."""
+        """Node specs for ``JobCluster(nodes=...)``; `ClusterError` once closed."""
+        if self._closed:
+            # A JobCluster made after the with block (one indentation short) was
+            # told that nothing listens at the ports, and to start dispynb-node.
+            raise ClusterError(
+                "this LocalCluster is closed (its with block has ended, or close() "
+                "was called): its nodes are stopped. Make the JobCluster inside the "
+                "LocalCluster's with block, or start a new LocalCluster"
+            )
         return [f"{host}:{port}" for host, port in self.addresses]
+
+    @property
+    def closed(self) -> bool:
+        """Whether `close` has run (its with block ended): its nodes are stopped."""
+        return self._closed
 
     @property
     def names(self) -> list[str]:
@@ -383,6 +397,7 @@ class LocalCluster:
         A cluster still open on them is closed first, its jobs not done cancelled:
         else they would wait for ever for nodes that never come back.
         """
+        self._closed = True
         self._close_clusters()
         for proc in self._procs:
             if proc.poll() is None:
@@ -419,7 +434,9 @@ class LocalCluster:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<LocalCluster nodes={self.node_specs()} cpus={self.cpus}>"
+        nodes = [f"{host}:{port}" for host, port in self.addresses]
+        closed = " closed" if self._closed else ""
+        return f"<LocalCluster nodes={nodes} cpus={self.cpus}{closed}>"
 
 
 _INIT = inspect.signature(LocalCluster.__init__)

@@ -77,5 +77,7 @@ def where_line(session: Session) -> str:
             return f"{nodes.kind} nodes: none registered"
         return f"{nodes.kind} nodes {', '.join(specs)}"
     if hasattr(nodes, "node_specs"):  # a LocalCluster
+        if getattr(nodes, "closed", False):  # node_specs() raises, for clusters
+            return f"{launcher_kind(nodes)} nodes: closed"
         return f"{launcher_kind(nodes)} nodes {', '.join(nodes.node_specs())}"
     return f"nodes {', '.join(nodes)}"

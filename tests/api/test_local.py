@@ -193,6 +193,43 @@ def test_local_cluster_close_twice_is_harmless():
     assert not any(psutil.pid_exists(pid) for pid in pids)
 
 
+AFTER_THE_BLOCK = """
+from dispynb import JobCluster, LocalCluster
+
+
+def compute(n):
+    return n * n
+
+
+if __name__ == "__main__":
+    with LocalCluster(cpus=1) as local:
+        pass
+    cluster = JobCluster(compute, nodes=local)  # one indentation short
+"""
+
+
+def test_a_job_cluster_made_after_the_local_clusters_block_says_so(tmp_path):
+    """The README's two-context ``with`` written as two blocks, the JobCluster one
+    level too far left: the script ended with "cannot connect to 127.0.0.1:PORT:
+    nothing listens on port PORT there ...; is dispynb-node running there?"."""
+    script = tmp_path / "script.py"
+    script.write_text(AFTER_THE_BLOCK)
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        env={k: v for k, v in os.environ.items() if not k.startswith("DISPYNB_")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "dispynb.errors.ClusterError: this LocalCluster is closed (its with block "
+        "has ended, or close() was called): its nodes are stopped. Make the "
+        "JobCluster inside the LocalCluster's with block, or start a new "
+        "LocalCluster"
+    ), done.stderr
+
+
 def test_local_cluster_context_manager_stops_nodes_on_exception():
     with pytest.raises(RuntimeError, match="inside"), LocalCluster(cpus=1) as local:
         pids = local.pids
