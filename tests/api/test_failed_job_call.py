@@ -15,6 +15,7 @@ import pytest
 
 from dispynb import job as job_module
 from dispynb.job import DispyJob, JobStatus
+from tests.logged import logged_messages
 
 SCRIPT = """\
 from dispynb import JobCluster, LocalCluster
@@ -51,11 +52,11 @@ def test_a_scripts_failed_jobs_are_said_once_where_job_returned_none(
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "[0, 1, None, None]\n"
-    assert done.stderr == (
+    assert logged_messages(done.stderr) == [
         "job 2 ended Terminated (ValueError: bad n 2): job() returns None for a job "
         "that failed, as dispy's does; job.exception holds its traceback, and "
-        "job.status == DispyJob.Finished tells a result from a failure (said once)\n"
-    )
+        "job.status == DispyJob.Finished tells a result from a failure (said once)"
+    ]
 
 
 @pytest.mark.slow
@@ -82,14 +83,14 @@ def test_a_module_the_node_lacks_is_said_with_the_error_and_its_fix(
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "[0, 1, None, None]\n"
-    assert done.stderr == (
+    assert logged_messages(done.stderr) == [
         "job 2 ended Terminated (ModuleNotFoundError: No module named 'helper'; this "
         f"client imports 'helper' from {tmp_path / 'helper.py'}, the node cannot: "
         "send it with JobCluster(..., depends=[helper]), or install it on the node): "
         "job() returns None for a job that failed, as dispy's does; job.exception "
         "holds its traceback, and job.status == DispyJob.Finished tells a result "
-        "from a failure (said once)\n"
-    )
+        "from a failure (said once)"
+    ]
 
 
 def test_a_cancelled_or_finished_job_returns_without_a_warning(

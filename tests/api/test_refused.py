@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.logged import logged_messages
 from tests.nodeproc import (
     node_env,
     running_node,
@@ -105,11 +106,11 @@ def test_a_node_refusing_the_secret_beside_a_usable_one_is_warned_about_once(
         )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "6"
-    assert done.stderr.strip() == (
+    assert logged_messages(done.stderr) == [
         f"node {other.spec} cannot be used: the client's proof is wrong: it uses "
         "another secret than this node; give this client the secret the node was "
         "started with (secret= or secret_file=, DISPYNB_SECRET or DISPYNB_SECRET_FILE)"
-    )
+    ]
 
 
 @pytest.mark.timeout(90)
