@@ -35,6 +35,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from dispynb import lockeddirs
+from dispynb._interruptible import HeldInterrupts
 from dispynb.defaults import LOCAL_ENGINE_ENV, SECRET_ENV, SECRET_FILE_ENV
 from dispynb.errors import ClusterError, ConfigurationError
 from dispynb.secret import random_secret
@@ -221,7 +222,9 @@ class LocalCluster:
         atexit.register(self.close)
         try:
             for index in range(nodes):
-                self._procs.append(self._spawn(index, cpus, loglevel))
+                # Held: a Stop between its start and here would leave it untracked.
+                with HeldInterrupts():
+                    self._procs.append(self._spawn(index, cpus, loglevel))
             for index, proc in enumerate(self._procs):
                 port = self._wait_port(index, proc)
                 self.addresses.append(("127.0.0.1", port))
@@ -399,15 +402,38 @@ class LocalCluster:
         """
         self._closed = True
         self._close_clusters()
+        try:
+            for proc in self._procs:
+                if proc.poll() is None:
+                    proc.terminate()
+            for proc in self._procs:
+                try:
+                    proc.wait(STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        except KeyboardInterrupt:
+            # Stop while the nodes stop (pressed twice: the first one's close is
+            # this one): end them now rather than leave them running, or dead and
+            # unreaped, with their directory, until the program ends.
+            with HeldInterrupts():
+                self._kill_nodes()
+            raise
+        finally:
+            with HeldInterrupts():
+                self._forget_nodes()
+
+    def _kill_nodes(self) -> None:
+        """SIGKILL the nodes still running and reap them all."""
         for proc in self._procs:
             if proc.poll() is None:
-                proc.terminate()
-        for proc in self._procs:
-            try:
-                proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait()
+        for proc in self._procs:
+            proc.wait()
+
+    def _forget_nodes(self) -> None:
+        """What `close` does once the nodes have ended: their sockets, pipes, the
+        directory and its lock let go; no close at exit any more."""
         self._procs = []
         for host, port in self.addresses:
             localsockets.unregister(host, port)

@@ -6,12 +6,14 @@ shared fixtures of conftest.py.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import psutil
 import pytest
@@ -235,6 +237,68 @@ def test_local_cluster_context_manager_stops_nodes_on_exception():
         pids = local.pids
         raise RuntimeError("inside the with block")
     assert not any(psutil.pid_exists(pid) for pid in pids)
+
+
+def outlast_sigterm(marker: str) -> int:
+    """A job that writes its pid to ``marker``, notes (``marker`` + ".term") the
+    SIGTERM its node's shutdown sends it and sleeps on: the node waits for it
+    before it kills it."""
+    import pathlib
+    import signal
+    import time
+
+    def noted(signum: int, frame: object) -> None:
+        pathlib.Path(marker + ".term").write_text("got it")
+
+    signal.signal(signal.SIGTERM, noted)
+    pathlib.Path(marker + ".tmp").write_text(str(os.getpid()))
+    os.replace(marker + ".tmp", marker)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+    return os.getpid()
+
+
+def test_local_cluster_close_interrupted_ends_its_nodes_at_once(tmp_path):
+    """Stop (Ctrl-C) while `LocalCluster.close` waits for its nodes to stop (Stop
+    pressed twice while ``%dispy local`` starts, the first one's cleanup being
+    that close; or while ``%dispy close`` runs): the KeyboardInterrupt cut the
+    close short, and the node, once it had stopped its job, stayed a zombie child
+    (or ran on) with its directory until the program ended. Now the close kills
+    and reaps the nodes left, lets their directory go, then raises."""
+    from tests.sigint import sigint_when
+
+    marker = str(tmp_path / "job")
+    local = LocalCluster(nodes=1, cpus=1)
+    (node,) = local.pids
+    directory = local._dir
+    # Not nodes=local: close() would cancel its job first, not the node's shutdown.
+    cluster = JobCluster(outlast_sigterm, nodes=local.node_specs(), secret=local.secret)
+    try:
+        cluster.submit(marker)
+        jobs.wait_for_path(marker)
+        worker = int(Path(marker).read_text())
+        with (
+            sigint_when(lambda: os.path.exists(marker + ".term")),
+            pytest.raises(KeyboardInterrupt),
+        ):
+            local.close()
+        assert not psutil.pid_exists(node)  # ended and reaped: no zombie
+        assert not os.path.exists(directory)
+        assert local.pids == []
+        _gone, alive = psutil.wait_procs(_processes([worker]), timeout=WAIT)
+        assert alive == []  # the job's worker went with its node
+    finally:
+        cluster.close(terminate=True)
+        local.close()
+
+
+def _processes(pids: list[int]) -> list[psutil.Process]:
+    found = []
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            found.append(psutil.Process(pid))
+    return found
 
 
 def test_local_cluster_node_fails_to_start_raises_cluster_error():
