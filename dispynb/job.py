@@ -27,6 +27,7 @@ from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from dispynb import _interruptible
+from dispynb.jobenv import TERMINATED_AT_REQUEST
 
 if TYPE_CHECKING:
     from dispynb.futures import JobFuture
@@ -281,7 +282,7 @@ class DispyJob:
                 _interruptible.at_the_call(interrupted)  # at the user's line
                 raise
             result = self.result
-        if result is None and self.status in _FAILED:
+        if result is None and _failed(self):
             _say_failed(self)
         return result
 
@@ -455,7 +456,7 @@ class DispyJob:
                 finally:
                     self._forget(waiter)
         result = self.result
-        if result is None and self.status in _FAILED:
+        if result is None and _failed(self):
             _say_failed(self)  # as job() does
         return result
 
@@ -568,6 +569,13 @@ class DispyJob:
 _FAILED = frozenset({JobStatus.Terminated, JobStatus.Abandoned})
 # Whether `_say_failed` has said it: once a process, the lesson is learned.
 _failure_said = False
+
+
+def _failed(job: DispyJob) -> bool:
+    """Whether ``job`` failed: ended `_FAILED`, but not terminated because its
+    program asked (`JobCluster.cancel` of a running job, ``close(terminate=True)``),
+    which is no news to it."""
+    return job.status in _FAILED and job.exception != TERMINATED_AT_REQUEST
 
 
 def _say_failed(job: DispyJob) -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from dispynb import job as job_module
 from dispynb.job import DispyJob, JobStatus
+from dispynb.jobenv import TERMINATED_AT_REQUEST
 from tests.logged import logged_messages
 
 SCRIPT = """\
@@ -96,13 +97,18 @@ def test_a_module_the_node_lacks_is_said_with_the_error_and_its_fix(
 def test_a_cancelled_or_finished_job_returns_without_a_warning(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """None from a job the program cancelled, or a result of None, is no news."""
+    """None from a job the program cancelled (queued: ``Cancelled``; running:
+    ``Terminated`` at its request, as a node reports it), or a result of None, is
+    no news. A running job cancelled warned, as if it had failed."""
     monkeypatch.setattr(job_module, "_failure_said", False)
     cancelled, finished = DispyJob(1, (), {}), DispyJob(2, (), {})
+    stopped = DispyJob(3, (), {})
     cancelled._complete(JobStatus.Cancelled, exception="cancelled")
     finished._complete(JobStatus.Finished, result=None)
+    stopped._complete(JobStatus.Terminated, exception=TERMINATED_AT_REQUEST)
     assert cancelled() is None
     assert finished() is None
+    assert stopped() is None
     assert caplog.records == []
 
 
