@@ -62,7 +62,12 @@ class ClientFiles:
         self._owner: dict[str, str] = {}
         self._counts: collections.Counter[str] = collections.Counter()
         #: digest -> (descriptor of its unlinked spill file, size).
-        self._files: dict[str, tuple[int, int]] = {}
+        #: digest -> its content, mapped read-only from its file (the map's own
+        #: descriptor keeps the file, unlinked), and its size. One map per file,
+        #: however often it is sent: a map each (and a descriptor: a map holds
+        #: one) let a user's requests take the 65,530 maps a process may have,
+        #: and its descriptors.
+        self._files: dict[str, tuple[memoryview, int]] = {}
         #: digest -> what claims it; holder -> the digests it claims.
         self._claims: dict[str, set[object]] = {}
         self._held: dict[object, set[str]] = {}
@@ -79,7 +84,7 @@ class ClientFiles:
     @property
     def size(self) -> int:
         """Bytes of files kept (on disk)."""
-        return sum(size for _fd, size in self._files.values())
+        return sum(size for _content, size in self._files.values())
 
     def too_large(self, size: int, name: str = "a file") -> str:
         """Why a file of ``size`` bytes is refused ("" if it is not)."""
@@ -172,12 +177,18 @@ class ClientFiles:
             written = 0
             while written < view.nbytes:
                 written += os.pwrite(fd, view[written:], written)
+            content = (
+                memoryview(mmap.mmap(fd, view.nbytes, prot=mmap.PROT_READ))
+                if view.nbytes
+                else memoryview(b"")
+            )
         except OSError as exc:
-            os.close(fd)
             self.release_some(uploader, [digest])  # its other files stay
             logger.warning("cannot keep file %s...: %s", digest[:16], exc)
             return f"the scheduler cannot keep file {digest[:16]}...: {exc}"
-        self._files[digest] = (fd, view.nbytes)
+        finally:
+            os.close(fd)  # (the map has its own)
+        self._files[digest] = (content, view.nbytes)
         self._owner[digest] = user
         self._counts[user] += 1
         account.size += view.nbytes
@@ -207,14 +218,7 @@ class ClientFiles:
     def get(self, digest: str) -> memoryview | None:
         """The file's content, mapped read-only from disk (None: not here)."""
         kept = self._files.get(digest)
-        if kept is None:
-            return None
-        fd, size = kept
-        if size == 0:
-            return memoryview(b"")
-        # The map outlives the descriptor if need be (it is closed when the last
-        # view of it is gone: after the connection wrote it).
-        return memoryview(mmap.mmap(fd, size, prot=mmap.PROT_READ))
+        return None if kept is None else kept[0]
 
     def close(self) -> None:
         """Drop every file (the scheduler stops)."""
@@ -226,9 +230,8 @@ class ClientFiles:
 
     def _drop(self, digest: str) -> None:
         self._uploaded.discard(digest)
+        # Its map, and the file, go once no connection writes it any more.
         kept = self._files.pop(digest, None)
-        if kept is not None:
-            os.close(kept[0])
         owner = self._owner.pop(digest, None)
         if owner is not None:
             if kept is not None:

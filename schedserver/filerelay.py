@@ -17,6 +17,11 @@ from schedserver.computation import SharedComputation, Upstream
 from schedserver.session import SchedulerSession
 from schedserver.state import _ServerState, logger
 
+#: A computation's ``send_file`` requests waiting for their nodes at most: each
+#: writes the whole file to every node, and a client waits for each answer (a
+#: user's 3,000 at once queued 3,000 copies of her file for each node).
+MAX_PLACEMENTS = 64
+
 
 class _FileRelay(_ServerState):
     """Files from the clients, on their way to the nodes."""
@@ -99,15 +104,21 @@ class _FileRelay(_ServerState):
                 del self._wanted[digest]
 
     def file_place(self, comp: SharedComputation, message: FilePlace) -> None:
-        """``send_file``: place the file on every node where ``comp`` is ready."""
+        """``send_file``: place the file on every node where ``comp`` is ready
+        (`MAX_PLACEMENTS` requests of it waiting for their nodes at most)."""
         ready = [u for u in comp.upstream.values() if u.ready and u.conn is not None]
+        error = ""
         if not ready:
+            error = "no node is ready for this computation"
+        elif len(comp.placements) >= MAX_PLACEMENTS:
+            error = (
+                f"refused: {MAX_PLACEMENTS} send_file requests of this computation "
+                "wait for their nodes already, the most the scheduler takes at once "
+                "(each writes the whole file to every node): wait for their answers"
+            )
+        if error:
             comp.to_client(
-                FilePlaced(
-                    comp_id=comp.comp_id,
-                    request=message.request,
-                    error="no node is ready for this computation",
-                )
+                FilePlaced(comp_id=comp.comp_id, request=message.request, error=error)
             )
             return
         comp.placements[message.request] = [{u.node.name for u in ready}, ""]
