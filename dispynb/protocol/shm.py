@@ -469,8 +469,10 @@ def unlink_results(
     once). ``only_dead_writers``: not those whose writer (the pid in their name)
     still runs, either (where the caller cannot tell whose they are). Returns how
     many were unlinked."""
-    prefixes = (prefix,) if isinstance(prefix, str) else prefix
-    start = tuple(f"dnr-{one}" for one in prefixes)
+    # A set, not startswith: a tuple of many (a directory's thousands) costs
+    # each name a comparison with every one.
+    wanted = {prefix} if isinstance(prefix, str) else set(prefix)
+    lengths = {len(one) for one in wanted}
     try:
         entries = list(os.scandir(SHM_DIR))
     except OSError:
@@ -478,7 +480,8 @@ def unlink_results(
     removed = 0
     for entry in entries:
         if (
-            entry.name.startswith(start)
+            entry.name.startswith("dnr-")
+            and any(entry.name[4 : 4 + size] in wanted for size in lengths)
             and (
                 _RESULT_NAME.fullmatch(entry.name)
                 or _PARTIAL_NAME.fullmatch(entry.name)
