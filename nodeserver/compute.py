@@ -54,6 +54,7 @@ from nodeserver.containment import (
     NodeGone,
     NodeWatch,
     become_group_leader,
+    deaf_to,
     descendants,
     end_leftovers,
     find_pids_root,
@@ -401,7 +402,8 @@ class ComputationProcess:
             self._strays.end(self.workers)
 
     def _stop_workers(self) -> None:
-        """SIGTERM the workers' groups, SIGKILL them after `STOP_GRACE`; reap all.
+        """SIGTERM the workers' groups, SIGKILL them after `STOP_GRACE` (at once
+        those that ignore or block SIGTERM); reap all.
 
         What the jobs started that left their worker's group (``setsid``, then
         adopted by the worker) is found now, while the workers live: a worker
@@ -409,6 +411,11 @@ class ComputationProcess:
         """
         detached = pin([pid for w in self.workers for pid in descendants(w)])
         _signal_groups(self.workers, signal.SIGTERM)
+        for pid in self.workers:
+            # Its job ignores SIGTERM (and left it so, idle): waiting for it only
+            # keeps the client's close waiting, `STOP_GRACE` for nothing.
+            if deaf_to(pid, signal.SIGTERM):
+                kill_group(pid, self._cgroups.get(pid))
         deadline = time.monotonic() + STOP_GRACE
         waiter = select.poll()
         waiter.register(self._wake_r, select.POLLIN)

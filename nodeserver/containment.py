@@ -236,6 +236,23 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def deaf_to(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` ignores ``signum`` or its main thread blocks it (the
+    ``SigIgn`` and ``SigBlk`` masks of ``/proc/PID/status``); False if unknown (no
+    such process, no /proc)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            lines = status.read().splitlines()
+    except OSError:
+        return False
+    bit = 1 << (signum - 1)
+    for line in lines:
+        field, _, value = line.partition(":")
+        if field in ("SigIgn", "SigBlk") and int(value.strip() or "0", 16) & bit:
+            return True
+    return False
+
+
 def kill_group(pgid: int, cgroup: str | None) -> None:
     """SIGKILL worker ``pgid``'s descendants, its process group and every task of
     ``cgroup`` (if any).

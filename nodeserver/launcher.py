@@ -23,7 +23,7 @@ from typing import Protocol
 
 import nodeserver
 from nodeserver import containment
-from nodeserver.containment import HeldWorker
+from nodeserver.containment import HeldWorker, deaf_to
 
 logger = logging.getLogger(__name__)
 
@@ -132,23 +132,6 @@ class ProcessLauncher:
     def sweep_orphans(self) -> int:
         """Nothing: this process is no subreaper (`AdoptingLauncher` is)."""
         return 0
-
-
-def deaf_to(pid: int, signum: int) -> bool:
-    """Whether process ``pid`` ignores ``signum`` or its main thread blocks it (the
-    ``SigIgn`` and ``SigBlk`` masks of ``/proc/PID/status``); False if unknown (no
-    such process, no /proc)."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            lines = status.read().splitlines()
-    except OSError:
-        return False
-    bit = 1 << (signum - 1)
-    for line in lines:
-        field, _, value = line.partition(":")
-        if field in ("SigIgn", "SigBlk") and int(value.strip() or "0", 16) & bit:
-            return True
-    return False
 
 
 def compute_log_option(log_level: str | None) -> list[str]:

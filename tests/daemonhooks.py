@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 __all__ = [
-    "node_with_cancel_grace",
+    "node_with_graces",
     "run_in_own_group",
     "signalled_as_loop_closes",
     "stopped_as_loop_starts",
@@ -62,22 +62,34 @@ def signalled_as_loop_closes(module: str) -> str:
     return _SIGNALLED_AS_LOOP_CLOSES.format(module=module)
 
 
-_NODE_WITH_CANCEL_GRACE = """\
+_NODE_WITH_GRACES = """\
 import sys
+import nodeserver.compute
 import nodeserver.jobstops
-nodeserver.jobstops.CANCEL_GRACE = {grace!r}
+import nodeserver.workerlife
+if {cancel!r} is not None:
+    nodeserver.jobstops.CANCEL_GRACE = {cancel!r}
+if {stop!r} is not None:  # its computation processes fork from a copy of it
+    nodeserver.compute.STOP_GRACE = {stop!r}
+    nodeserver.workerlife.SHUTDOWN_GRACE = {stop!r}  # its wait for them to exit
 sys.argv = ["dispynb-node", *sys.argv[sys.argv.index("nodeserver") + 1 :]]
 import nodeserver.__main__ as m
 sys.exit(m.main())
 """
 
 
-def node_with_cancel_grace(grace: float) -> list[str]:
+def node_with_graces(
+    cancel: float | None = None, stop: float | None = None
+) -> list[str]:
     """A `tests.nodeproc.start_node` ``launcher`` whose node gives a cancelled job
-    ``grace`` seconds (not `nodeserver.jobstops.CANCEL_GRACE`'s 3) to end after
-    its KeyboardInterrupt: a test whose outcome would come only after that long
-    tells apart, with no clock, a job killed at once from one given the grace."""
-    return [sys.executable, "-c", _NODE_WITH_CANCEL_GRACE.format(grace=grace)]
+    ``cancel`` seconds (not `nodeserver.jobstops.CANCEL_GRACE`'s 3) to end after its
+    KeyboardInterrupt, and a worker ``stop`` seconds (not
+    `nodeserver.compute.STOP_GRACE`'s 2) to end after the SIGTERM of its
+    computation's close (and waits as long for the computation to exit, not
+    `nodeserver.workerlife.SHUTDOWN_GRACE`'s 10): a test whose outcome would
+    come only after that long tells apart, with no clock, a kill at once from
+    one after the grace."""
+    return [sys.executable, "-c", _NODE_WITH_GRACES.format(cancel=cancel, stop=stop)]
 
 
 def run_in_own_group(

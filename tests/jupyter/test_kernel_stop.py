@@ -338,14 +338,14 @@ def test_stop_ends_a_job_that_ignores_signals_at_once(tmp_path):
     """A job that ignores SIGINT and SIGTERM, stopped as JupyterLab stops a cell
     (SIGINT to the kernel's process group): its node gave it 3 s to react to a
     KeyboardInterrupt it could never get, and the cell waited as long. Here the
-    node gives a job 600 s (`node_with_cancel_grace`) and the kernel waits as
+    node gives a job 600 s (`node_with_graces`) and the kernel waits as
     long for the node to confirm (`runstop.CANCEL_WAIT`): were the job not killed
     at once, the cell could not return within `STOPPED_WITHIN`."""
-    from tests.daemonhooks import node_with_cancel_grace
+    from tests.daemonhooks import node_with_graces
     from tests.nodeproc import start_node
 
     mark, gate = tmp_path / "deaf-started", tmp_path / "gate"
-    node = start_node(tmp_path / "node", launcher=node_with_cancel_grace(600))
+    node = start_node(tmp_path / "node", launcher=node_with_graces(cancel=600))
     try:
         with kernel(tmp_path) as k:
             k.run_ok(

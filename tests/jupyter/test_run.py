@@ -196,6 +196,57 @@ def test_a_second_runs_output_is_labelled_by_its_rows_not_by_job_ids(local, caps
     assert second.df["id"].min() > 2  # job ids run on over the runs
 
 
+def ignore_stop_signals(x: int) -> int:
+    """A job that ignores SIGTERM and SIGINT (and leaves its worker so)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return x
+
+
+@slow
+def test_a_run_of_jobs_that_ignore_sigterm_ends_without_waiting_for_them(
+    tmp_path, monkeypatch
+):
+    """A run whose function ignores SIGTERM (as some libraries make it) took 2 s
+    more each time: closing its cluster, the node's computation waited
+    `nodeserver.compute.STOP_GRACE` for its idle workers to end on a SIGTERM
+    they ignored. They are killed at once. (The node here gives them 600 s and
+    the client waits as long for the node's close: before, the run could not
+    end within the test's time limit.)"""
+    import psutil
+
+    from dispynb.scheduler import driver
+    from tests.daemonhooks import node_with_graces
+    from tests.nodeproc import start_node
+
+    monkeypatch.setattr(driver, "CLOSE_TIMEOUT", 600.0)
+    monkeypatch.setattr(driver, "TERMINATE_CLOSE_TIMEOUT", 600.0)
+
+    node = start_node(tmp_path / "node", launcher=node_with_graces(stop=600), cpus=2)
+    try:
+        run = Run.map(
+            ignore_stop_signals,
+            range(4),
+            nodes=[node.spec],
+            secret=node.secret,
+            progress="none",
+        )
+        assert run.results == [0, 1, 2, 3] and run.closed
+        from nodeserver.zygote import ZYGOTE_NAME
+
+        below = [  # (the zygote too: its command line names nodeserver.compute)
+            proc
+            for proc in jobs.computation_processes(psutil.Process(node.proc.pid))
+            if proc.name() != ZYGOTE_NAME
+        ]
+        _gone, alive = psutil.wait_procs(below, timeout=WAIT)
+        assert alive == []
+    finally:
+        assert node.stop() == 0, node.log_text()
+
+
 @slow
 def test_run_wait_echo_false_prints_nothing(local, capsys):
     Run.map(jobs.echo, ["x"], nodes=local, progress="none", wait=False).wait(echo=False)
