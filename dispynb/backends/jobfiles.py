@@ -93,5 +93,6 @@ def save_job_file(
         error = unsaved_file(base_dir, path, exc)
         logger.warning("file from %s not saved: %s", sender, error)
         return error
-    logger.info("saved %s from %s", saved, sender)
+    # (debug: a line a file would fill a script's stderr; dispy's says nothing)
+    logger.debug("saved %s from %s", saved, sender)
     return ""

@@ -28,7 +28,7 @@ def test_a_saved_file_is_logged_naming_its_job_and_node(
 ) -> None:
     """As on the Dask and Ray engines: the log names the job that sent the file
     (it named only the node), and a file that cannot be saved names both."""
-    caplog.set_level(logging.INFO, logger="dispynb.backends.nodes")
+    caplog.set_level(logging.DEBUG, logger="dispynb.backends.nodes")
     (tmp_path / "blocked").write_text("a file, not a folder")
     with (
         LocalCluster(cpus=1) as local,

@@ -368,6 +368,9 @@ EXPECTED: dict[str, Expect] = {
             },
             **{f"outdir/abs{i}.txt": R(rf"absolute {i}\n") for i in range(3)},
         },
+        # A file a job sends is no line on the script's stderr (dispy's said
+        # nothing; dispynb's said "saved ... from job N" at INFO, its default).
+        not_in_stderr=("saved ",),
     ),
     "send_file_to_node": Expect(
         [
