@@ -52,6 +52,7 @@ from dispynb.protocol.messages import Message, WireMessage, pack_header, unpack_
 from dispynb.transport.links import Link, SocketLink
 from dispynb.transport.tlsaccept import accept_tls
 from dispynb.transport.tlslink import FrameProtocol, TransportLink
+from dispynb.transport.tlsprotocol import start_tls
 
 logger = logging.getLogger(__name__)
 
@@ -198,19 +199,17 @@ class Connection:
         if the peer hangs up; the socket is closed then.
         """
         conn = cls(peer)
-        loop = asyncio.get_running_loop()
         protocol = FrameProtocol(conn)
         try:
             if server_side:
-                transport: asyncio.BaseTransport = await accept_tls(
-                    sock, protocol, context
-                )
+                transport = await accept_tls(sock, protocol, context)
             else:
-                transport, _ = await loop.create_connection(
-                    lambda: protocol,
-                    sock=sock,
-                    ssl=context,
-                    server_hostname=server_hostname or "",
+                transport = await start_tls(
+                    sock,
+                    protocol,
+                    context,
+                    server_side=False,
+                    server_hostname=server_hostname,
                 )
         except (OSError, EOFError) as exc:
             sock.close()
@@ -218,7 +217,6 @@ class Connection:
         except BaseException:
             sock.close()
             raise
-        assert isinstance(transport, asyncio.Transport)
         conn._link = TransportLink(transport, protocol)
         return conn
 

@@ -11,10 +11,9 @@ of the stream, before the close; the client names the reason and the fix
 A client that speaks no TLS at all to a TLS node is told so in its own protocol
 (`starts_tls`, then the listener's refusal), not with a TLS alert it cannot read.
 
-The alert relies on asyncio's private ``SSLProtocol`` (3.11 to 3.13 alike): on a
-Python whose protocol does not fit (another constructor, no ``_app_transport``),
-the handshake runs through the public `loop.connect_accepted_socket`, without the
-alert, as before.
+The alert relies on asyncio's private ``SSLProtocol``, as `TlsProtocol` does: on a
+Python whose protocol does not fit, the handshake runs through asyncio's public
+API, without the alert (`dispynb.transport.tlsprotocol.start_tls`).
 """
 
 from __future__ import annotations
@@ -26,6 +25,8 @@ import os
 import socket
 import ssl
 from asyncio import sslproto
+
+from dispynb.transport.tlsprotocol import TlsProtocol, start_tls
 
 __all__ = [
     "BUSY_ALERT",
@@ -56,8 +57,8 @@ _DRAIN = 64 * 1024
 logger = logging.getLogger(__name__)
 
 
-class _AlertingProtocol(sslproto.SSLProtocol):
-    """asyncio's TLS protocol, sending a failed handshake's alert before closing."""
+class _AlertingProtocol(TlsProtocol):
+    """`TlsProtocol`, sending a failed handshake's alert before closing."""
 
     def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
         if handshake_exc is not None:
@@ -96,27 +97,9 @@ async def accept_tls(
     """Run the server side of the TLS handshake on accepted ``sock``; the transport
     to ``protocol``. Raises the handshake's `ssl.SSLError` (or OSError) once the
     peer has been sent the alert that says why."""
-    loop = asyncio.get_running_loop()
-    handshake: asyncio.Future[None] = loop.create_future()
-    try:
-        tls = _AlertingProtocol(loop, protocol, context, handshake, server_side=True)
-    except TypeError:  # another Python's private constructor
-        tls = None
-    # Made for `protocol` with the TLS protocol, as asyncio's own path returns it.
-    app = getattr(tls, "_app_transport", None)
-    if tls is None or not isinstance(app, asyncio.Transport):
-        transport, _ = await loop.connect_accepted_socket(
-            lambda: protocol, sock, ssl=context
-        )
-        return transport
-    alerting = tls
-    raw, _ = await loop.connect_accepted_socket(lambda: alerting, sock)
-    try:
-        await handshake
-    except BaseException:
-        raw.abort()
-        raise
-    return app
+    return await start_tls(
+        sock, protocol, context, server_side=True, kind=_AlertingProtocol
+    )
 
 
 async def starts_tls(sock: socket.socket) -> bool | None:

@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import socket
-import time
+import ssl
 
 import pytest
 
@@ -22,6 +23,7 @@ from dispynb.protocol.messages import (
     pack_header,
 )
 from dispynb.transport.connection import Connection
+from dispynb.transport.tls import client_context, server_context
 from tests.asyncutil import run
 
 
@@ -147,36 +149,69 @@ def test_unread_bytes_counts_what_waits_in_the_kernel_until_the_loop_reads_it():
     run(body())
 
 
-def test_a_reason_sent_before_a_reset_is_read_when_a_write_meets_the_reset():
+async def _over_tls(
+    client: socket.socket, server: socket.socket, cert: tuple[str, str]
+) -> tuple[Connection, ssl.SSLSocket]:
+    """A TLS connection over ``client``, and ``server`` as a raw TLS peer of it."""
+    peer = server_context(*cert).wrap_socket(
+        server, server_side=True, do_handshake_on_connect=False
+    )
+    peer.settimeout(10)
+    conn, _ = await asyncio.gather(
+        Connection.over_tls(client, "server", client_context(), server_side=False),
+        asyncio.to_thread(peer.do_handshake),
+    )
+    return conn, peer
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_a_reason_sent_before_a_reset_is_read_when_a_write_meets_the_reset(cert, tls):
     """A server that refuses a session says why and closes, with what the client
     sent meanwhile unread: its kernel resets the connection. The client's next
     write meets the reset; the reason, already received, still comes out of
     `recv` (a scheduler's refusal 'over --max_sessions' came out as 'Broken pipe'
-    when the client was sending its computation)."""
+    when the client was sending its computation; over TLS, as 'Connection reset
+    by peer', the reason never decrypted)."""
 
     async def main():
         with socket.create_server(("127.0.0.1", 0)) as listener:
-            client = socket.create_connection(listener.getsockname())
+            client = socket.socket()
+            # Room for all the server sends before its reset, on any kernel.
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            client.connect(listener.getsockname())
             server, _ = listener.accept()
-        conn = Connection.over_socket(client, "server")
+        # As asyncio's sockets: else the server's last bytes may wait for our ACK,
+        # and its reset drops them.
+        server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls:
+            conn, server = await _over_tls(client, server, cert)
+        else:
+            conn = Connection.over_socket(client, "server")
         job = JobCancel(comp_id=1, key=1, attempt=0)
         conn.write(job, [b"x" * 1000])  # the server never reads it
-        head, parts = encode_frames(
-            [pack_header(Error(code="quota", message="over quota").to_header())]
+        # Before the reason, more than the reader's buffer takes at once (64 KiB).
+        said = [encode_frames([pack_header(job.to_header()), b"y" * 40_000])] * 2
+        said.append(
+            encode_frames(
+                [pack_header(Error(code="quota", message="over quota").to_header())]
+            )
         )
-        server.sendall(b"".join([head, *parts]))
+        server.sendall(b"".join(b"".join([head, *parts]) for head, parts in said))
         server.close()  # with unread bytes: a reset
-        # Writes (the loop not running, so nothing is read meanwhile) until one
-        # meets the reset.
-        deadline = time.monotonic() + 10
-        while not conn.closed:
-            assert time.monotonic() < deadline, "no write met the reset"
-            time.sleep(0.01)
-            with contextlib.suppress(ConnectionClosedError):
-                conn.write(job, [b"x" * 1000])
+        # The reset is there, and the reason before it, unread: the loop has not
+        # run since. The next write meets the reset.
+        arrived = select.poll()
+        arrived.register(client, select.POLLERR)
+        assert arrived.poll(10_000), "no reset came"
+        with contextlib.suppress(ConnectionClosedError):
+            conn.write(job, [b"x" * 1000])
+        for _ in range(2):
+            message, buffers = await conn.recv()
+            assert isinstance(message, JobCancel) and len(buffers[0]) == 40_000
         message, _ = await conn.recv()
         assert isinstance(message, Error) and message.message == "over quota"
-        with pytest.raises(ConnectionClosedError):
+        with pytest.raises(ConnectionClosedError, match="reset"):
             await conn.recv()
+        assert conn.closed
 
     run(main())

@@ -23,7 +23,7 @@ from dispynb.errors import (
     TransportError,
 )
 from dispynb.protocol.messages import JobCancel
-from dispynb.transport import tlsaccept
+from dispynb.transport import tlsaccept, tlsprotocol
 from dispynb.transport.admission import Admission
 from dispynb.transport.connection import Connection
 from dispynb.transport.connector import open_socket
@@ -516,9 +516,12 @@ def test_a_tls_node_serves_when_asyncios_private_tls_protocol_differs(
 ):
     """The listener's TLS alert relies on asyncio's private SSLProtocol: on a
     Python where it differs, the node serves TLS as asyncio does, without the
-    alert (before: every TLS client failed, TypeError or AttributeError)."""
+    alert (before: every TLS client failed, TypeError or AttributeError); and a
+    client connects as asyncio does (its reading of a peer's last records before
+    a reset relies on SSLProtocol too)."""
     certfile, keyfile = cert
     monkeypatch.setattr(tlsaccept, "_AlertingProtocol", protocol)
+    monkeypatch.setattr(tlsprotocol, "TlsProtocol", protocol)
 
     async def main():
         async with serving(ssl_context=server_context(certfile, keyfile)) as (
