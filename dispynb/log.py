@@ -15,13 +15,23 @@ for _level in ("DEBUG", "INFO", "WARN", "WARNING", "ERROR", "FATAL", "CRITICAL")
     setattr(logger, _level, getattr(logging, _level))
 
 
+class _UntilConfigured(logging.StreamHandler):  # type: ignore[type-arg]
+    """stderr, for a program that had set up no logging when its cluster started:
+    silent once the root logger has a handler (``logging.basicConfig`` called
+    after ``JobCluster()``), which then shows dispynb's records: no line twice."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not logging.getLogger().handlers:
+            super().emit(record)
+
+
 def set_level(level: int) -> None:
     """Set the ``dispynb`` loggers' level (``JobCluster(loglevel=...)``); with no
     handler configured anywhere, log to stderr."""
     root = logging.getLogger("dispynb")
     root.setLevel(level)
     if not root.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler()
+        handler = _UntilConfigured()
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
         )

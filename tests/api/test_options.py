@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import os
 import stat
@@ -552,7 +553,17 @@ def test_dispys_default_loglevel_leaves_a_programs_own_logging_alone(monkeypatch
         own.setLevel(logging.NOTSET)
         default_level()
         assert own.level == logging.INFO
-        assert [type(h) for h in own.handlers] == [logging.StreamHandler]
+        (handler,) = own.handlers
+        assert isinstance(handler, logging.StreamHandler)
+        stream = io.StringIO()
+        handler.setStream(stream)
+        own.info("to stderr")
+        # logging.basicConfig() after JobCluster(): its handler shows the records,
+        # the cluster's steps aside (each line was shown twice).
+        monkeypatch.setattr(root, "handlers", [logging.NullHandler()])
+        own.warning("once, by the program's own handler")
+        assert stream.getvalue().splitlines()[-1].endswith("dispynb INFO to stderr")
+        assert "program's own" not in stream.getvalue()
     finally:
         own.setLevel(level)
         own.handlers = handlers
