@@ -432,13 +432,15 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
         """Cancel the jobs not done, wait at most ``wait`` seconds for them to end,
         then close the nodes: a node that does not answer (stopped, cut off one
         way, declared dead only after 3 of a long ``pulse_interval``) holds it no
-        longer. Jobs still not done then are abandoned, named in one warning."""
+        longer. Jobs still not done then are abandoned, named in one warning; with
+        no ``wait`` (a second Stop: `dispynb.jupyter.runstop`), none is: the nodes
+        end them with the computation, and say so as it closes."""
         if self._closed:
             return
         # As a cancel the caller asked for (`_cancel_all`): a job it terminates is
         # no failure for monitors and the lab panel (a Stop in a with-block).
         self._cancel_all(list(self._jobs.values()))
-        if not self.wait(wait):
+        if wait > 0 and not self.wait(wait):
             self._warn_abandoned(wait)
         self._shutdown(terminate=True)
 

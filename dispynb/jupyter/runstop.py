@@ -85,7 +85,9 @@ class _RunStop(_RunOutput):
 
         What an interrupted `wait` does before raising `RunInterrupted` (a
         `KeyboardInterrupt`) with that line; a second interrupt stops waiting for the
-        confirmations. Cancelled jobs are not failures: they count as cancelled.
+        confirmations, and closes the run's cluster at once (its nodes end the
+        jobs still running with the computation). Cancelled jobs are not
+        failures: they count as cancelled.
         """
         self._interrupted = True
         writer = _print_writer if echo else None
@@ -114,7 +116,9 @@ class _RunStop(_RunOutput):
                 mine = [job for job in list(self.jobs) if not job.done()]
                 self.cancel()
             if self.owns_cluster:
-                self.close(terminate=True)
+                # Pressed again: no more waiting for the jobs (one that caught its
+                # KeyboardInterrupt and carries on), here or in the close.
+                self.close(terminate=True, at_once=True)
             self.bar.finish(self.counts())
         summary = self._stop_summary(reason, mine)
         if not quiet:
@@ -163,14 +167,20 @@ class _RunStop(_RunOutput):
             f"({after.finished} of {after.total} jobs done)"
         )
 
-    def close(self, terminate: bool = False) -> None:
+    def close(self, terminate: bool = False, at_once: bool = False) -> None:
         """Close the run's cluster if the run owns it; ``terminate`` cancels the
-        unfinished jobs first (otherwise this waits for them). Idempotent."""
+        unfinished jobs first (otherwise this waits for them), ``at_once`` too
+        waits for none of them to end: the nodes end them with the computation
+        (a Stop pressed twice). Idempotent."""
         with self._close_lock:
             if self._closed or self.cluster is None or not self.owns_cluster:
                 return
             try:
-                self.cluster.close(terminate=terminate)
+                terminate_now = getattr(self.cluster, "_terminate", None)
+                if terminate and at_once and terminate_now is not None:
+                    terminate_now(0)
+                else:
+                    self.cluster.close(terminate=terminate)
             except KeyboardInterrupt:
                 raise  # not closed: Stop's close(terminate=True) closes it
             except BaseException:

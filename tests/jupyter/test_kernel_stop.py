@@ -379,3 +379,63 @@ def test_stop_ends_a_job_that_ignores_signals_at_once(tmp_path):
     finally:
         assert node.stop() == 0, node.log_text()
     print(f"Stop: the cell returned {returned:.2f} s after SIGINT to its group")
+
+
+#: A job that marks its start, catches the KeyboardInterrupt of a Stop, marks that
+#: and carries on (a library that catches it to save its state, slowly).
+STUBBORN_CELL = f"""%%dispy --over "[MARK]" --into stubborn --progress html
+def stubborn(mark):
+    import os, time
+    open(mark, "w").close()
+    try:
+        time.sleep({JOB_SECONDS})
+    except KeyboardInterrupt:
+        open(mark + ".caught", "w").close()
+        time.sleep({JOB_SECONDS})
+    return mark
+"""
+
+
+def test_stop_pressed_twice_ends_a_job_that_outlasts_the_first(tmp_path):
+    """Stop, then Stop again as the job carries on after its KeyboardInterrupt:
+    the second press is to stop waiting, but the cell then waited as long in the
+    close of the run's cluster (for the job the node gives 3 s, then kills).
+    It closes at once: the node ends the job with the computation. Here the node
+    gives a cancelled job 600 s and the kernel would wait as long in that close
+    (`dispynb.cluster.TERMINATE_WAIT`): were it not closed at once, the cell
+    could not return within `STOPPED_WITHIN`."""
+    from tests.daemonhooks import node_with_graces
+    from tests.nodeproc import start_node
+
+    mark = tmp_path / "stubborn-started"
+    node = start_node(tmp_path / "node", launcher=node_with_graces(cancel=600))
+    try:
+        with kernel(tmp_path) as k:
+            k.run_ok(
+                f"%load_ext dispynb\n%dispy nodes {node.spec} "
+                f"--secret-file {node.secret_file}"
+            )
+            k.run_ok(
+                f"MARK = {str(mark)!r}\n"
+                "import dispynb.cluster\n"
+                "dispynb.cluster.TERMINATE_WAIT = 600"
+            )
+            msg_id = k.submit(STUBBORN_CELL)
+            wait_for(mark.exists)
+            k.stop_button()
+            wait_for(Path(f"{mark}.caught").exists)  # it carries on
+            k.stop_button()
+            out = k.collect(msg_id, timeout=STOPPED_WITHIN)
+
+            assert out.ename == "RunInterrupted", out.text
+            assert out.evalue.endswith(
+                "run 'stubborn' stopped, 1 cancelled, 1 of them while running "
+                "(0 of 1 jobs done)"
+            ), out.evalue
+            assert k.value("[j.status.name for j in stubborn.jobs]") == ["Terminated"]
+            again = k.run_ok(
+                '%%dispy --over "range(2)" --into after\ndef sq(x):\n    return x * x\n'
+            )
+            assert k.value("after.results") == [0, 1], again.text
+    finally:
+        assert node.stop() == 0, node.log_text()
