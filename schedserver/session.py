@@ -39,7 +39,7 @@ from dispynb.protocol.messages import (
 )
 from dispynb.transport.connection import BadMessageError, Connection
 from dispynb.wording import counted
-from schedserver.computation import args_room, held_size
+from schedserver.computation import args_room, setup_size
 from schedserver.spill import KeptMessages
 from schedserver.toclient import SEND_HIGH, _ToClient
 
@@ -268,18 +268,25 @@ class SchedulerSession(_ToClient):
         self.send(Error(code="refused", message=refused))
         return dataclasses.replace(setup, exclusive=False)
 
-    def _bundle_too_large(self, bundle: list[memoryview]) -> str:
-        """Why a computation's ``bundle`` (its functions, kept here while it lives)
-        is refused ("" if it is not): over what its user may hold here."""
-        size = held_size(bundle)
+    def _setup_too_large(
+        self, setup: ComputationSetup, bundle: list[memoryview]
+    ) -> str:
+        """Why a computation is refused ("" if it is not): its ``bundle`` (its
+        functions) and the files ``setup`` lists, kept here while it lives, are
+        over what its user may hold here."""
+        size = setup_size(setup, bundle)
         if size <= args_room(self.server, self.user):
             return ""
         quota = self.server.config.max_user_args
+        what, fix = "its functions", "send large data as a file in depends"
+        if setup.files:
+            what = f"its functions and the {len(setup.files)} files it lists"
+            fix = f"{fix} (many files as one archive)"
         return (
-            f"refused: its functions take {size >> 20} MiB, and user {self.user!r} "
-            f"may have {quota >> 20} MiB of computations and jobs' arguments at the "
-            "scheduler at once (its dispynb-scheduler --max_user_args quota); send "
-            "large data as a file in depends, close other clusters, or have it raised"
+            f"refused: {what} take {size >> 20} MiB, and user {self.user!r} may "
+            f"have {quota >> 20} MiB of computations and jobs' arguments at the "
+            "scheduler at once (its dispynb-scheduler --max_user_args quota); "
+            f"{fix}, close other clusters, or have it raised"
         )
 
     def _files_too_large(self, setup: ComputationSetup) -> str:
@@ -387,7 +394,7 @@ class SchedulerSession(_ToClient):
                 message.bad_seconds()
                 or bad_dest_path(message.dest_path, MAX_DEST_PATH_PARTS)
                 or self._files_too_large(message)
-                or self._bundle_too_large(buffers)
+                or self._setup_too_large(message, buffers)
             ):
                 self._log_refusal(refused)
                 self.send(ComputationFailed(comp_id=message.comp_id, message=refused))

@@ -1,0 +1,104 @@
+"""One user of a scheduler sets up computations that list very many files.
+
+A computation's setup lists the files it depends on; the scheduler keeps the
+setup, and a claim on each file, while the computation lives (waiting for the
+files, here). ``--max_user_args`` bounded its functions only: a setup listing
+200,000 files (15 MiB sent) held 180 MiB of the scheduler's memory, counted as
+nothing, and a user's 16 computations could hold 3 GiB. Each file listed counts
+now (`FILE_ENTRY_COST`), and a setup over the quota is refused, saying so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from dispynb.protocol import serialize
+from dispynb.protocol.messages import ComputationFailed, ComputationSetup
+from tests.hostile.test_scheduler import alices_jobs_meanwhile, people, shared_nodes
+from tests.sharedsched.harness import SchedulerProcess, raw_scheduler_session
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+__all__ = ["people"]  # the fixture
+
+MiB = 1 << 20
+#: Mallory's quota, her computations, the files each lists, and what the
+#: scheduler may grow by meanwhile (a setup being decoded takes memory a while).
+QUOTA = 32 * MiB
+COMPUTATIONS = 6
+FILES = 60_000
+BOUND = 160 * MiB
+#: Seconds her setups may take to be answered.
+WAIT = 30
+
+
+def identity(n: int) -> int:
+    return n
+
+
+async def _set_up(sched: SchedulerProcess, credential: Path) -> tuple[int, list[str]]:
+    """Set up `COMPUTATIONS` computations listing `FILES` files each (never
+    sent): the scheduler's growth, and the refusals."""
+    assert sched.proc is not None
+    scheduler = psutil.Process(sched.proc.pid)
+    # (It takes what the scheduler says of the files: which are missing.)
+    conn = await raw_scheduler_session(sched.port, credential, max_message_size=1 << 30)
+    try:
+        before = scheduler.memory_info().rss
+        bundle = serialize.dumps({"func": identity, "setup": None, "setup_args": ()})
+        for comp_id in range(1, COMPUTATIONS + 1):
+            files = [[f"f{i}", f"{comp_id:02x}{i:062x}", 1] for i in range(FILES)]
+            setup = ComputationSetup(
+                comp_id=comp_id, name=f"many-{comp_id}", workers=1, files=files
+            )
+            conn.write(setup, bundle)
+            await conn.flush()
+        refusals: list[str] = []
+        deadline = time.monotonic() + 5  # the setups answered, or not refused
+        while time.monotonic() < deadline and len(refusals) < COMPUTATIONS:
+            try:
+                message, _ = await asyncio.wait_for(conn.recv(), 0.5)
+            except TimeoutError:
+                continue
+            if isinstance(message, ComputationFailed):
+                refusals.append(message.message)
+        return scheduler.memory_info().rss - before, refusals
+    finally:
+        conn.close()
+
+
+@pytest.mark.attack(
+    id="sched-setup-files",
+    title=f"A scheduler user sets up {COMPUTATIONS} computations listing "
+    f"{FILES:,} files each, never sent (--max_user_args {QUOTA // MiB}M)",
+    goal=f"the scheduler grows by under {BOUND // MiB} MiB, her setups over the "
+    "quota refused naming --max_user_args; another user's jobs run (was: the "
+    "files listed not counted: +334 MiB)",
+)
+def test_the_files_a_setup_lists_count_in_the_users_quota(
+    tmp_path: Path, people: dict[str, Path], measure
+) -> None:
+    with shared_nodes(
+        tmp_path, people, "--max_user_args", f"{QUOTA // MiB}M"
+    ) as sched:  # fmt: skip
+
+        async def attack() -> tuple[int, list[str], list[int] | str]:
+            grown, refusals = await _set_up(sched, people["mallory"])
+            alices = await alices_jobs_meanwhile(sched.address, people["alice"])
+            return grown, refusals, alices
+
+        grown, refusals, alices = asyncio.run(attack())
+    measure(
+        f"scheduler +{grown / MiB:.0f} MiB; {len(refusals)} of {COMPUTATIONS} "
+        f"setups refused ({refusals[0][:90] if refusals else 'none'}...); alice's "
+        f"results {alices}"
+    )
+    assert grown < BOUND
+    assert len(refusals) == COMPUTATIONS
+    assert all("--max_user_args" in text for text in refusals)
+    assert alices == [0, 1, 4, 9]
