@@ -94,6 +94,9 @@ class Launched(Generic[Handle]):
     stopped: bool = False
     #: adapt counted its registration, or its failure to register.
     counted: bool = False
+    #: The address it was told to register with (``--register``): what it must
+    #: reach, named when it did not register.
+    register_to: str = ""
 
 
 class _LauncherState(abc.ABC, Generic[Handle]):
@@ -166,7 +169,7 @@ class _LauncherState(abc.ABC, Generic[Handle]):
             except OSError as exc:  # the launcher's program is missing...
                 raise LaunchError(f"cannot launch node {name}: {exc}") from exc
             with self._changed:
-                self._launched.append(Launched(name, handle))
+                self._launched.append(Launched(name, handle, register_to=register_to))
             names.append(name)
         return names
 

@@ -116,7 +116,12 @@ class _Registrations(_Scaling[Handle]):
                 "no node is running or starting: start(n), scale(n) or adapt() "
                 "launches them"
             )
-        where = format_address(self.register_host or "*", self.register_port)
+        # The address the nodes were told (the local one routing to them), not
+        # the listener's "*": the one they must reach.
+        told = sorted({x.register_to for x in waiting if x.register_to})
+        where = " or ".join(told) or format_address(
+            self.register_host or "*", self.register_port
+        )
         reasons = [f"{x.name}: {self._reason(x) or self._still(x)}" for x in waiting]
         if all(self._reason(x) is not None for x in waiting):
             what = f"exited before registering with {where}"
