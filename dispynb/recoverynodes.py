@@ -119,11 +119,11 @@ async def _recover_from(
         return set()
     settled = set(pending)
     watch = _SilenceWatch(conn)
+    sent = SentWhileAway(limits.files_dir, conn.write)
     try:
         conn.write(_recover(recovery_id, limits))
         logger.debug("asked %s for the jobs of %s", node, recovery_id)
         streams: dict[tuple[int, int], Parts | None] = {}
-        sent = SentWhileAway(limits.files_dir, conn.write)
         placed: dict[int, str] = {}  # behind a shared scheduler: where jobs ran
 
         async def read() -> None:
@@ -183,6 +183,7 @@ async def _recover_from(
         )
     finally:
         conn.close()
+        sent.said(node)
     return settled
 
 
@@ -202,10 +203,10 @@ async def _collect_from(
     if conn is None:
         return False
     watch = _SilenceWatch(conn)
+    sent = SentWhileAway(limits.files_dir, conn.write)
     try:
         conn.write(_recover(recovery_id, limits))
         streams: dict[tuple[int, int], Parts | None] = {}
-        sent = SentWhileAway(limits.files_dir, conn.write)
         other_user: list[bool] = []  # a scheduler keeps it for another user
         placed: dict[int, str] = {}  # behind a shared scheduler: where jobs ran
 
@@ -257,6 +258,7 @@ async def _collect_from(
         logger.warning("lost node %s while recovering: %s", node, watch.reason(exc))
     finally:
         conn.close()
+        sent.said(node)
     return False
 
 

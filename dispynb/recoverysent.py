@@ -87,5 +87,18 @@ class SentWhileAway:
             logger.warning("file a job sent, kept by %s, not saved: %s", node, reason)
             return reason
         self.saved += 1
-        logger.info("saved %s (sent by job %d, kept by %s)", saved, message.key, node)
+        # Per file at debug: a recovery of many files says them in one line (`said`).
+        logger.debug("saved %s (sent by job %d, kept by %s)", saved, message.key, node)
         return ""
+
+    def said(self, node: str) -> None:
+        """Log, in one line, how many files kept by ``node`` were saved, and where
+        (nothing if none was): a quiet script's stderr, not a line a file."""
+        if self.saved:
+            logger.info(
+                "saved %d file%s jobs sent, kept by %s, under %s",
+                self.saved,
+                "" if self.saved == 1 else "s",
+                node,
+                self.files_dir,
+            )

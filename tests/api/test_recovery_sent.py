@@ -18,6 +18,7 @@ import pytest
 from dispynb.job import JobStatus
 from tests.api.crashclient import killed_after, start_client
 from tests.jobs import wait_until
+from tests.logged import LOG_LINE
 from tests.nodeproc import CliNode, node_env, running_node
 
 pytestmark = pytest.mark.slow
@@ -64,10 +65,14 @@ time.sleep(300)  # killed before it gets further
 """
 )
 
-#: Recovers, saving files under argv[3]; prints each job's status and result.
+#: Recovers, saving files under argv[3]; prints each job's status and result. Logs
+#: at INFO, as a script that asked for dispynb's progress does.
 RECOVER = """
-import json, sys
+import json, logging, sys
 import dispynb as dispy
+logging.basicConfig(
+    level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+)
 jobs = dispy.recover_jobs(sys.argv[1], secret=sys.argv[2], files_dir=sys.argv[3],
                           timeout=float(sys.argv[4]))
 print(json.dumps([[int(job.status), job.result] for job in jobs]))
@@ -86,13 +91,24 @@ def _submitted(
     )
 
 
-def _recover(tmp_path: Path, secret: str, received: Path, timeout: float) -> list:
+def _recover(
+    tmp_path: Path,
+    secret: str,
+    received: Path,
+    timeout: float,
+    said: list | None = None,
+) -> list:
+    """`RECOVER`'s jobs, as [status, result]; its log lines appended to ``said``."""
     proc = subprocess.run(
         [sys.executable, "recover.py", str(tmp_path / "journal.db"), secret,
          str(received), str(timeout)],
         cwd=tmp_path, env=node_env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+    if said is not None:
+        said.extend(
+            m[3] for m in map(LOG_LINE.fullmatch, proc.stderr.splitlines()) if m
+        )
     return json.loads(proc.stdout.splitlines()[-1])
 
 
@@ -115,7 +131,8 @@ def test_files_and_provisional_results_sent_after_a_crash_are_recovered(
                 sent, said = (marks / f"sent-{n}").read_text().split(" ", 1)
                 assert sent == "-1", said  # the client did not write it (yet)
                 assert "the node keeps it for the client's recover_jobs" in said
-            first = _recover(tmp_path, node.secret, received, 3.0)
+            said: list[str] = []
+            first = _recover(tmp_path, node.secret, received, 3.0, said)
         finally:
             release.touch()
         # Job 1 still ran: its latest provisional result; job 0 its result.
@@ -125,6 +142,11 @@ def test_files_and_provisional_results_sent_after_a_crash_are_recovered(
         ]
         for n in range(2):
             assert (received / f"out-{n}.txt").read_text() == f"file of job {n}"
+        # One line for the files, not one a file (a script's stderr stays quiet).
+        saved = [line for line in said if line.startswith("saved")]
+        assert saved == [
+            f"saved 2 files jobs sent, kept by {node.spec}, under {received}"
+        ]
         again = _recover(tmp_path, node.secret, received, 60.0)
     assert again == [[int(JobStatus.Finished), 0], [int(JobStatus.Finished), 10]]
 
