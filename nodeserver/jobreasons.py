@@ -3,7 +3,8 @@ change: its time limit, its memory limit, how its worker process died."""
 
 from __future__ import annotations
 
-# The same on the engines (Dask, Ray):
+# The same on the engines (Dask, Ray), and the client's (`dispynb.job`):
+from dispynb.jobenv import TERMINATED_AT_REQUEST as TERMINATED_AT_REQUEST
 from dispynb.jobenv import crash_reason as crash_reason
 from dispynb.jobenv import mem_limit_note as mem_limit_note
 from dispynb.jobenv import signal_name as signal_name

@@ -18,7 +18,7 @@ from dispynb.errors import DispynbError
 from dispynb.protocol.messages import CANCELLED, RETURNED, TERMINATED
 from nodeserver.compstate import NodeJob, Worker, _ComputationState
 from nodeserver.ipc import InterruptPage, Skip
-from nodeserver.jobreasons import timeout_reason
+from nodeserver.jobreasons import TERMINATED_AT_REQUEST, timeout_reason
 
 logger = logging.getLogger("nodeserver.computation")
 
@@ -317,7 +317,8 @@ class _JobStops(_ComputationState):
         if job.reported:
             return
         job.reported = True
-        reason = "job terminated at the client's request"
+        # The client tells this reason from a failure's (`dispynb.job._failed`).
+        reason = TERMINATED_AT_REQUEST
         if job.timed_out and job.timeout is not None:
             reason = timeout_reason(job.timeout)
         self._report_unrun(job, TERMINATED, reason)
