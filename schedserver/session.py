@@ -479,11 +479,18 @@ def _malformed_submit(message: JobSubmit, buffers: int) -> str:
             or item[2] < 1
         ):
             return "a malformed job entry"
+        if len(item) == 4 and not _own_files(item[3]):
+            return "a malformed list of a job's own files"
         total += item[2]
     if total > buffers:
         return "job entries counting more buffers than it carries"
     for limit in message.limits:
-        if not isinstance(limit, list) or len(limit) != 3 or type(limit[0]) is not int:
+        if (
+            not isinstance(limit, list)
+            or len(limit) != 3
+            or type(limit[0]) is not int
+            or not all(_number(part) for part in limit[1:])
+        ):
             return "a malformed job limit"
     for pin in message.pins:
         if (
@@ -494,6 +501,25 @@ def _malformed_submit(message: JobSubmit, buffers: int) -> str:
         ):
             return "a malformed job pin"
     return ""
+
+
+def _own_files(files: Any) -> bool:
+    """Whether a job entry's fourth item is its own files as a client lists them:
+    ``[path, digest]`` each, ``True`` after them for a program (held while the
+    job waits: an entry of another shape, 200,000 empty lists say, held 11 MiB)."""
+    return isinstance(files, list) and all(
+        isinstance(entry, list)
+        and len(entry) in (2, 3)
+        and isinstance(entry[0], str)
+        and isinstance(entry[1], str)
+        and (len(entry) == 2 or type(entry[2]) is bool)
+        for entry in files
+    )
+
+
+def _number(value: Any) -> bool:
+    """A job limit's value: None (no limit) or a number."""
+    return value is None or type(value) in (int, float)
 
 
 __all__ = ["SchedulerSession"]
