@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from dispynb._interruptible import Flag, HeldInterrupts
-from dispynb.errors import ConfigurationError
+from dispynb.errors import ClusterError, ConfigurationError
 from dispynb.job import DispyJob, JobStatus
 from dispynb.jupyter import display as templates
 from dispynb.jupyter import shipping
@@ -369,11 +369,32 @@ class Run(_RunEvents):
     # -- submitting ------------------------------------------------------------------
 
     def submit(self, *args: Any, **kwargs: Any) -> DispyJob:
-        """Submit one job with these arguments to the run's cluster."""
+        """Submit one job with these arguments to the run's cluster.
+
+        Raises
+        ------
+        ClusterError
+            The run made its cluster (`map`) and closed it, its jobs ended.
+        """
+        cluster = self._open_cluster()
+        return self._track(lambda: cluster.submit(*args, **kwargs), args, kwargs)
+
+    def _open_cluster(self) -> JobCluster:
+        """The cluster to submit to, or why there is none to submit to."""
         if self.cluster is None:
             raise RuntimeError("this run has no cluster: call attach(cluster) first")
-        cluster = self.cluster
-        return self._track(lambda: cluster.submit(*args, **kwargs), args, kwargs)
+        if self.owns_cluster and (
+            self._closed or getattr(self.cluster, "_closed", False)
+        ):
+            # Not the cluster's 'create a new JobCluster': the user made none.
+            raise ClusterError(
+                f"run {self.name!r} closed the cluster it made once its jobs had "
+                "ended (Run.map closes it then, with wait=False too): give the "
+                "new inputs to another Run.map, or make a JobCluster and attach "
+                "it to a Run (run.attach(cluster)) to submit to it for as long as "
+                "it is open"
+            )
+        return self.cluster
 
     def _track(
         self,
@@ -423,10 +444,10 @@ class Run(_RunEvents):
         ------
         ValueError
             If ``node`` is not a node of the run's cluster (naming the known ones).
+        ClusterError
+            The run made its cluster (`map`) and closed it, its jobs ended.
         """
-        if self.cluster is None:
-            raise RuntimeError("this run has no cluster: call attach(cluster) first")
-        cluster = self.cluster
+        cluster = self._open_cluster()
         return self._track(
             lambda: _require_job(
                 cluster, node, cluster.submit_node(node, *args, **kwargs)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from dispynb import JobCluster
-from dispynb.errors import ConfigurationError
+from dispynb.errors import ClusterError, ConfigurationError
 from dispynb.job import DispyJob, JobStatus
 from dispynb.jupyter import runstop
 from dispynb.jupyter.progress import TextProgressBar, WidgetProgressBar
@@ -626,3 +626,18 @@ def test_a_stopped_runs_queued_jobs_are_counted_together(local1, tmp_path):
     run.stop(quiet=True)
     assert run.done() and run.counts().cancelled == queued + 1
     assert len(notified) < 10, len(notified)
+
+
+def test_a_run_submitted_to_after_its_cluster_closed_says_why(local1):
+    """``Run.map(..., wait=False)`` closes the cluster it made once its jobs have
+    ended (so does `wait`): more submitted to the run then were refused with the
+    cluster's 'create a new JobCluster', of a cluster the user never made. The run
+    says it closed it and what to do instead, and loses nothing it had."""
+    run = Run.map(jobs.square, range(2), nodes=local1, progress="none", wait=False)
+    assert run.wait(timeout=WAIT, echo=False)
+    with pytest.raises(ClusterError, match=r"run 'square' closed the cluster") as err:
+        run.submit(5)
+    assert "Run.map" in str(err.value) and "JobCluster" in str(err.value)
+    with pytest.raises(ClusterError, match=r"run 'square' closed the cluster"):
+        run.submit_node("local-0", 5)
+    assert run.results == [0, 1] and len(run.jobs) == 2
