@@ -135,8 +135,8 @@ class LaunchError(DispynbError):
 
 class KeptUnavailable(DispynbError):
     """The node cannot read a kept result now, for want of memory, descriptors or
-    disk space for its copy (`ResultSpool.open`): the results are not lost; the
-    recovery is to stop."""
+    disk space for its copy (`ResultSpool.open`): the result is not lost; the
+    recovery sends the others, then tells its client why it ends."""
 
 
 class JobError(DispynbError):

@@ -62,6 +62,8 @@ class KeptResultSender:
         self.chunk_bytes = min(CHUNK_BYTES, chunk_bytes_for(max_message_size))
         self._live: collections.deque[KeptResult] = collections.deque()
         self._wake = asyncio.Event()
+        #: Why each result the node cannot read now was not sent (`KeptUnavailable`).
+        self._unavailable: list[str] = []
 
     def deliver(self, result: KeptResult) -> None:
         """A result recorded now (a job that ended while the client is here)."""
@@ -72,10 +74,16 @@ class KeptResultSender:
         """Send every kept result, `Recovered` after the ones recorded so far, and
         `ComputationClosed` once the computation's jobs have all ended (if they had
         not); return whether everything was written (the connection may end first:
-        then the results stay kept for another try)."""
+        then the results stay kept for another try).
+
+        Raises `KeptUnavailable` before `Recovered` (or `ComputationClosed`) if a
+        result could not be read now, once every other one was sent: one result the
+        node could not copy held back all those behind it until the next
+        ``recover_jobs``."""
         for result in recorded:
             await self._send(kept, result)
         await self._send_live(kept)
+        self._raise_unavailable()
         if kept.finished.is_set():  # nothing more will come
             # Kept by a node process that died while its jobs ran: those it had
             # no end of were lost with it.
@@ -94,8 +102,15 @@ class KeptResultSender:
             if kept.finished.is_set():
                 break
             await self._next(kept)
+        self._raise_unavailable()
         self._write(ComputationClosed(comp_id=self.comp_id))
         return True
+
+    def _raise_unavailable(self) -> None:
+        """`KeptUnavailable` saying why the results not sent were not, if any were
+        not (each reason once: a node short of memory fails them all alike)."""
+        if self._unavailable:
+            raise KeptUnavailable("; ".join(dict.fromkeys(self._unavailable)))
 
     async def _next(self, kept: Kept) -> None:
         """Wait for a result recorded, or the computation finished."""
@@ -121,6 +136,10 @@ class KeptResultSender:
                 entry, buffers, kinds = kept.open(result)
             else:  # copied and checked (a large one takes a while): not on the loop
                 entry, buffers, kinds = await _in_thread(kept, result)
+        except KeptUnavailable as exc:
+            # It stays kept, for the next recovery; the others are sent now.
+            self._unavailable.append(str(exc))
+            return
         except OSError as exc:
             logger.warning("a kept result is lost: %s", exc)
             job = job_of(result.path) if result.path is not None else None

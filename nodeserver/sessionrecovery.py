@@ -255,9 +255,10 @@ class _SessionRecovery(_SessionState):
         await self._release_when_sent(recovery_id)
 
     async def _give_up_recovery(self, kept: Kept, why: str) -> None:
-        """The node cannot read ``kept``'s results now: its client is told why and
-        let go (its connection closed: an older client would wait for them until
-        its timeout); they stay kept for its next ``recover_jobs``."""
+        """The node cannot read some of ``kept``'s results now (it sent the
+        others): its client is told why and let go (its connection closed: an
+        older client would wait for them until its timeout); they stay kept for
+        its next ``recover_jobs``."""
         logger.warning(
             "%s: kept results of computation %s not sent: %s",
             self.conn.peer,

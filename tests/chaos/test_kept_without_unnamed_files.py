@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from dispynb import DispyJob
+from tests.api.crashclient import killed_after, start_client
 from tests.api.test_recovery_kept import (
     RECOVER_KEPT,
     kept_files,
@@ -50,6 +51,33 @@ def _no_unnamed(path, flags, *args, **kwargs):
 
 
 os.open = _no_unnamed
+"""
+
+
+#: Jobs of ``size`` bytes of result each (0: the int ``n * n``), each returning
+#: once the test made its gate file ``gates/n``, after the client was killed: the
+#: node keeps the results in the order the test opens the gates.
+GATED_CLIENT = """
+import sys, time
+import dispynb as dispy
+
+def make(n, size, marks, gates):
+    import os, time
+    data = os.urandom(size)
+    open(os.path.join(marks, str(n)), "w").close()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(os.path.join(gates, str(n))):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the test opened no gate")
+        time.sleep(0.01)
+    return data if size else n * n
+
+node, secret, journal, marks, gates = sys.argv[1:6]
+cluster = dispy.JobCluster(make, nodes=[node], secret=secret, recover_file=journal)
+for n, size in enumerate(sys.argv[6:]):
+    cluster.submit_job_id("job-%d" % n, n, int(size), marks, gates)
+print("submitted", flush=True)
+time.sleep(60)  # killed before it gets further
 """
 
 
@@ -116,3 +144,42 @@ def test_a_large_kept_result_where_no_file_system_makes_unnamed_files(
         expected[0],
         None,
     )
+
+
+@pytest.mark.timeout(150)
+def test_the_results_kept_behind_one_the_node_cannot_send_are_recovered(
+    tmp_path: Path,
+) -> None:
+    """The large result kept first, three small ones after it: recover_jobs got
+    none of them (the node stopped at the one it could not copy, and the others
+    waited for a node restarted with TMPDIR on a local file system). Now it gets
+    the small ones, and the large one is abandoned saying what to do."""
+    nfs = tmp_path / "nfs"
+    nfs.mkdir()
+    (nfs / "sitecustomize.py").write_text(NO_UNNAMED_FILES)
+    launcher = ["env", f"PYTHONPATH={nfs}{os.pathsep}{ROOT}"]
+    marks, gates, journal = tmp_path / "marks", tmp_path / "gates", tmp_path / "j.db"
+    marks.mkdir()
+    gates.mkdir()
+    node = start_node(tmp_path / "node", cpus=4, launcher=launcher)
+    try:
+        client = start_client(
+            tmp_path, GATED_CLIENT, node.spec, node.secret, str(journal),
+            str(marks), str(gates), str(RESULT), "0", "0", "0",
+        )  # fmt: skip
+        with killed_after(client):
+            wait_until(lambda: len(list(marks.iterdir())) == 4)
+        (gates / "0").touch()
+        wait_until(lambda: len(kept_files(tmp_path / "node")) == 1)
+        for n in (1, 2, 3):
+            (gates / str(n)).touch()
+        wait_until(lambda: len(kept_files(tmp_path / "node")) == 4)
+        jobs = recover(tmp_path, journal, node.secret)
+        assert len(kept_files(tmp_path / "node")) == 4  # all still kept
+    finally:
+        node.stop()
+    assert jobs[1:] == [[f"job-{n}", DispyJob.Finished, n * n, None] for n in (1, 2, 3)]
+    [job_id, status, result, exception] = jobs[0]
+    assert (job_id, status, result) == ("job-0", DispyJob.Abandoned, None)
+    assert isinstance(exception, str)
+    assert "restart the node with TMPDIR" in exception, exception
