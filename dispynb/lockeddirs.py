@@ -78,3 +78,29 @@ def _unlink_results_within(path: str) -> None:
     }
     if prefixes:
         shm.unlink_results(tuple(prefixes))
+
+
+def hold(path: str) -> int:
+    """A descriptor holding a shared lock on the directory ``path`` (close it to let
+    go): says to `held` that a process uses the directory (a `dispynb-scheduler`'s
+    ``--dest_path_prefix``, which a node's ``--clean`` of a directory around it,
+    the node's default ``<tmp>/dispynb`` holding the scheduler's, leaves)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+def held(path: str) -> bool:
+    """Whether a process holds a lock on the directory ``path`` (`hold`, `make`);
+    False for what is not a directory, or a link to one."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # its lock, if it had one, with it
+    return False

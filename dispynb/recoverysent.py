@@ -24,6 +24,7 @@ from dispynb.job import DispyJob
 from dispynb.protocol import serialize
 from dispynb.protocol.files import write_inside
 from dispynb.protocol.messages import FileFromNode, FileSaved, JobProvisional, Message
+from dispynb.wording import counted
 
 logger = logging.getLogger("dispynb.recovery")
 
@@ -96,9 +97,8 @@ class SentWhileAway:
         (nothing if none was): a quiet script's stderr, not a line a file."""
         if self.saved:
             logger.info(
-                "saved %d file%s jobs sent, kept by %s, under %s",
-                self.saved,
-                "" if self.saved == 1 else "s",
+                "saved %s jobs sent, kept by %s, under %s",
+                counted(self.saved, "file"),
                 node,
                 self.files_dir,
             )

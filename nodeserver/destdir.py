@@ -14,7 +14,10 @@ import shutil
 import stat
 from typing import TYPE_CHECKING
 
+from dispynb import lockeddirs
 from dispynb.errors import ConfigurationError
+from dispynb.reprs import format_bytes
+from dispynb.wording import counted
 from nodeserver.leftovers import Removals
 from nodeserver.privatedir import private_dir
 
@@ -37,7 +40,8 @@ def use_dest_path(path: str, clean: bool, serving: bool) -> None:
 
     dispynode's ``--clean`` removes what a node that did not exit cleanly left;
     a node still running there would lose its computations' files, so ``clean``
-    is refused while another node holds the lock. A directory the node cannot
+    is refused while another node holds the lock (and a running scheduler's
+    directory in it is left: `_empty`). A directory the node cannot
     write to is left to the server, which says what it cannot do there.
     """
     if clean and os.path.isdir(path):
@@ -53,8 +57,7 @@ def use_dest_path(path: str, clean: bool, serving: bool) -> None:
                 ) from None
             finally:
                 os.close(fd)  # the directory goes, the lock with it
-        shutil.rmtree(path, ignore_errors=True)
-        logger.info("--clean: removed %s", path)
+        _empty(path)
     if serving:
         with contextlib.suppress(OSError):
             private_dir(path)  # before its lock is opened there
@@ -69,6 +72,60 @@ def use_dest_path(path: str, clean: bool, serving: bool) -> None:
             else:
                 Removals(path).sweep()
             fcntl.flock(fd, fcntl.LOCK_SH)
+
+
+def _empty(path: str) -> None:
+    """``--clean``: remove what is in ``path``, and say what went, but not the
+    directories in it that a running process holds (`lockeddirs.held`): a
+    ``dispynb-scheduler``'s, whose default ``<tmp>/dispynb/scheduler`` is in the
+    node's default. It lost its spill directory to a node's ``--clean`` there."""
+    kept: list[str] = []
+    for parent, dirs, _files in os.walk(path):
+        for name in list(dirs):
+            if lockeddirs.held(os.path.join(parent, name)):
+                kept.append(os.path.join(parent, name))
+                dirs.remove(name)  # not walked: it is left whole
+    with contextlib.suppress(OSError):  # the nodes' lock: not a file to count
+        os.unlink(os.path.join(path, DEST_LOCK))
+    files, size = _remove_within(path, kept)
+    logger.info(
+        "--clean: removed %s (%s) in %s%s",
+        counted(files, "file"),
+        format_bytes(size),
+        path,
+        "".join(
+            f"; left {where}: a running process uses it (a dispynb-scheduler's "
+            "--dest_path_prefix?)"
+            for where in kept
+        ),
+    )
+    if not kept:
+        with contextlib.suppress(OSError):  # made again by a node that serves
+            os.rmdir(path)
+
+
+def _remove_within(path: str, kept: list[str]) -> tuple[int, int]:
+    """Remove what is in ``path`` but ``kept`` and the directories holding them;
+    the files removed (links included) and their bytes."""
+    files = size = 0
+    with contextlib.suppress(OSError), os.scandir(path) as entries:
+        for entry in list(entries):
+            if entry.path in kept:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                if any(k.startswith(entry.path + os.sep) for k in kept):
+                    found = _remove_within(entry.path, kept)
+                else:
+                    found = _remove_within(entry.path, [])
+                    with contextlib.suppress(OSError):
+                        os.rmdir(entry.path)
+                files, size = files + found[0], size + found[1]
+                continue
+            with contextlib.suppress(OSError):
+                bytes_ = entry.stat(follow_symlinks=False).st_size
+                os.unlink(entry.path)
+                files, size = files + 1, size + bytes_
+    return files, size
 
 
 def _open_lock(path: str) -> int | None:

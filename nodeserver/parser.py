@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--clean",
         action="store_true",
         help="empty the destination directory at start, files computations kept "
-        "included (refused while another node runs on it); without it, a node "
+        "included (refused while another node runs on it; a running "
+        "dispynb-scheduler's directory in it is left); without it, a node "
         "removes at start only what killed nodes left of computations whose files "
         "were to go",
     )

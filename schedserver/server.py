@@ -59,6 +59,7 @@ class SchedulerServer(
         # Users' files and kept results spill there: another user's directory is
         # refused (its default is in /tmp, where anyone may make it first).
         private_dir(config.dest_path_prefix, "--dest_path_prefix")
+        self.spill.hold()
         if config.clean:
             self.spill.clean()
         listener = Listener(

@@ -54,6 +54,7 @@ import shutil
 import tempfile
 from typing import Any
 
+from dispynb import lockeddirs
 from dispynb.protocol.messages import (
     CRASHED,
     FileFromNode,
@@ -165,6 +166,8 @@ class SpillStore:
         #: Per user, what it keeps (an entry per user ever seen: users are few).
         self._users: dict[str, UserKept] = {}
         self._dir: str | None = None
+        #: The shared lock on ``prefix`` while this scheduler runs (`hold`).
+        self._held: int | None = None
         #: Holes are punched in spill files (`SpillFile.free`): none failed yet.
         self.holes = True
 
@@ -188,6 +191,13 @@ class SpillStore:
                     shutil.rmtree(entry.path, ignore_errors=True)
                     removed += 1
         return removed
+
+    def hold(self) -> None:
+        """Lock ``prefix`` (shared) until `close`: a ``dispynb-node --clean`` of a
+        directory around it, the node's default ``<tmp>/dispynb`` holding the
+        scheduler's default, leaves it to this scheduler (`lockeddirs.held`)."""
+        if self._held is None:
+            self._held = lockeddirs.hold(self.prefix)
 
     def directory(self) -> str:
         """The private spill directory (mode 0700), made now if needed."""
@@ -223,10 +233,13 @@ class SpillStore:
         )
 
     def close(self) -> None:
-        """Remove the spill directory."""
+        """Remove the spill directory; let go of ``prefix``'s lock (`hold`)."""
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
+        if self._held is not None:
+            os.close(self._held)
+            self._held = None
 
 
 class KeptMessages:

@@ -33,6 +33,7 @@ from tests.nodeproc import (
     start_node,
     write_secret_file,
 )
+from tests.sharedsched.harness import SchedulerProcess, add_user
 from tests.transport.certs import make_cert
 
 pytestmark = pytest.mark.slow
@@ -241,6 +242,33 @@ def test_clean_refuses_to_empty_the_directory_of_a_running_node(
             cluster.close()
     finally:
         assert node.stop() == 0
+    done = run_node("--serve", "0", "--clean", "--dest_path_prefix", str(dest))
+    assert done.returncode == 0, done.stderr
+    assert not dest.exists()
+
+
+def test_clean_leaves_a_running_schedulers_directory_and_says_what_it_removed(
+    tmp_path: Path,
+) -> None:
+    """The scheduler's default directory, ``<tmp>/dispynb/scheduler``, is in the
+    node's default, ``<tmp>/dispynb``: ``dispynb-node --clean`` there removed it
+    under a running ``dispynb-scheduler`` (its results spill there), and said only
+    "removed <tmp>/dispynb". Now it leaves that directory, removes the rest, and
+    says how much it removed and what it left, and why."""
+    dest = tmp_path / "dispynb"
+    (dest / "left-by-a-killed-node").mkdir(parents=True)
+    (dest / "left-by-a-killed-node" / "data").write_bytes(b"x" * 1000)
+    add_user(tmp_path, "alice")
+    prefix = ("--dest_path_prefix", str(dest / "scheduler"), "-n", "127.0.0.1:1")
+    with SchedulerProcess(tmp_path, [], "node-secret", args=prefix):
+        done = run_node("--serve", "0", "--clean", "--dest_path_prefix", str(dest))
+        assert done.returncode == 0, done.stderr
+        assert sorted(p.name for p in dest.iterdir()) == ["scheduler"]
+    assert (
+        f"--clean: removed 1 file (1000 B) in {dest}; left {dest}/scheduler: "
+        "a running process uses it (a dispynb-scheduler's --dest_path_prefix?)"
+    ) in done.stderr, done.stderr
+    # Once the scheduler stopped, --clean empties it all, as before.
     done = run_node("--serve", "0", "--clean", "--dest_path_prefix", str(dest))
     assert done.returncode == 0, done.stderr
     assert not dest.exists()
