@@ -254,7 +254,8 @@ class Executor(concurrent.futures.Executor):
     def _carrier(self, key: str, blob: bytes, *, reused: bool) -> Any:
         """What the jobs of one `submit` or ``map`` carry for their function: its
         ``blob``, or, for one of at least `PUT_BYTES` that calls use again (a
-        ``map``'s chunks, a second `submit`), a tuple holding its `ObjectRef`:
+        ``map``'s chunks, a second `submit`), a tuple of its `ObjectRef`'s digest
+        and the ref (the node's worker unloads it after each job):
         put once, each node receives it once, where each job carried all its
         bytes (a lambda closing over a large array sent it with every call). A
         new object per call, by which `_unfinished` tells the call's jobs."""
@@ -273,7 +274,7 @@ class Executor(concurrent.futures.Executor):
                     return blob
                 except ClusterError:  # no room for its file: with each job
                     return blob
-        return (ref,)
+        return (ref.digest, ref)
 
     def _new_job(
         self,

@@ -24,6 +24,7 @@ from typing import Any
 
 import cloudpickle
 
+from dispynb import objects
 from dispynb.jobenv import format_exception, stopped_by_node
 
 __all__ = ["Failure", "Outcomes", "dispynb_executor"]
@@ -58,7 +59,7 @@ _UNSET = object()
 
 def dispynb_executor(
     key: str,
-    blob: bytes | tuple[bytes],
+    blob: bytes | tuple[str, bytes],
     count: int,
     columns: tuple[Sequence[Any], ...],
     kwargs: dict[str, Any] | None = None,
@@ -71,7 +72,11 @@ def dispynb_executor(
     fn = _fn_cache.get(key)
     if fn is None:
         if type(blob) is tuple:  # a large function put once (Executor._carrier)
-            blob = blob[0]
+            digest, blob = blob
+            # For this job only, as a large function carried by its job (not
+            # cached below either): kept, each one a map put stayed in this
+            # worker's memory until the executor closed.
+            objects.unload(digest)
         fn = _with_init_globals(cloudpickle.loads(blob))
         if len(blob) <= _CACHE_MAX_BYTES:
             _fn_cache[key] = fn

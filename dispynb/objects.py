@@ -210,6 +210,12 @@ def forget(ref: ObjectRef) -> None:
     _local.pop(ref.digest, None)
 
 
+def unload(digest: str) -> None:
+    """In a worker: let go of the object `resolve` loaded for ``digest`` (kept for
+    the computation's later jobs otherwise); a later use loads it again."""
+    _cache.pop(digest, None)
+
+
 def load(path: str) -> Any:
     """Unpickle an object file (its large buffers mapped, not copied)."""
     with open(path, "rb") as handle:

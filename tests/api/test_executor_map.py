@@ -219,3 +219,26 @@ def test_done_callbacks_run_once_off_the_io_thread(executor):
     future.add_done_callback(callback)  # done: called at once, in this thread
     assert calls == [(42, calls[0][1]), (42, threading.current_thread().name)]
     assert calls[0][1] != "dispynb-io"
+
+
+def objects_kept(_: int) -> int:
+    """Bytes of the objects this node worker keeps loaded (`dispynb.objects`)."""
+    from dispynb import objects
+
+    return sum(len(value) for value in objects._cache.values())
+
+
+def test_maps_of_large_closures_leave_nothing_loaded_on_the_node(local1):
+    """Each ``map`` of a function closing over a large array (another array each
+    time: a notebook's loop over models) puts the function once for its chunks
+    (`Executor._carrier`). Its worker kept every such function loaded until the
+    executor closed, 2 MiB more per map here (100 MB models: a node out of
+    memory), where a large function carried by its job went with the job. Now
+    nothing is kept once a job has used it."""
+    with Executor(nodes=local1) as executor:
+        for _ in range(3):
+            table = os.urandom(2 << 20)
+            assert list(executor.map(lambda i, t=table: t[i], range(4))) == list(
+                table[:4]
+            )
+        assert list(executor.map(objects_kept, range(2))) == [0, 0]
