@@ -104,10 +104,14 @@ def job_size(item: list[Any]) -> int:
 
 def setup_size(setup: ComputationSetup, bundle: list[memoryview]) -> int:
     """What a computation counts against --max_user_args while it lives: its
-    functions (``bundle``) and the files its setup lists (entries checked
-    already: ``[path, digest, size, ...]``)."""
-    return held_size(bundle) + sum(
-        FILE_ENTRY_COST + len(entry[0]) + len(entry[1]) for entry in setup.files
+    functions (``bundle``), the files its setup lists (entries checked already:
+    ``[path, digest, size, ...]``) and its setup's texts (a name of 15 MiB was
+    held, counted as nothing)."""
+    texts = (setup.name, setup.dest_path, setup.recovery_id, setup.python)
+    return (
+        held_size(bundle)
+        + sum(len(text) for text in texts if text)
+        + sum(FILE_ENTRY_COST + len(entry[0]) + len(entry[1]) for entry in setup.files)
     )
 
 

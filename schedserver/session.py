@@ -278,9 +278,9 @@ class SchedulerSession(_ToClient):
         if size <= args_room(self.server, self.user):
             return ""
         quota = self.server.config.max_user_args
-        what, fix = "its functions", "send large data as a file in depends"
+        what, fix = "its functions and setup", "send large data as a file in depends"
         if setup.files:
-            what = f"its functions and the {len(setup.files)} files it lists"
+            what = f"{what}, listing {len(setup.files)} files,"
             fix = f"{fix} (many files as one archive)"
         return (
             f"refused: {what} take {size >> 20} MiB, and user {self.user!r} may "

@@ -4,8 +4,9 @@ A computation's setup lists the files it depends on; the scheduler keeps the
 setup, and a claim on each file, while the computation lives (waiting for the
 files, here). ``--max_user_args`` bounded its functions only: a setup listing
 200,000 files (15 MiB sent) held 180 MiB of the scheduler's memory, counted as
-nothing, and a user's 16 computations could hold 3 GiB. Each file listed counts
-now (`FILE_ENTRY_COST`), and a setup over the quota is refused, saying so.
+nothing, and a user's 16 computations could hold 3 GiB; so did a setup's texts
+(a name of 15 MiB). Each file listed counts now (`FILE_ENTRY_COST`), and the
+texts, and a setup over the quota is refused, saying so.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ QUOTA = 32 * MiB
 COMPUTATIONS = 6
 FILES = 60_000
 BOUND = 160 * MiB
+#: Characters of each computation's name in the second attack, its computations,
+#: and what the scheduler may grow by (two of them fit in her quota).
+NAME = 15 * MiB
+NAMED = 10
+NAMED_BOUND = 200 * MiB
 #: Seconds her setups may take to be answered.
 WAIT = 30
 
@@ -41,9 +47,12 @@ def identity(n: int) -> int:
     return n
 
 
-async def _set_up(sched: SchedulerProcess, credential: Path) -> tuple[int, list[str]]:
-    """Set up `COMPUTATIONS` computations listing `FILES` files each (never
-    sent): the scheduler's growth, and the refusals."""
+async def _set_up(
+    sched: SchedulerProcess, credential: Path, count: int, long_names: bool = False
+) -> tuple[int, list[str]]:
+    """Set up ``count`` computations listing `FILES` files each (never sent),
+    or named with `NAME` characters (``long_names``): the scheduler's growth, and
+    the refusals."""
     assert sched.proc is not None
     scheduler = psutil.Process(sched.proc.pid)
     # (It takes what the scheduler says of the files: which are missing.)
@@ -51,16 +60,19 @@ async def _set_up(sched: SchedulerProcess, credential: Path) -> tuple[int, list[
     try:
         before = scheduler.memory_info().rss
         bundle = serialize.dumps({"func": identity, "setup": None, "setup_args": ()})
-        for comp_id in range(1, COMPUTATIONS + 1):
+        for comp_id in range(1, count + 1):
             files = [[f"f{i}", f"{comp_id:02x}{i:062x}", 1] for i in range(FILES)]
             setup = ComputationSetup(
-                comp_id=comp_id, name=f"many-{comp_id}", workers=1, files=files
+                comp_id=comp_id,
+                name=f"{comp_id:x}" * NAME if long_names else f"many-{comp_id}",
+                workers=1,
+                files=[] if long_names else files,
             )
             conn.write(setup, bundle)
             await conn.flush()
         refusals: list[str] = []
-        deadline = time.monotonic() + 5  # the setups answered, or not refused
-        while time.monotonic() < deadline and len(refusals) < COMPUTATIONS:
+        deadline = time.monotonic() + 15  # the setups answered, or not refused
+        while time.monotonic() < deadline and len(refusals) < count:
             try:
                 message, _ = await asyncio.wait_for(conn.recv(), 0.5)
             except TimeoutError:
@@ -88,7 +100,7 @@ def test_the_files_a_setup_lists_count_in_the_users_quota(
     ) as sched:  # fmt: skip
 
         async def attack() -> tuple[int, list[str], list[int] | str]:
-            grown, refusals = await _set_up(sched, people["mallory"])
+            grown, refusals = await _set_up(sched, people["mallory"], COMPUTATIONS)
             alices = await alices_jobs_meanwhile(sched.address, people["alice"])
             return grown, refusals, alices
 
@@ -102,3 +114,29 @@ def test_the_files_a_setup_lists_count_in_the_users_quota(
     assert len(refusals) == COMPUTATIONS
     assert all("--max_user_args" in text for text in refusals)
     assert alices == [0, 1, 4, 9]
+
+
+@pytest.mark.attack(
+    id="sched-setup-name",
+    title=f"A scheduler user sets up {NAMED} computations named with "
+    f"{NAME // MiB} MiB of text each (--max_user_args {QUOTA // MiB}M)",
+    goal=f"the scheduler grows by under {NAMED_BOUND // MiB} MiB, her setups over "
+    "the quota refused naming --max_user_args (was: the name not counted: +39 MiB "
+    "a setup)",
+)
+def test_a_setups_texts_count_in_the_users_quota(
+    tmp_path: Path, people: dict[str, Path], measure
+) -> None:
+    with shared_nodes(
+        tmp_path, people, "--max_user_args", f"{QUOTA // MiB}M"
+    ) as sched:  # fmt: skip
+        grown, refusals = asyncio.run(
+            _set_up(sched, people["mallory"], NAMED, long_names=True)
+        )
+    measure(
+        f"scheduler +{grown / MiB:.0f} MiB; {len(refusals)} of {NAMED} "
+        f"setups refused ({refusals[0][:90] if refusals else 'none'}...)"
+    )
+    assert grown < NAMED_BOUND
+    assert len(refusals) >= NAMED - QUOTA // NAME
+    assert all("--max_user_args" in text for text in refusals)
