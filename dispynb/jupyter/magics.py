@@ -11,8 +11,9 @@ The only text ever evaluated is the documented ``--over`` expression (and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 from IPython.core.error import UsageError
@@ -22,7 +23,7 @@ from IPython.display import display
 
 from dispynb.errors import ConfigurationError
 from dispynb.jupyter.cellrun import LAST_RUN, NODES_HINT, CellRunner
-from dispynb.jupyter.errors import MagicInterrupted
+from dispynb.jupyter.errors import MagicError, MagicInterrupted
 from dispynb.jupyter.magicsupport import adapt_bounds, malformed_node, parse_line
 from dispynb.jupyter.probing import ProbesInterrupted
 from dispynb.jupyter.progress import KINDS
@@ -58,6 +59,17 @@ ACTIONS = [
     "panel",
     "close",
 ]
+
+
+@contextlib.contextmanager
+def _option_words() -> Iterator[None]:
+    """A launcher's error names its keyword (``give register_host= ...``): in a
+    notebook, say the ``%dispy`` option that does the same."""
+    try:
+        yield
+    except MagicError as exc:
+        said = str(exc).replace("register_host=", "--register-host")
+        raise MagicError(said) from None
 
 
 @magics_class
@@ -166,6 +178,13 @@ class DispyMagics(Magics):
         help="ssh, slurm with --adapt: how long a node may sit idle (default 60)",
     )
     @argument(
+        "--register-host",
+        metavar="ADDRESS",
+        help="ssh, slurm: this machine's address that the nodes reach to register "
+        "(default: the local address that routes to each host, or to slurmctld); "
+        "give it when the hosts are reached only through a jump host",
+    )
+    @argument(
         "--ssh-config",
         metavar="FILE",
         help="ssh: an ssh configuration file to use instead of ~/.ssh/config",
@@ -202,6 +221,7 @@ class DispyMagics(Magics):
             %dispy nodes 10.0.0.5 node2:9711 --secret-file ~/.dispynb-secret
             %dispy nodes node1 --cafile ca.pem --secret-file ~/.dispynb-secret
             %dispy ssh node1 node2 --python /opt/venv/bin/python   # over ssh
+            %dispy ssh node1 --register-host 10.0.0.2   # behind a jump host
             %dispy slurm --nodes 4 --cpus 8 --memory 16G --walltime 2:00:00
             %dispy dask tcp://scheduler:8786         # an existing Dask cluster
             %dispy scheduler sched1 --secret-file ~/alice.credential  # shared nodes
@@ -269,6 +289,11 @@ class DispyMagics(Magics):
         if args.adapt is not None and args.action not in ("ssh", "slurm"):
             raise UsageError("--adapt is for %dispy ssh and slurm")
         adapt = None if args.adapt is None else adapt_bounds(args.adapt, args)
+        if args.register_host is not None and args.action not in ("ssh", "slurm"):
+            raise UsageError(
+                "--register-host is for %dispy ssh and slurm: this machine's "
+                "address that the nodes reach (e.g. --register-host 10.0.0.2)"
+            )
         if args.action == "local":
             if args.count < 1 or (args.cpus is not None and args.cpus < 1):
                 raise UsageError("--nodes and --cpus must be at least 1")
@@ -284,14 +309,16 @@ class DispyMagics(Magics):
             ssh_options = (
                 ["-F", os.path.expanduser(args.ssh_config)] if args.ssh_config else []
             )
-            session.start_ssh(
-                list(args.hosts),
-                node_args,
-                args.python or "python3",
-                ssh_options,
-                pulse,
-                adapt,
-            )
+            with _option_words():
+                session.start_ssh(
+                    list(args.hosts),
+                    node_args,
+                    args.python or "python3",
+                    ssh_options,
+                    pulse,
+                    adapt,
+                    register_host=args.register_host,
+                )
             print(f"dispynb: {session.where()}")
             return None
         if args.action == "slurm":
@@ -304,10 +331,12 @@ class DispyMagics(Magics):
                 "partition": args.partition,
                 "account": args.account,
                 "directives": args.directive,
+                "register_host": args.register_host,
             }
             if args.python:
                 launcher["python"] = args.python
-            session.start_slurm(args.count, pulse, adapt, **launcher)
+            with _option_words():
+                session.start_slurm(args.count, pulse, adapt, **launcher)
             print(f"dispynb: {session.where()}")
             return None
         if args.action == "dask":

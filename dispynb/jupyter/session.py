@@ -233,9 +233,11 @@ class Session(_SessionProbes, _SessionNodes):
         ssh_options: list[str],
         options: dict[str, Any],
         adapt: Adapt | None = None,
+        register_host: str | None = None,
     ) -> None:
         """Start one node server per host over SSH (replacing the current nodes);
-        with ``adapt``, as many as the runs' jobs need instead."""
+        with ``adapt``, as many as the runs' jobs need instead. ``register_host``:
+        as `SSHNodes`' (this machine's address that the hosts reach)."""
         from dispynb.deploy import SSHNodes
 
         def start() -> Any:
@@ -244,6 +246,7 @@ class Session(_SessionProbes, _SessionNodes):
                 python=python,
                 node_args=node_args,
                 ssh_options=ssh_options,
+                register_host=register_host,
                 start=adapt is None,
             )
             if adapt is not None:

@@ -6,11 +6,13 @@ import contextlib
 import logging
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from dispynb.deploy import LaunchError, SlurmNodes
 from dispynb.errors import ConfigurationError
+from dispynb.jupyter.errors import MagicError
 
 SECRET = "top-secret-value-0123456789abcdef"
 
@@ -272,3 +274,27 @@ def test_an_outage_of_slurmctld_is_said_once_and_its_end(
         ("INFO", "following the nodes' SLURM jobs again"),
         ("WARNING", "cannot follow the nodes' SLURM jobs: squeue fail"),
     ], said
+
+
+def test_dispy_slurm_register_host_is_the_address_the_nodes_reach(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``%dispy slurm`` had no --register-host: a notebook whose compute nodes reach
+    it at another address than the one routing to slurmctld (or whose ``scontrol``
+    names no SlurmctldHost, the error saying "give register_host=") could not say
+    which. The batch script tells the node that address (a stand-in ``sbatch``
+    keeps the script and refuses it)."""
+    from tests.jupyter.shell import dispynb_shell
+
+    sbatch = tmp_path / "sbatch"
+    sbatch.write_text(
+        f'#!/bin/sh\ncat > {tmp_path}/script\necho "refused: a stand-in" >&2\nexit 1\n'
+    )
+    sbatch.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    line = "slurm --register-host 127.0.0.2"
+    with dispynb_shell() as ip, pytest.raises(MagicError) as raised:
+        ip.run_line_magic("dispy", line)
+    assert "sbatch refused node" in str(raised.value), raised.value
+    script = (tmp_path / "script").read_text()
+    assert " --register 127.0.0.2:" in script, script

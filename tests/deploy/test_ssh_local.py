@@ -454,6 +454,62 @@ def test_a_host_this_machine_cannot_reach_says_to_give_register_host(
     ), done.stderr
 
 
+#: A notebook behind a jump host: ``%dispy ssh`` without, then with --register-host.
+JUMP_HOST_NOTEBOOK = f"""
+from IPython.core.interactiveshell import InteractiveShell
+ip = InteractiveShell.instance()
+ip.run_line_magic("load_ext", "dispynb")
+line = "ssh node1 --cpus 1 --python {sys.executable}"
+try:
+    ip.run_line_magic("dispy", line)
+except Exception as exc:
+    print(f"WITHOUT: {{type(exc).__name__}}: {{exc}}".replace(chr(10), " "))
+ip.run_line_magic("dispy", line + " --register-host 127.0.0.1")
+print("STATUS:", repr(ip.run_line_magic("dispy", "status")))
+ip.run_line_magic("dispy", "close")
+"""
+
+
+def test_dispy_ssh_behind_a_jump_host_registers_with_register_host(
+    fake_ssh: Path,
+) -> None:
+    """``%dispy ssh`` to a host whose name only the jump host resolves: the error
+    said "give register_host=", which the magic had no option for. It says
+    --register-host, and with it the node registers at that address. Run without
+    a network (``unshare -n``, loopback up), so no name query leaves the machine."""
+    unshare = shutil.which("unshare")
+    if unshare is None or os.geteuid() != 0:
+        pytest.skip("needs unshare -n as root: the name lookup must not leave")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FAKE_SSH_HOSTNAME="node1.internal")
+    done = subprocess.run(
+        [
+            unshare,
+            "-n",
+            "sh",
+            "-c",
+            'ip link set lo up && exec "$0" -c "$1"',
+            sys.executable,
+            JUMP_HOST_NOTEBOOK,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=45,
+    )
+    said = done.stdout.splitlines()
+    without = [line for line in said if line.startswith("WITHOUT:")]
+    assert len(without) == 1, done
+    assert without[0].startswith(
+        "WITHOUT: MagicError: %dispy ssh could not start nodes on node1: cannot "
+        "resolve 'node1.internal' ("
+    ), without
+    assert (
+        "or give --register-host this machine's address that they reach" in (without[0])
+    ), without
+    assert "register_host=" not in without[0], without
+    assert any(line.startswith("STATUS: ssh nodes 127.0.0.1:") for line in said), done
+
+
 def test_a_python_without_dispynb_is_named_with_the_fix(
     fake_ssh: Path, tmp_path: Path
 ) -> None:

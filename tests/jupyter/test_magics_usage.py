@@ -143,6 +143,7 @@ def test_a_misspelt_progress_in_the_environment_is_one_line(ip, monkeypatch):
         ("slurm --adapt 0:0", "MAX >= 1"),
         ("ssh h1 --adapt a:b", "not 'a:b'"),
         ("ssh h1 --adapt 0:2 --idle-timeout -1", "--idle-timeout must be"),
+        ("local --register-host 10.0.0.2", "^--register-host is for %dispy ssh and"),
     ],
 )
 def test_magic_line_usage_errors(ip, line, message):
