@@ -388,11 +388,11 @@ class Run(_RunEvents):
         ):
             # Not the cluster's 'create a new JobCluster': the user made none.
             raise ClusterError(
-                f"run {self.name!r} closed the cluster it made once its jobs had "
-                "ended (Run.map closes it then, with wait=False too): give the "
-                "new inputs to another Run.map, or make a JobCluster and attach "
-                "it to a Run (run.attach(cluster)) to submit to it for as long as "
-                "it is open"
+                f"run {self.name!r} closed the cluster it made (Run.map closes it "
+                "once its jobs have ended, with wait=False too, or as the run is "
+                "stopped or closed): give the new inputs to another Run.map, or "
+                "make a JobCluster and attach it to a Run (run.attach(cluster)) "
+                "to submit to it for as long as it is open"
             )
         return self.cluster
 

@@ -641,3 +641,7 @@ def test_a_run_submitted_to_after_its_cluster_closed_says_why(local1):
     with pytest.raises(ClusterError, match=r"run 'square' closed the cluster"):
         run.submit_node("local-0", 5)
     assert run.results == [0, 1] and len(run.jobs) == 2
+    stopped = Run.map(jobs.square, [3], nodes=local1, progress="none", wait=False)
+    stopped.close(terminate=True)  # (as a Stop closes it): not said to have ended
+    with pytest.raises(ClusterError, match=r"stopped or closed\): give the new"):
+        stopped.submit(5)
