@@ -5,7 +5,7 @@ what to use instead. `config_argv` turns a ``--config`` file (dispynode's format
 INI ``[DEFAULT]`` section, option names as keys) into command-line arguments; lists such
 as ``hosts = ['10.0.0.5']`` are read with `ast.literal_eval`, never ``eval``.
 `save_config` writes the options given (never a secret) to such a file.
-`read_config`, `option_argv` and `save_config` serve ``dispynb-scheduler`` too
+`read_config`, `key_argv` and `save_config` serve ``dispynb-scheduler`` too
 (`schedserver.cliconfig`), and so does `CommandParser`, which says how to give an
 option a value beginning with ``-``.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import datetime
 import gettext
 import io
@@ -174,21 +175,56 @@ def config_argv(parser: argparse.ArgumentParser, path: str) -> list[str]:
                 argv += [refused] + ([text] if REFUSED[refused][0] else [])
             continue
         dest = config_dest(key, text, _KEY_ALIASES)
-        argv += option_argv(actions, dest, text, key, path)
+        argv += key_argv(parser, actions, dest, text, key, path)
     check_values(parser, argv, path)
     return argv
 
 
-def check_values(parser: argparse.ArgumentParser, argv: list[str], path: str) -> None:
-    """Raise `ValueError` naming the config file ``path`` for a value of it that its
-    option refuses (``cpus = x``): argparse said it of the command line, as
-    'argument -c/--cpus: invalid int value', after a usage the admin did not type."""
+def key_argv(
+    parser: argparse.ArgumentParser,
+    actions: dict[str, argparse.Action],
+    dest: str,
+    text: str,
+    key: str,
+    path: str,
+) -> list[str]:
+    """`option_argv`, its value checked (`check_values`): an error names the line."""
+    words = option_argv(actions, dest, text, key, path)
+    check_values(parser, words, path, key)
+    return words
+
+
+def check_values(
+    parser: argparse.ArgumentParser, argv: list[str], path: str, key: str = ""
+) -> None:
+    """Raise `ValueError` naming the config file ``path`` (and the line of ``key``,
+    if given) for a value of it that its option refuses (``cpus = x``): argparse
+    said it of the command line, as 'argument -c/--cpus: invalid int value', after
+    a usage the admin did not type."""
     try:
         # argparse's own parse (CommandParser's exits), raising with exit_on_error
         # False: the file's arguments alone, as they will be parsed.
         argparse.ArgumentParser.parse_known_args(parser, argv)
     except argparse.ArgumentError as exc:
-        raise ValueError(f"config file {path!r}: {exc}") from None
+        raise ValueError(f"{config_place(path, key)}: {exc}") from None
+
+
+def config_place(path: str, key: str = "") -> str:
+    """``config file 'PATH', line N`` where ``key`` is set in the file at ``path``
+    (its name alone without a ``key``, or if the line is not found): an admin goes
+    to the line, not through the file for the key."""
+    place = f"config file {path!r}"
+    if not key:
+        return place
+    setting = re.compile(rf"\s*{re.escape(key)}\s*[=:]", re.IGNORECASE)
+    with (
+        contextlib.suppress(OSError, UnicodeDecodeError),
+        open(path, encoding="utf-8") as handle,
+    ):
+        for number, line in enumerate(handle, 1):
+            if setting.match(line):
+                return f"{place}, line {number}"
+    return place
 
 
 def config_dest(key: str, text: str, aliases: dict[str, str]) -> str:
@@ -284,7 +320,7 @@ def option_argv(
     item of a list, or the value. Raises `ValueError` if no option has ``dest``."""
     action = actions.get(dest)
     if action is None or not action.option_strings:
-        raise ValueError(f"config file {path!r}: unknown option {key!r}")
+        raise ValueError(f"{config_place(path, key)}: unknown option {key!r}")
     option = _long_option(action)
     value = text.strip()
     if action.nargs == 0:  # a flag
@@ -314,7 +350,7 @@ def _literal_list(value: str, key: str, path: str) -> list[Any]:
             raise ValueError(value)
     except (ValueError, SyntaxError):
         raise ValueError(
-            f"config file {path!r}: {key} must be a list of strings, not {value!r}"
+            f"{config_place(path, key)}: {key} must be a list of strings, not {value!r}"
         ) from None
     return [str(item) for item in items if item not in (None, "")]
 

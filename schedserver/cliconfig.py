@@ -14,7 +14,13 @@ from __future__ import annotations
 
 import argparse
 
-from nodeserver.cliconfig import check_values, config_dest, option_argv, read_config
+from nodeserver.cliconfig import (
+    check_values,
+    config_dest,
+    config_place,
+    key_argv,
+    read_config,
+)
 
 #: dispyscheduler's config keys whose option here has another destination.
 _KEY_ALIASES = {
@@ -59,13 +65,13 @@ def config_argv(parser: argparse.ArgumentParser, path: str) -> list[str]:
         if key == "scheduler_alg":
             if text.strip() not in _ALGORITHMS:
                 raise ValueError(
-                    f"config file {path!r}: scheduler_alg must be one of "
+                    f"{config_place(path, key)}: scheduler_alg must be one of "
                     f"{', '.join(_ALGORITHMS)}, not {text.strip()!r}"
                 )
             argv.append(_ALGORITHMS[text.strip()])
             continue
         dest = config_dest(key, text, _KEY_ALIASES)
-        argv += option_argv(actions, dest, text, key, path)
+        argv += key_argv(parser, actions, dest, text, key, path)
     check_values(parser, argv, path)
     return argv
 

@@ -113,7 +113,7 @@ def test_under_systemd_each_line_carries_its_priority_for_the_journal(tmp_path):
             assert refused.returncode == 2
     said = log.read_text().splitlines()
     assert (
-        f"<3>dispynb-node: config file {str(config)!r}: argument -c/--cpus: "
+        f"<3>dispynb-node: config file {str(config)!r}, line 2: argument -c/--cpus: "
         in (said[0])
     ), said
     assert said[1].startswith("<3>dispynb-node: --init is not supported"), said

@@ -164,7 +164,7 @@ def test_a_config_file_with_an_unknown_key_is_refused_in_one_line(
     done = scheduler_cli("--config", str(config), "--users", "u")
     assert done.returncode == 2
     assert done.stderr.strip() == (
-        f"dispynb-scheduler: config file {str(config)!r}: unknown option "
+        f"dispynb-scheduler: config file {str(config)!r}, line 3: unknown option "
         "'pulse_intervall'"
     )
 
@@ -178,7 +178,7 @@ def test_a_bad_value_in_a_config_file_is_named_with_the_file_in_one_line(
     done = scheduler_cli("--config", str(config), "--users", "u")
     assert done.returncode == 2
     assert done.stderr.strip() == (
-        f"dispynb-scheduler: config file {str(config)!r}: argument "
+        f"dispynb-scheduler: config file {str(config)!r}, line 3: argument "
         "--max_cpus/--max-cpus: invalid int value: 'many'"
     )
 
