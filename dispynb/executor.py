@@ -169,6 +169,7 @@ class Executor(concurrent.futures.Executor):
         # Large functions (a closure over an array) put once, by digest: see
         # `_carrier`. None: the engine cannot put (Dask, Ray).
         self._put: dict[str, ObjectRef] | None = {}
+        self._put_bytes = 0  # of them: `PUT_BUDGET` at most
         self._large_seen: set[str] = set()
         # Nothing after the nodes start but in this try: a Ctrl-C landing there
         # must not leave them running, out of the user's reach.
@@ -258,7 +259,12 @@ class Executor(concurrent.futures.Executor):
         and the ref (the node's worker unloads it after each job):
         put once, each node receives it once, where each job carried all its
         bytes (a lambda closing over a large array sent it with every call). A
-        new object per call, by which `_unfinished` tells the call's jobs."""
+        new object per call, by which `_unfinished` tells the call's jobs.
+
+        What is put stays (a file here and on each node) until the executor
+        closes: `PUT_BUDGET` bytes of it at most, the functions after that
+        travel with their jobs (a loop mapping another large closure each time
+        filled the disks, /tmp often in RAM, by its size at each map)."""
         if len(blob) < PUT_BYTES or self._put is None:
             return blob
         with self._lock:
@@ -267,6 +273,8 @@ class Executor(concurrent.futures.Executor):
                 if not reused and key not in self._large_seen:
                     self._large_seen.add(key)  # once is no reuse: no file for it
                     return blob
+                if self._put_bytes + len(blob) > PUT_BUDGET:
+                    return blob
                 try:
                     ref = self._put[key] = self.cluster.put(blob)
                 except (NotSupportedError, AttributeError):
@@ -274,6 +282,7 @@ class Executor(concurrent.futures.Executor):
                     return blob
                 except ClusterError:  # no room for its file: with each job
                     return blob
+                self._put_bytes += len(blob)
         return (ref.digest, ref)
 
     def _new_job(
@@ -558,6 +567,8 @@ def _check_options(options: dict[str, Any], factory: Any) -> None:
 #: A pickled function this large (a closure over an array, say) goes to the nodes
 #: once when calls reuse it, not with each job (`Executor._carrier`).
 PUT_BYTES = 1 << 20
+#: Bytes of such functions an executor puts at most (they stay until it closes).
+PUT_BUDGET = 256 << 20
 
 
 def _pickle(fn: Callable[..., Any]) -> tuple[str, bytes]:

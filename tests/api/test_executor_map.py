@@ -242,3 +242,24 @@ def test_maps_of_large_closures_leave_nothing_loaded_on_the_node(local1):
                 table[:4]
             )
         assert list(executor.map(objects_kept, range(2))) == [0, 0]
+
+
+def test_maps_of_large_closures_put_no_more_than_the_budget(local1, monkeypatch):
+    """What an executor puts of its large functions (`Executor._carrier`) stays on
+    the client's disk and each node's until it closes: a loop mapping another
+    large closure each time (a notebook's models) grew both by its size at each
+    map, /tmp often in RAM. At most `PUT_BUDGET` bytes are put; past it the
+    functions travel with their jobs, as before, and the results are the same."""
+    from dispynb import executor as executor_module
+
+    monkeypatch.setattr(executor_module, "PUT_BUDGET", 5 << 20, raising=False)
+    with Executor(nodes=local1) as executor:
+        for _ in range(4):
+            table = os.urandom(2 << 20)
+            assert list(executor.map(lambda i, t=table: t[i], range(4))) == list(
+                table[:4]
+            )
+        put = executor.cluster._objects_dir
+        assert put is not None  # the first two were put
+        held = sum(entry.stat().st_size for entry in os.scandir(put))
+        assert 4 << 20 < held <= 5 << 20
