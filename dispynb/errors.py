@@ -31,7 +31,7 @@
 Errors of one layer are defined beside their code, in this tree: the wire's
 `dispynb.protocol.discovery.DiscoveryError`,
 `dispynb.protocol.registration.RegistrationError` and
-`dispynb.transport.connection.BadMessageError` (each a `MessageError`), and the
+`dispynb.transport.inbox.BadMessageError` (each a `MessageError`), and the
 notebook's `dispynb.jupyter.errors.MagicError`, which IPython shows as one line.
 """
 

@@ -53,7 +53,8 @@ from dispynb.protocol.messages import (
     ResultsJournaled,
 )
 from dispynb.protocol.records import ResultEntry
-from dispynb.transport.connection import BadMessageError, Connection
+from dispynb.transport.connection import Connection
+from dispynb.transport.inbox import BadMessageError
 from dispynb.wording import counted
 from nodeserver import descriptors
 from nodeserver.computation import Computation, JobLimits, NodeJob

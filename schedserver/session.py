@@ -37,7 +37,8 @@ from dispynb.protocol.messages import (
     Recover,
     ResultsJournaled,
 )
-from dispynb.transport.connection import BadMessageError, Connection
+from dispynb.transport.connection import Connection
+from dispynb.transport.inbox import BadMessageError
 from dispynb.wording import counted
 from schedserver.computation import args_room, setup_size
 from schedserver.spill import KeptMessages

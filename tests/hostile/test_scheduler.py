@@ -38,7 +38,8 @@ from dispynb.protocol.messages import (
     Recover,
     Recovered,
 )
-from dispynb.transport.connection import INBOX_HIGH, Connection
+from dispynb.transport.connection import Connection
+from dispynb.transport.inbox import INBOX_HIGH
 from schedserver.toclient import SEND_HIGH
 from tests.hostile.tools import wait_for
 from tests.sharedsched.harness import (

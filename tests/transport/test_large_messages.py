@@ -20,7 +20,8 @@ from dispynb.protocol.messages import (
     WireMessage,
     unpack_header,
 )
-from dispynb.transport.connection import RELAY_MAX, Connection
+from dispynb.transport.connection import Connection
+from dispynb.transport.inbox import RELAY_MAX
 from dispynb.transport.links import READ_LOWAT
 from tests.asyncutil import run
 from tests.transport.util import (
