@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 from collections.abc import Callable
 
 from dispynb.node import NodeAllocate
@@ -172,6 +174,10 @@ class NodeFinder:
                 port,
             )
             return
+        unsent = self._discovery.unsent
+        if unsent:
+            self._warn_unsent(unsent, targets)
+            return
         logger.warning(
             "no node found in %g s of discovery (pinged %s on UDP port %d; no node "
             "answered); still waiting, as dispy does. Likely causes: no dispynb-node "
@@ -185,6 +191,33 @@ class NodeFinder:
             port,
             port,
             port + 1,
+            self._name_them,
+        )
+
+    def _warn_unsent(self, unsent: dict[str, str], targets: list[str]) -> None:
+        """The no-node warning when pings could not even be sent (an address
+        without a broadcast address and no default route: 'Network is
+        unreachable'): no node could have answered those."""
+        failed = ", ".join(f"{where} ({why})" for where, why in unsent.items())
+        sent = [t for t in targets if t not in unsent and t != BROADCAST]
+        also = f"; pinged {', '.join(sent)} too, no node answered" if sent else ""
+        unreachable = {os.strerror(errno.ENETUNREACH), os.strerror(errno.EHOSTUNREACH)}
+        why = (
+            "this machine has no route to the nodes' network (no address on it, no "
+            "default route)"
+            if set(unsent.values()) <= unreachable
+            else "this machine refused to send it"
+        )
+        logger.warning(
+            "no node found in %g s of discovery: could not send its ping to %s on "
+            "UDP port %d%s; still waiting, as dispy does. The ping never left: %s. "
+            "Name the nodes: %s; or give this machine an address on the nodes' "
+            "network (or a route there) for discovery to reach them",
+            self._warn_after,
+            failed,
+            self._discovery.port,
+            also,
+            why,
             self._name_them,
         )
 

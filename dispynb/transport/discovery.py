@@ -45,6 +45,7 @@ from dispynb.transport.udp import (
     join_group,
     join_group6,
     open_endpoint,
+    send_datagram,
     send_to_group,
     udp6_socket,
     udp_socket,
@@ -177,6 +178,7 @@ class Discovery:
         self._targets: list[tuple[str, int]] = []
         self._found: dict[tuple[str, int], bytes] = {}
         self._ext: dict[tuple[str, int], str] = {}
+        self._unsent: dict[str, str] = {}
         self._on_found: FoundCallback | None = None
         self._on_lost: LostCallback | None = None
         self._pinger: asyncio.DatagramTransport | None = None
@@ -201,6 +203,12 @@ class Discovery:
             return None
         host, port = self._listener.get_extra_info("sockname")[:2]
         return str(host), int(port)
+
+    @property
+    def unsent(self) -> dict[str, str]:
+        """The addresses whose latest ping could not be sent, each with why
+        (``{'10.1.0.255': 'Network is unreachable'}``): no node there heard it."""
+        return dict(self._unsent)
 
     @property
     def found(self) -> list[tuple[str, int]]:
@@ -360,17 +368,30 @@ class Discovery:
         if ":" in host:
             if ipaddress.IPv6Address(host).is_multicast:
                 for transport, index in self._pingers6:
-                    transport.sendto(data, (host, port, 0, index))
+                    self._send(transport, data, (host, port, 0, index))
             elif self._pingers6:
-                self._pingers6[0][0].sendto(data, (host, port))
+                self._send(self._pingers6[0][0], data, (host, port))
             return
         if host == BROADCAST:
             for address in broadcast_addresses(self.host) or ["255.255.255.255"]:
-                self._pinger.sendto(data, (address, port))
+                self._send(self._pinger, data, (address, port))
         elif ipaddress.IPv4Address(host).is_multicast:
             send_to_group(self._pinger, data, host, port, self._interfaces())
         else:
-            self._pinger.sendto(data, (host, port))
+            self._send(self._pinger, data, (host, port))
+
+    def _send(
+        self,
+        transport: asyncio.DatagramTransport,
+        data: bytes,
+        address: tuple[str, int] | tuple[str, int, int, int],
+    ) -> None:
+        """Send a ping, keeping in `unsent` whether (and why) it could not go."""
+        why = send_datagram(transport, data, address)
+        if why:
+            self._unsent[address[0]] = why
+        else:
+            self._unsent.pop(address[0], None)
 
     # -- receiving -------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Callable, Iterable
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -195,16 +196,35 @@ def send_to_group(
 
 
 class DatagramEndpoint(asyncio.DatagramProtocol):
-    """Hands every datagram to ``on_datagram(data, (ip, port))``; logs send errors."""
+    """Hands every datagram to ``on_datagram(data, (ip, port))``; logs send errors
+    and keeps the last one (`send_datagram` reads it)."""
 
     def __init__(self, on_datagram: Callable[[bytes, tuple[str, int]], None]) -> None:
         self._on_datagram = on_datagram
+        self.last_error: Exception | None = None
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         self._on_datagram(data, (str(addr[0]), int(addr[1])))
 
     def error_received(self, exc: Exception) -> None:
+        self.last_error = exc
         logger.debug("discovery datagram not sent: %s", exc)
+
+
+def send_datagram(
+    transport: asyncio.DatagramTransport, data: bytes, address: tuple[Any, ...]
+) -> str:
+    """Send ``data`` to ``address``; ``""``, or why the socket refused it
+    (``'Network is unreachable'``). asyncio hands that error to the endpoint's
+    ``error_received``, not to the caller, while ``sendto`` runs."""
+    endpoint = transport.get_protocol()
+    if isinstance(endpoint, DatagramEndpoint):
+        endpoint.last_error = None
+    transport.sendto(data, address)
+    error = endpoint.last_error if isinstance(endpoint, DatagramEndpoint) else None
+    if error is None:
+        return ""
+    return (isinstance(error, OSError) and error.strerror) or str(error)
 
 
 async def open_endpoint(

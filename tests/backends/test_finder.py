@@ -16,6 +16,7 @@ class FakeDiscovery:
 
     def __init__(self, ext: dict[tuple[str, int], str]) -> None:
         self.ext = ext
+        self.unsent: dict[str, str] = {}  # address: why its ping was not sent
 
     def ext_address(self, ip: str, port: int) -> str:
         return self.ext.get((ip, port), "")
@@ -145,3 +146,23 @@ def test_no_node_warning_when_nodes_answered_or_are_ready(
     assert "1 node answered (pinged 10.1.0.255 on UDP port 9712) but none" in message
     assert "see the warnings above" in message
     assert "Likely causes" not in message  # of silence: the node answered
+
+
+def test_no_node_warning_says_which_pings_were_refused_and_which_went(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A ping the socket refused (not a missing route: a local firewall rule,
+    say) is named as such; the targets pinged are still named."""
+    found = quiet_finder(False)
+    found._discovery.unsent["10.1.0.255"] = "Operation not permitted"  # type: ignore[attr-defined]
+    with caplog.at_level(logging.WARNING, "dispynb.backends.finder"):
+        asyncio.run(found._warn_if_no_node(["10.1.0.255", "127.0.0.1"]))
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert message.startswith(
+        "no node found in 0.01 s of discovery: could not send its ping to "
+        "10.1.0.255 (Operation not permitted) on UDP port 9712; pinged 127.0.0.1 "
+        "too, no node answered; still waiting"
+    ), message
+    assert "The ping never left: this machine refused to send it." in message
+    assert "no route" not in message

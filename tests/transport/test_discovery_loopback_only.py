@@ -119,3 +119,66 @@ def test_client_with_secret_finds_node_when_only_loopback_is_up(
     assert summary["result"] == 42
     assert summary["ip"] == "127.0.0.1"
     assert summary["nodes"] == [summary["node_port"]]
+
+
+#: ``JobCluster`` naming nodes by a network this machine has no route to; prints
+#: the warning the client logs when no node is found.
+UNREACHABLE = """
+import logging
+import threading
+
+import dispynb
+
+said = []
+warned = threading.Event()
+
+
+class Catch(logging.Handler):
+    def emit(self, record):
+        said.append(record.getMessage())
+        warned.set()
+
+
+logging.getLogger("dispynb.backends.finder").addHandler(Catch(logging.WARNING))
+cluster = dispynb.JobCluster(abs, nodes=["10.1.0.*"], secret="s" * 32)
+try:
+    assert warned.wait(30), "no warning within 30 s"
+    print(said[0])
+finally:
+    cluster.close()
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_ping_that_cannot_be_sent_is_named_with_the_fix(tmp_path: Path) -> None:
+    """Nodes named by a network this machine has no route to (only loopback up):
+    the ping fails with 'Network is unreachable', logged at debug only, and the
+    warning 5 s later said "pinged 10.1.0.255 on UDP port 9712; no node answered",
+    with causes (a firewall, --no-discovery...) that cannot be the reason."""
+    reason = _unshare_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    command = [
+        "unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
+        sys.executable, "-c", UNREACHABLE,
+    ]  # fmt: skip
+    done = subprocess.run(
+        command,
+        cwd=tmp_path,
+        env=node_env(),
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    warning = done.stdout.strip()
+    assert warning.startswith(
+        "no node found in 5 s of discovery: could not send its ping to 10.1.0.255 "
+        "(Network is unreachable) on UDP port 9712; still waiting"
+    ), warning
+    assert "The ping never left: this machine has no route to the nodes' network" in (
+        warning
+    )
+    assert "Name the nodes: JobCluster(..., nodes=['host1', 'host2'])" in warning
+    assert "pinged 10.1.0.255" not in warning and "firewall" not in warning
