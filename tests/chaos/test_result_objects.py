@@ -110,18 +110,27 @@ def test_the_result_of_a_job_past_its_timeout_leaves_no_object(local1, record):
 def stuck_before_rename(marks: str, data: bytes) -> bytes:
     """Return ``data`` twice; the worker writes it to shared memory, then stops
     before the rename that makes it whole (as one still writing a large result
-    does), recording the name it wrote under in ``marks``."""
+    does), recording the name it wrote under in ``marks`` (`recorded`)."""
     import os
     import time
 
     def rename_later(source: str, target: str) -> None:
-        with open(os.path.join(marks, ".name"), "w") as handle:
+        # Written whole under a name of its own first: the two workers shared
+        # one, so one's rename failed (its job too), or the test read the other
+        # one's still empty (and waited for /dev/shm itself to go).
+        partial = os.path.join(marks, f".{os.getpid()}")
+        with open(partial, "w") as handle:
             handle.write(os.path.basename(source))
-        os.replace(os.path.join(marks, ".name"), os.path.join(marks, str(os.getpid())))
+        os.replace(partial, os.path.join(marks, str(os.getpid())))
         time.sleep(60)  # killed meanwhile
 
     os.rename = rename_later  # type: ignore[assignment]
     return data + data
+
+
+def recorded(marks: Path) -> list[str]:
+    """The names `stuck_before_rename`'s workers recorded whole in ``marks``."""
+    return [path.read_text() for path in marks.iterdir() if path.name[0] != "."]
 
 
 def test_a_killed_node_leaves_no_result_its_workers_were_writing(tmp_path):
@@ -140,8 +149,8 @@ def test_a_killed_node_leaves_no_result_its_workers_were_writing(tmp_path):
         ) as cluster:
             for _ in range(2):
                 cluster.submit(str(marks), os.urandom(2 * MB))
-            wait_until(lambda: len(list(marks.iterdir())) == 2)
-            names = [path.read_text() for path in marks.iterdir()]
+            wait_until(lambda: len(recorded(marks)) == 2)
+            names = recorded(marks)
             assert all((shm.SHM_DIR / name).exists() for name in names)
             node.proc.send_signal(signal.SIGKILL)
             node.proc.wait(WAIT)
