@@ -210,9 +210,15 @@ def test_a_killed_nodes_results_are_freed_beside_a_running_node(
                 JobCluster(
                     wait_then_double, nodes=[killed.spec], secret=killed.secret
                 ) as lost,
-                # (Its node stopped meanwhile is not to be taken for lost.)
+                # Its node is stopped meanwhile, for longer than the 3 pulses
+                # of 1 s (the default) after which a silent node is lost on a
+                # loaded machine (a node started, another killed): pulses of a
+                # minute.
                 JobCluster(
-                    wait_then_double, nodes=[beside.spec], secret=beside.secret
+                    wait_then_double,
+                    nodes=[beside.spec],
+                    secret=beside.secret,
+                    pulse_interval=60,
                 ) as held,
             ):
                 prefixes = []
