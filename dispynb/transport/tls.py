@@ -168,6 +168,23 @@ def _load_identity(
         ) from exc
 
 
+def _default_context(purpose: ssl.Purpose) -> ssl.SSLContext:
+    """Python's default context for ``purpose``, TLS 1.2 or newer, checking the
+    peer's certificate as every Python from 3.11 does.
+
+    Python 3.13 added ``VERIFY_X509_STRICT`` to the default flags: it refuses a CA
+    certificate without a key usage extension, which ``openssl req -x509`` does not
+    write (the lab CA of docs/howto/secure-nodes.md), so a client upgraded to 3.13
+    failed with "CA cert does not include key usage extension" against nodes its
+    3.11 verified. The CA is the lab's own, given as ``cafile``: the chain, the
+    names and the dates are still checked.
+    """
+    context = ssl.create_default_context(purpose)
+    context.verify_flags &= ~ssl.VERIFY_X509_STRICT
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
 def server_context(
     certfile: str,
     keyfile: str | None = None,
@@ -176,8 +193,7 @@ def server_context(
 ) -> ssl.SSLContext:
     """Context for a node; client certificates are checked when ``cafile`` is given.
     A certfile without its key says to give ``keyfile_option``."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context = _default_context(ssl.Purpose.CLIENT_AUTH)
     _load_identity(context, certfile, keyfile, keyfile_option)
     if cafile:
         _check_file(cafile, "cafile", "trust")
@@ -199,8 +215,7 @@ def client_context(
     against an active man in the middle. A certfile without its key says to give
     ``keyfile_option`` (a program's option; a Python client's keyword by default).
     """
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context = _default_context(ssl.Purpose.SERVER_AUTH)
     if cafile:
         _check_file(cafile, "cafile", "trust")
         context.load_verify_locations(cafile)
