@@ -339,8 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=SchedulerConfig.max_user_args,
         metavar="SIZE",
         help="quota: bytes one user may have in the scheduler's memory at once: "
-        "its computations' functions and its jobs' arguments, queued or running "
-        "(default 1G, 0: no limit); past it a client's jobs, or a cluster's setup, "
+        "its computations' functions and setups (the files they list) and its "
+        "jobs' arguments and own files, queued or running, each buffer and file "
+        "counted with its objects (default 1G, 0: no limit); past it a client's "
+        "jobs, or a cluster's setup, "
         "are refused with an error naming this option",
     )
     parser.add_argument(
