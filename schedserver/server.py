@@ -32,6 +32,7 @@ from dispynb.protocol.messages import (
 )
 from dispynb.transport.addressing import format_address
 from dispynb.transport.listener import Listener
+from dispynb.wording import counted
 from nodeserver.privatedir import private_dir
 from schedserver.clients import _Clients
 from schedserver.dispatch import _Dispatch
@@ -61,7 +62,12 @@ class SchedulerServer(
         private_dir(config.dest_path_prefix, "--dest_path_prefix")
         self.spill.hold()
         if config.clean:
-            self.spill.clean()
+            removed = self.spill.clean()
+            logger.info(
+                "--clean: removed %s left by schedulers killed in %s",
+                counted(removed, "spill directory", "spill directories"),
+                config.dest_path_prefix,
+            )
         listener = Listener(
             self._serve,
             secret=self._secret_of,

@@ -168,6 +168,8 @@ class SpillStore:
         self._dir: str | None = None
         #: The shared lock on ``prefix`` while this scheduler runs (`hold`).
         self._held: int | None = None
+        #: The shared lock on the spill directory while it exists (`directory`).
+        self._dir_held: int | None = None
         #: Holes are punched in spill files (`SpillFile.free`): none failed yet.
         self.holes = True
 
@@ -180,13 +182,17 @@ class SpillStore:
 
     def clean(self) -> int:
         """Remove the spill directories left by schedulers that were killed (their
-        files were unlinked already: only empty directories remain); return how
+        files were unlinked already: only empty directories remain), not those of
+        schedulers running on the same prefix (`directory` holds its lock: one
+        removed under a running scheduler left it unable to spill); return how
         many."""
         removed = 0
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(self.prefix):
-                if entry.name.startswith("spill-") and entry.is_dir(
-                    follow_symlinks=False
+                if (
+                    entry.name.startswith("spill-")
+                    and entry.is_dir(follow_symlinks=False)
+                    and not lockeddirs.held(entry.path)
                 ):
                     shutil.rmtree(entry.path, ignore_errors=True)
                     removed += 1
@@ -204,6 +210,8 @@ class SpillStore:
         if self._dir is None:
             os.makedirs(self.prefix, mode=0o700, exist_ok=True)
             self._dir = tempfile.mkdtemp(prefix="spill-", dir=self.prefix)
+            # Held while it runs: another scheduler's --clean leaves it (`clean`).
+            self._dir_held = lockeddirs.hold(self._dir)
         return self._dir
 
     def new_file(self) -> int:
@@ -237,9 +245,10 @@ class SpillStore:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
-        if self._held is not None:
-            os.close(self._held)
-            self._held = None
+        for fd in (self._held, self._dir_held):
+            if fd is not None:
+                os.close(fd)
+        self._held = self._dir_held = None
 
 
 class KeptMessages:

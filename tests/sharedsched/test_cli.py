@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from dispynb import lockeddirs
 from dispynb.errors import ConfigurationError
 from schedserver.cli import build_parser, config_from_args, parse_args
 from schedserver.parser import REFUSED
@@ -679,3 +680,30 @@ def test_user_add_does_not_write_a_credential_over_a_file(tmp_path: Path) -> Non
     done = scheduler_cli(*again, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert alices.read_text() != before and (alices.stat().st_mode & 0o777) == 0o600
+
+
+def test_clean_removes_killed_schedulers_spill_directories_not_a_running_ones(
+    tmp_path: Path,
+) -> None:
+    """``dispynb-scheduler --clean`` removed every ``spill-*`` directory under its
+    ``--dest_path_prefix``, that of another scheduler running there too (which
+    then could not spill: its new spill files failed), and said nothing. Now it
+    leaves a directory whose scheduler runs (holds its lock) and says how many it
+    removed. The running scheduler is this process's lock, as a scheduler's
+    `SpillStore.directory` takes it."""
+    add_user(tmp_path, "alice")
+    prefix = tmp_path / "prefix"
+    (prefix / "spill-killed").mkdir(parents=True)
+    (prefix / "spill-running").mkdir()
+    held = lockeddirs.hold(str(prefix / "spill-running"))
+    try:
+        args = ("--clean", "--dest_path_prefix", str(prefix), "-n", "127.0.0.1:1")
+        with SchedulerProcess(tmp_path, [], "node-secret", args=args) as scheduler:
+            scheduler.wait_for_log("--clean: removed")
+        assert sorted(p.name for p in prefix.iterdir()) == ["spill-running"]
+        assert (
+            f"--clean: removed 1 spill directory left by schedulers killed in {prefix}"
+            in scheduler.log_text()
+        )
+    finally:
+        os.close(held)
