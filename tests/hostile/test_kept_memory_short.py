@@ -35,9 +35,10 @@ RESULT = 128 * MiB
 SLACK = 48 * MiB
 
 
-def _address_space(pid: int) -> int:
+def _address_space(pid: int, field: str = "VmSize") -> int:
+    """The process's address space now (or at its peak: ``VmPeak``), in bytes."""
     status = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(r"VmSize:\s+(\d+) kB", status)
+    match = re.search(field + r":\s+(\d+) kB", status)
     assert match, status
     return int(match[1]) * 1024
 
@@ -82,6 +83,11 @@ def test_a_node_short_of_memory_keeps_the_result_it_cannot_read(
         )
         wait_until(lambda: len(kept_files(tmp_path / "node")) == 1)
         pid = node.proc.pid
+        # The node lets go of the result's memory once it is in the file, just after
+        # the file appears: squeezed before that, the limit left room to map it.
+        wait_until(
+            lambda: _address_space(pid) < _address_space(pid, "VmPeak") - RESULT // 2
+        )
         limits = resource.prlimit(pid, resource.RLIMIT_AS)
         squeezed = _address_space(pid) + SLACK
         resource.prlimit(pid, resource.RLIMIT_AS, (squeezed, limits[1]))
