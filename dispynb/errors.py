@@ -15,6 +15,7 @@
      |    +-- ConnectTimeoutError
      +-- ConfigurationError       invalid options given by the user
      |    +-- NotSupportedError   a feature the cluster's engine does not provide
+     |    +-- ShadowedPackageError  a user's msgpack.py (...) imported for the package
      +-- ClusterError
      |    +-- NoNodesError
      |    +-- NodeLostError
@@ -95,6 +96,11 @@ class ConfigurationError(DispynbError, ValueError):
 class NotSupportedError(ConfigurationError):
     """The cluster's engine cannot do what was asked (``JobCluster(engine=...)``):
     the message names the engine and the feature, and what to use instead."""
+
+
+class ShadowedPackageError(ConfigurationError, ImportError):
+    """A file of the user's (``msgpack.py`` beside the script) was imported in
+    place of a package dispynb needs; the message names it and says to rename it."""
 
 
 class ClusterError(DispynbError):

@@ -46,7 +46,9 @@ from dispynb.wording import counted
 #: directory holding dispynb and nodeserver). ``python -m nodeserver`` imported a
 #: ``nodeserver`` package or module in the notebook's directory instead, that
 #: directory leading sys.path; ``-P`` would drop the directory, which ``-m`` keeps
-#: (as the full path) and this keeps too, once dispynb's packages are imported.
+#: (as the full path) and this keeps too, once dispynb's packages and the
+#: packages they import lazily are imported: a ``msgpack.py`` or ``cloudpickle.py``
+#: of the user's there stopped the node at its start with an AttributeError.
 #: Stop signals are held (`dispynb.startup`) before the node's modules are
 #: imported, as ``dispynb-node`` does: a cluster closed as it starts stops cleanly,
 #: and silently: its nodes' stderr is the notebook's, where Stop pressed during
@@ -55,13 +57,14 @@ from dispynb.wording import counted
 _NODE_MAIN = """\
 import os, sys
 root = sys.argv.pop(1)
+here = sys.path[0] == "" and sys.path.pop(0) == ""
 sys.path.insert(0, root)
 from dispynb.startup import run_held
 def node(held):
-    import nodeserver, nodeserver.cli
+    import nodeserver, nodeserver.cli, cloudpickle, cryptography, msgpack, psutil
     sys.path.remove(root)
-    if sys.path[0] == "":
-        sys.path[0] = os.getcwd()
+    if here:
+        sys.path.insert(0, os.getcwd())
     sys.argv[0] = "dispynb-node"
     return nodeserver.cli.main()
 sys.exit(run_held("dispynb-node", node, say_stop=False))

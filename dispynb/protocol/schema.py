@@ -26,7 +26,10 @@ from typing import Any, ClassVar, Self
 import msgpack
 
 from dispynb.errors import MessageError
+from dispynb.protocol.packages import require
 from dispynb.protocol.records import Utf8Text
+
+require(msgpack, "Packer")
 
 #: Limits for headers decoded before authentication (handshake messages are tiny).
 _PRE_AUTH_LIMITS = {

@@ -26,6 +26,9 @@ import cloudpickle
 
 from dispynb.errors import SerializationError
 from dispynb.protocol.framing import Buffer
+from dispynb.protocol.packages import require
+
+require(cloudpickle, "dumps")
 
 _PLAIN = frozenset({int, float, str, bytes, bool, type(None), complex})
 #: `_PLAIN` but ``bytes`` (large ones go out of band).

@@ -505,3 +505,51 @@ def test_jobs_on_a_killed_local_node_end_at_once_saying_it_exited(tmp_path):
         assert "start a new LocalCluster" in (later.exception or "")
         _, alive = psutil.wait_procs(family, timeout=WAIT)
         assert not alive, alive
+
+
+def test_a_users_msgpack_beside_the_script_leaves_the_local_nodes_working(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``msgpack.py`` (or ``cloudpickle.py``...) of the user's in the directory
+    the program runs in: the local nodes, which keep that directory on their path
+    (as ``python -m`` does), imported it for the package and exited at their start
+    with "AttributeError: module 'msgpack' has no attribute 'Packer'". They import
+    their own packages before that directory is on their path."""
+    for name in ("msgpack", "cloudpickle", "psutil", "cryptography"):
+        (tmp_path / f"{name}.py").write_text(f"raise SystemExit('user {name}.py')\n")
+    monkeypatch.chdir(tmp_path)
+    with (
+        LocalCluster(cpus=1) as local,
+        JobCluster(jobs.square, nodes=local) as cluster,
+    ):
+        job = cluster.submit(7)
+        assert job() == 49, job.exception
+
+
+def test_a_users_msgpack_beside_the_script_is_named_with_the_fix(tmp_path) -> None:
+    """The program itself imports the user's ``msgpack.py`` (its directory leads
+    sys.path): it failed at its first message with an AttributeError naming
+    neither the file nor the fix."""
+    (tmp_path / "msgpack.py").write_text("VERSION = 'mine'\n")
+    script = tmp_path / "squares.py"
+    script.write_text(
+        "from dispynb import JobCluster, LocalCluster\n"
+        "with LocalCluster(cpus=1) as local, JobCluster(abs, nodes=local) as c:\n"
+        "    print(c.submit(-1)())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(dispynb.local.__file__).parents[1])}
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"dispynb.errors.ShadowedPackageError: {tmp_path}/msgpack.py was imported "
+        "as msgpack, a package dispynb needs, because its directory comes first on "
+        "sys.path: rename that file, or move it out of that directory"
+    ), done.stderr
