@@ -1,0 +1,167 @@
+"""dispynb on the other Python versions it supports (``requires-python >=3.11``),
+where this suite's venv has one: a node and a client on Python 3.12 and 3.13, over
+TLS with a lab CA's certificates, and this Python's client refused by that node
+with the reason.
+
+Each version runs from ``.venv-py3.12`` / ``.venv-py3.13`` beside the checkout,
+which ``./dev test`` makes (dispynb's dependencies only) when pyenv has that Python;
+without it the test is skipped and says so. What broke on 3.13 before: a CA made by
+``openssl req -x509`` (no key usage extension) was refused by 3.13's stricter
+certificate checks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from dispynb import JobCluster
+from dispynb.errors import SetupError
+from tests.nodeproc import ROOT, node_env, running_node
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
+
+#: Put before `tests.nodeproc.node_command` (``python -m nodeserver ARGS``): runs
+#: the node with the other Python instead.
+RUN_NODE = (
+    "import runpy, sys; sys.argv = ['nodeserver', *sys.argv[4:]]; "
+    "runpy.run_module('nodeserver', run_name='__main__', alter_sys=True)"
+)
+
+#: The client, run by the other Python: a function of its own (compiled code,
+#: which only the same version runs) and one that travels by name.
+CLIENT = """
+import math, sys
+from dispynb import JobCluster
+
+def cube(x):
+    return x ** 3
+
+node, secret, ca, cert, key = sys.argv[1:]
+for compute, arg in ((cube, 3), (math.factorial, 5)):
+    with JobCluster(compute, nodes=[node], secret=secret, cafile=ca,
+                    certfile=cert, keyfile=key) as cluster:
+        print(cluster.submit(arg)())
+"""
+
+
+def other_python(version: str) -> Path:
+    python = ROOT / f".venv-py{version}" / "bin" / "python"
+    if not python.exists():
+        pytest.skip(
+            f"no Python {version} venv ({python.parent.parent}): ./dev test makes "
+            f"it when pyenv has a Python {version}"
+        )
+    return python
+
+
+def _write(directory: Path, name: str, cert: x509.Certificate, key: object) -> str:
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    (directory / f"{name}.pem").write_bytes(
+        cert.public_bytes(serialization.Encoding.PEM)
+    )
+    key_path = directory / f"{name}.key"
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_path.chmod(0o600)
+    return str(directory / f"{name}.pem")
+
+
+def lab_ca(directory: Path) -> tuple[str, str, str, str, str]:
+    """A lab CA as ``openssl req -x509`` makes it (basic constraints, no key usage)
+    and a certificate for 127.0.0.1 it signed; their paths: ca.pem, node.pem,
+    node.key, client.pem, client.key."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lab-dispynb-ca")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = [_write(directory, "ca", ca, ca_key)]
+    for name in ("node", "client"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                critical=False,
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        paths += [_write(directory, name, cert, key), str(directory / f"{name}.key")]
+    return paths[0], paths[1], paths[2], paths[3], paths[4]
+
+
+@pytest.mark.parametrize("version", ["3.12", "3.13"])
+def test_a_node_and_a_client_on_another_python_run_jobs_over_tls(
+    version: str, tmp_path: Path
+) -> None:
+    python = other_python(version)
+    ca, node_cert, node_key, client_cert, client_key = lab_ca(tmp_path)
+    tls = ("--certfile", node_cert, "--keyfile", node_key, "--cafile", ca)
+    with running_node(
+        tmp_path / "node", *tls, launcher=[str(python), "-c", RUN_NODE]
+    ) as node:
+        ran = subprocess.run(
+            [str(python), "-c", CLIENT, node.spec, node.secret, ca, client_cert,
+             client_key],
+            capture_output=True, text=True, cwd=tmp_path, env=node_env(), timeout=45,
+        )  # fmt: skip
+        assert ran.stdout.split() == ["27", "120"], ran.stderr + node.log_text()
+        assert "with TLS" in node.log_text()
+
+        # This Python's client: its function is compiled code the node cannot run.
+        with pytest.raises(SetupError) as raised:
+            JobCluster(
+                _square,
+                nodes=[node.spec],
+                secret=node.secret,
+                cafile=ca,
+                certfile=client_cert,
+                keyfile=client_key,
+            )
+        ours = "{}.{}".format(*sys.version_info[:2])
+        assert f"runs Python {version}." in str(raised.value)
+        assert f"start dispynb-node with a Python {ours}" in str(raised.value)
+
+
+def _square(x: int) -> int:
+    return x * x
