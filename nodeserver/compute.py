@@ -410,12 +410,13 @@ class ComputationProcess:
         that ends at the SIGTERM hands those to init, beyond any later kill.
         """
         detached = pin([pid for w in self.workers for pid in descendants(w)])
+        # Its job ignores SIGTERM (and left it so, idle): waiting for it only
+        # keeps the client's close waiting, `STOP_GRACE` for nothing. Read before
+        # the signal: while a handler of the job's is handed it, it shows blocked.
+        deaf = [pid for pid in self.workers if deaf_to(pid, signal.SIGTERM)]
         _signal_groups(self.workers, signal.SIGTERM)
-        for pid in self.workers:
-            # Its job ignores SIGTERM (and left it so, idle): waiting for it only
-            # keeps the client's close waiting, `STOP_GRACE` for nothing.
-            if deaf_to(pid, signal.SIGTERM):
-                kill_group(pid, self._cgroups.get(pid))
+        for pid in deaf:
+            kill_group(pid, self._cgroups.get(pid))
         deadline = time.monotonic() + STOP_GRACE
         waiter = select.poll()
         waiter.register(self._wake_r, select.POLLIN)

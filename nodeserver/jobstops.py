@@ -83,7 +83,12 @@ def _before_its_turn(worker: Worker) -> bool:
     conn = worker.conn
     if worker.returncode is not None or worker.stream_closed or not conn.all_sent:
         return False
-    if conn.holds_received:
+    return _nothing_unread(worker)
+
+
+def _nothing_unread(worker: Worker) -> bool:
+    """Whether nothing the worker sent waits to be read, here or in the kernel."""
+    if worker.conn.holds_received:
         return False
     waiting = bytearray(4)
     try:
@@ -254,7 +259,10 @@ class _JobStops(_ComputationState):
             # Named first: if the job ends as the signal is sent, the worker's
             # next job (started before it read the Skip) ignores the SIGINT.
             worker.page[0] = job.run
-        if not self._launcher.interrupt(worker.process):
+        # Deaf, it is killed at once only if its job is surely ``job``: the worker
+        # sends a job's `Done` before it starts the next, so if the next one made
+        # it deaf, that Done waits unread. Else the grace's end decides, once read.
+        if not self._launcher.interrupt(worker.process) and _nothing_unread(worker):
             self._escalate(worker, job)
             return
         loop = asyncio.get_running_loop()

@@ -119,9 +119,14 @@ class ProcessLauncher:
     def interrupt(self, worker: HeldWorker) -> bool:
         """SIGINT to the worker; it may have ended already. False if the worker
         ignores or blocks SIGINT (its job made it so: ``signal.signal(SIGINT,
-        SIG_IGN)``, a library that masks signals): nothing will interrupt it."""
+        SIG_IGN)``, a library that masks signals): nothing will interrupt it.
+
+        The masks are read before the signal: while the kernel hands it to
+        Python's handler, SIGINT shows blocked, and a job about to get its
+        KeyboardInterrupt would be taken for deaf (and killed)."""
+        deaf = deaf_to(worker.pid, signal.SIGINT)
         worker.signal(signal.SIGINT)
-        return not deaf_to(worker.pid, signal.SIGINT)
+        return not deaf
 
     def kill_group(self, worker: HeldWorker) -> None:
         """SIGKILL to the worker's process group (a worker leads its own group) and
