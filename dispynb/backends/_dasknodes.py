@@ -42,6 +42,8 @@ class _Nodes(_DaskState):
         from dispynb.backends._daskworker import ComputationPlugin
 
         self._ready_seen = asyncio.Event()
+        if await self._nothing_listens():  # else Dask retries for CONNECT_TIMEOUT s
+            raise self._refused_error()
         make_client: Any = distributed.Client  # untyped constructor
         client = make_client(
             self.engine.address,
@@ -114,6 +116,36 @@ class _Nodes(_DaskState):
         await self._check_wanted()
         await self._await_setup(set(responses))
 
+    async def _nothing_listens(self) -> bool:
+        """True if the scheduler's TCP port refuses connections: nothing listens
+        there, which Dask's client retries for its whole timeout (10 s) before
+        saying only that it timed out. (An unreachable or silent address: False,
+        Dask's own connection says what it is.)"""
+        address = self.engine.address
+        if not (address.startswith("tcp://") or "://" not in address):
+            return False  # TLS, UCX...: Dask's connection tells
+        host, port = _host_port(address)
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port), PROBE_TIMEOUT
+            )
+        except ConnectionRefusedError:
+            return True
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return False
+
+    def _refused_error(self) -> TransportError:
+        return TransportError(
+            f"cannot connect to the Dask scheduler at {self.engine.address}: "
+            "nothing listens there (connection refused): start the scheduler (`dask "
+            "scheduler` prints the address to give), or check the address (the "
+            "scheduler's port is 8786 by default)"
+        )
+
     async def _connect_error(self, exc: Exception) -> TransportError:
         """The error for a connection to the scheduler that failed with ``exc``
         before its deadline: nothing listens there, or a server that is not Dask's
@@ -136,12 +168,7 @@ class _Nodes(_DaskState):
             if not isinstance(exc, OSError):
                 raise exc  # not the connection's fault: Dask's own error
             if refused:  # Dask says only that it "timed out" retrying
-                return TransportError(
-                    f"cannot connect to the Dask scheduler at {address}: nothing "
-                    "listens there (connection refused): start the scheduler "
-                    "(`dask scheduler` prints the address to give), or check the "
-                    "address (the scheduler's port is 8786 by default)"
-                )
+                return self._refused_error()
             return TransportError(
                 f"cannot connect to the Dask scheduler at {address}: {exc}"
             )
