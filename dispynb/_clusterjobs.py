@@ -15,7 +15,7 @@ from dispynb._interruptible import HeldInterrupts
 from dispynb.backends import base
 from dispynb.backends.base import JobRequest
 from dispynb.depends import Dependencies, collect
-from dispynb.errors import ClusterError, SerializationError
+from dispynb.errors import ClusterError, NotSupportedError, SerializationError
 from dispynb.job import DispyJob, JobStatus
 from dispynb.options import check_job_timeout, check_mem_limit
 
@@ -175,7 +175,21 @@ class _Jobs(_ClusterState):
             # (cluster.wait, close). It ends Cancelled (Terminated if started).
             backend.cancel([request.key])
             raise
+        if not self._repeats.hinted:
+            self._hint_put(args, kwargs)
         return job
+
+    def _hint_put(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Say once to `put` a large argument sent with job after job (if the
+        engine has `put`)."""
+        hint = self._repeats.note(args, kwargs)
+        if hint is None:
+            return
+        try:
+            self._require(base.JOB_DEPENDS, "put")
+        except NotSupportedError:
+            return
+        logger.warning("%s", hint)
 
     def _register(
         self, job: DispyJob, request: JobRequest, backend: base.Backend

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from dispynb._callbacks import CallbackDispatcher
 from dispynb._interruptible import Sleepers
 from dispynb._loop import LoopRunner
+from dispynb._puthint import RepeatedArguments
 from dispynb.backends import base
 from dispynb.backends.base import Backend, Engine
 from dispynb.clusterjournal import ClusterJournal
@@ -58,6 +59,7 @@ class _ClusterState:
     _keys: itertools.count[int]
     _objects: dict[str, Any]
     _objects_dir: str | None
+    _repeats: RepeatedArguments
     job_counts: Counter[str]
     _listeners: list[Listener]
     _outstanding: int

@@ -30,6 +30,7 @@ from dispynb._clusternodes import _Nodes
 from dispynb._clusterstate import Listener, _ClusterState
 from dispynb._live import live_clusters
 from dispynb._loop import LoopRunner
+from dispynb._puthint import RepeatedArguments
 from dispynb.backends import base
 from dispynb.backends.base import Backend, ClusterConfig, Engine
 from dispynb.clusterjournal import ClusterJournal
@@ -185,6 +186,7 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
         # Objects put in the cluster (`put`): their handles and the client's files.
         self._objects: dict[str, Any] = {}
         self._objects_dir: str | None = None
+        self._repeats = RepeatedArguments()  # a hint at put for arguments sent again
         #: Jobs by final status (and "submitted"), for monitors.
         self.job_counts: Counter[str] = Counter()
         self._listeners: list[Listener] = []

@@ -263,3 +263,30 @@ def test_clients_in_other_pid_namespaces_keep_their_files(tmp_path, monkeypatch)
             if pipe is not None:
                 pipe.close()
         objects.remove_directory(mine)
+
+
+def array_size(array: object) -> int:
+    return int(array.nbytes)  # type: ignore[attr-defined]
+
+
+def test_the_same_large_argument_sent_again_and_again_hints_at_put(local, caplog):
+    """``submit(big_array, i)`` in a loop sends the array with every job; nothing
+    said that ``cluster.put`` sends it once. The third job with the same large
+    object (by identity) logs the hint, once; new arrays of the same size do not."""
+    numpy = pytest.importorskip("numpy")
+
+    caplog.set_level("WARNING", logger="dispynb.cluster")
+    with JobCluster(array_size, nodes=local) as cluster:
+        fresh = [cluster.submit(numpy.zeros(2**20)) for _ in range(3)]
+        assert [job() for job in fresh] == [2**23] * 3
+        assert not caplog.records, caplog.text  # three arrays: each sent once
+        big = numpy.zeros(2**20)
+        same = [cluster.submit(big) for _ in range(5)]
+        assert [job() for job in same] == [2**23] * 5
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [
+        "the same ndarray of 8 MiB went with 3 jobs: submit pickles and sends it "
+        "again with each job. Send it once: ref = cluster.put(value), then "
+        "submit(ref, ...) (each node gets it once; docs/howto/shared-objects.md). "
+        "Said once"
+    ], said
