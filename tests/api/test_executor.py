@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -418,9 +419,14 @@ def test_an_exception_that_traceback_cannot_format_comes_back_as_itself(executor
     assert type(error) is Lazy and error.args == ("lazy",)  # __notes__ too
     text = error.__cause__.traceback
     assert 'raise Lazy("lazy")' in text
-    assert text.endswith(
-        "Lazy: <the exception cannot be formatted: LookupError: __notes__>\n"
-    )
+    try:  # 3.13's traceback ignores the failing __notes__ lookup itself
+        traceback.format_exception(Lazy("lazy"))
+    except LookupError:
+        assert text.endswith(
+            "Lazy: <the exception cannot be formatted: LookupError: __notes__>\n"
+        )
+    else:
+        assert "Lazy: lazy\n" in text
 
 
 def test_an_argument_that_cannot_be_pickled_is_named_at_submit(executor, tmp_path):

@@ -134,6 +134,9 @@ def lab_ca(directory: Path) -> tuple[str, str, str, str, str]:
 def test_a_node_and_a_client_on_another_python_run_jobs_over_tls(
     version: str, tmp_path: Path
 ) -> None:
+    ours = "{}.{}".format(*sys.version_info[:2])
+    if version == ours:
+        pytest.skip(f"this suite runs on Python {ours}: no other Python to test")
     python = other_python(version)
     ca, node_cert, node_key, client_cert, client_key = lab_ca(tmp_path)
     tls = ("--certfile", node_cert, "--keyfile", node_key, "--cafile", ca)
@@ -158,7 +161,6 @@ def test_a_node_and_a_client_on_another_python_run_jobs_over_tls(
                 certfile=client_cert,
                 keyfile=client_key,
             )
-        ours = "{}.{}".format(*sys.version_info[:2])
         assert f"runs Python {version}." in str(raised.value)
         assert f"start dispynb-node with a Python {ours}" in str(raised.value)
 
