@@ -157,6 +157,8 @@ class _Jobs(_ClusterState):
                 raise exc.with_traceback(None) from exc.__cause__
         if refs:
             self._add_object_files(request, refs)
+        if not self._repeats.hinted:  # before the job exists: a Ctrl-C here leaves none
+            self._hint_put(args, kwargs)
         job = DispyJob(job_id, args, kwargs)
         # A Ctrl-C (or another signal whose handler raises) in the middle would leave
         # the job half registered, or sent with no DispyJob for the user: held until
@@ -175,8 +177,6 @@ class _Jobs(_ClusterState):
             # (cluster.wait, close). It ends Cancelled (Terminated if started).
             backend.cancel([request.key])
             raise
-        if not self._repeats.hinted:
-            self._hint_put(args, kwargs)
         return job
 
     def _hint_put(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import os
 import pickle
+import time
 
 import pytest
 
@@ -290,3 +291,28 @@ def test_the_same_large_argument_sent_again_and_again_hints_at_put(local, caplog
         "submit(ref, ...) (each node gets it once; docs/howto/shared-objects.md). "
         "Said once"
     ], said
+
+
+def hold(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def test_a_ctrl_c_while_submit_weighs_the_put_hint_leaves_no_job(local, monkeypatch):
+    """A Ctrl-C (a SIGINT handler that raises) landing while ``submit`` weighs its
+    hint at ``put``: ``submit`` raises KeyboardInterrupt and leaves no job behind.
+    The hint was weighed after the job was registered: the user got no handle of a
+    job that ran all the same, and ``cluster.wait()`` waited for it (the submit
+    storm of tests/api/test_loop_place.py met it)."""
+
+    def interrupted(args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+        raise KeyboardInterrupt
+
+    with JobCluster(hold, nodes=local) as cluster:
+        monkeypatch.setattr(cluster._repeats, "note", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            cluster.submit(600)
+        monkeypatch.undo()
+        # Nothing to wait for: returns at once (a job left would hold it 600 s).
+        assert cluster.wait(timeout=20) is True
+        assert cluster.submit(0)() == 0
