@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -72,8 +73,10 @@ def spill_files(pid: int, spill: Path) -> list[int]:
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if target.startswith(str(spill)):
-                sizes.append(os.stat(f"/proc/{pid}/fd/{fd}").st_size)
+            info = os.stat(f"/proc/{pid}/fd/{fd}")
+            # (a directory held open is the scheduler's lock on its spill: 16e314e9)
+            if target.startswith(str(spill)) and stat.S_ISREG(info.st_mode):
+                sizes.append(info.st_size)
         except FileNotFoundError:
             continue
     return sizes

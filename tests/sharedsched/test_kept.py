@@ -129,7 +129,8 @@ def _spill_files(pid: int, prefix: Path) -> list[tuple[str, int, int]]:
             info = os.stat(link)
         except FileNotFoundError:
             continue
-        if target.startswith(str(prefix)):
+        # (a directory held open is the scheduler's lock on its spill: 16e314e9)
+        if target.startswith(str(prefix)) and stat.S_ISREG(info.st_mode):
             found.append((target, stat.S_IMODE(info.st_mode), info.st_size))
     return found
 

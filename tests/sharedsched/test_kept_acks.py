@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -192,8 +193,10 @@ def spill_disk(pid: int, prefix: Path) -> list[int]:
     for fd in os.listdir(f"/proc/{pid}/fd"):
         link = f"/proc/{pid}/fd/{fd}"
         try:
-            if os.readlink(link).startswith(str(prefix)):
-                used.append(os.stat(link).st_blocks * 512)
+            info = os.stat(link)
+            # (a directory held open is the scheduler's lock on its spill: 16e314e9)
+            if os.readlink(link).startswith(str(prefix)) and stat.S_ISREG(info.st_mode):
+                used.append(info.st_blocks * 512)
         except FileNotFoundError:
             continue
     return used
