@@ -2,6 +2,15 @@
 
 dispy programs pass ``loglevel=dispy.logger.DEBUG`` and call ``dispy.logger.info``;
 this is the standard ``logging`` logger named ``dispynb`` with those attributes added.
+
+A cluster made in a program that set up no logging writes dispynb's lines to stderr,
+as dispy's logger wrote its own: at dispy's default level, INFO, or at ``loglevel=``.
+That lasts only while the program sets up none. Once it adds a handler to the root
+logger (``logging.basicConfig()``, ``dictConfig``) its set-up decides, as if made
+before the cluster: dispy's default INFO gives way to the program's levels, and no
+line is shown twice. A handler it adds to ``dispynb`` itself takes over the lines at
+the cluster's level (a ``loglevel`` of its own sets another), in whichever order the
+two were made.
 """
 
 from __future__ import annotations
@@ -16,37 +25,79 @@ for _level in ("DEBUG", "INFO", "WARN", "WARNING", "ERROR", "FATAL", "CRITICAL")
 
 
 class _UntilConfigured(logging.StreamHandler):  # type: ignore[type-arg]
-    """stderr, for a program that had set up no logging when its cluster started:
-    silent once the root logger has a handler (``logging.basicConfig`` called
-    after ``JobCluster()``), which then shows dispynb's records: no line twice."""
+    """stderr for ``dispynb``'s records while the program has set up no logging.
+
+    Silent while the program has a handler of its own on ``dispynb``, which shows
+    the records. ``provisional``: the level is dispy's default, not the program's
+    ``loglevel``, and ``dispynb`` does not propagate meanwhile, so that a root
+    handler added later never sees a record let through at that default: the
+    first record after it hands over (`_hand_over`).
+    """
+
+    def __init__(self, provisional: bool) -> None:
+        super().__init__()
+        self.provisional = provisional
 
     def emit(self, record: logging.LogRecord) -> None:
-        if not logging.getLogger().handlers:
-            super().emit(record)
+        if logging.getLogger().handlers:
+            if self.provisional:
+                self._hand_over(record)
+            return
+        if any(handler is not self for handler in logger.handlers):
+            return
+        super().emit(record)
+
+    def _hand_over(self, record: logging.LogRecord) -> None:
+        """The program configured logging: its levels decide from now on, this
+        record's passage up to the root logger included."""
+        if logger.level == logging.INFO:  # dispy's default, set by default_level
+            logger.setLevel(logging.NOTSET)  # (and forgets every logger's cache)
+        if not logging.getLogger(record.name).isEnabledFor(record.levelno):
+            # Not for the program's handlers. dispynb stays unpropagated until a
+            # record that is: only one let through at the old level reaches here.
+            return
+        # logging's loop over the handlers reads propagate after this one, and
+        # iterates the old list: this record goes on up, once.
+        logger.propagate = True
+        logger.handlers = [h for h in logger.handlers if h is not self]
+        self.provisional = False
+
+
+def _ours() -> _UntilConfigured | None:
+    return next((h for h in logger.handlers if isinstance(h, _UntilConfigured)), None)
+
+
+def _add_handler(provisional: bool) -> None:
+    handler = _UntilConfigured(provisional)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
+    )
+    logger.addHandler(handler)
 
 
 def set_level(level: int) -> None:
-    """Set the ``dispynb`` loggers' level (``JobCluster(loglevel=...)``); with no
-    handler configured anywhere, log to stderr."""
-    root = logging.getLogger("dispynb")
-    root.setLevel(level)
-    if not root.handlers and not logging.getLogger().handlers:
-        handler = _UntilConfigured()
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
-        )
-        root.addHandler(handler)
+    """Set the ``dispynb`` loggers' level (``JobCluster(loglevel=...)``); while no
+    handler is configured anywhere, log to stderr."""
+    logger.setLevel(level)
+    ours = _ours()
+    if ours is not None:  # the program's level now, not dispy's default
+        ours.provisional = False
+        logger.propagate = True
+    elif not logger.handlers and not logging.getLogger().handlers:
+        _add_handler(provisional=False)
 
 
 def default_level() -> None:
     """dispy's default, ``JobCluster(loglevel=logging.INFO)``, for a program that
-    set up no logging: its ``dispy.logger.info(...)`` lines and dispynb's own few
-    at INFO go to stderr, as dispy's went. A program that did (a handler on the
-    root logger or on ``dispynb``, or a level on ``dispynb``) keeps its choice, and
-    a notebook, which shows what matters in its cells, gets no such handler."""
-    own = logging.getLogger("dispynb")
-    if own.level != logging.NOTSET or own.handlers or logging.getLogger().handlers:
+    configured no logging: its ``dispy.logger.info(...)`` lines and dispynb's own few
+    at INFO go to stderr, as dispy's went, until it does (see the module's
+    docstring). A program that did (a handler on the root logger, a level on
+    ``dispynb``) keeps its choice, and a notebook, which shows what matters in its
+    cells, gets no such handler."""
+    if logger.level != logging.NOTSET or logging.getLogger().handlers:
         return
-    if "ipykernel" in sys.modules:
+    if "ipykernel" in sys.modules or _ours() is not None:
         return
-    set_level(logging.INFO)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    _add_handler(provisional=True)

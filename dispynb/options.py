@@ -98,10 +98,13 @@ class ClusterOptions:
     dest_path:
         Directory for the computation's files, relative to the node's directory.
     loglevel:
-        A numeric logging level (or its name). Default None: dispy's INFO, to
-        stderr, for a program that set up no logging (no handler on the root
-        logger or on ``dispynb``, no level on ``dispynb``) and runs outside a
-        notebook; otherwise logging is left as the program set it.
+        A numeric logging level (or its name), the ``dispynb`` logger's, written
+        to stderr until the program adds a handler of its own. Default None:
+        dispy's INFO, to stderr, for a program outside a notebook that set up no
+        logging (no handler on the root logger, no level on ``dispynb``), until
+        it does (``logging.basicConfig()``), then as it set logging up; a handler
+        it adds to ``dispynb`` shows the lines at INFO. Otherwise logging is left
+        as the program set it.
     ping_interval, pulse_interval, poll_interval:
         Seconds, within dispy's ranges, or None. With ``ping_interval``, discovery
         pings go out that often, and named nodes that are away (not started yet,

@@ -532,13 +532,14 @@ def test_a_function_called_or_named_instead_of_given_is_said_so(tmp_path):
 
 def test_dispys_default_loglevel_leaves_a_programs_own_logging_alone(monkeypatch):
     """Without loglevel a cluster logs at INFO to stderr as dispy's (see
-    tests/compat/programs/logger_default.py), unless the program set logging up
-    (a root handler, a level on ``dispynb``) or runs in a notebook."""
+    tests/compat/programs/logger_*.py), unless the program set logging up (a root
+    handler, a level on ``dispynb``) or runs in a notebook; a handler of its own on
+    ``dispynb`` shows the lines at dispy's INFO, the stderr one silent."""
     own, root = logging.getLogger("dispynb"), logging.getLogger()
-    level, handlers = own.level, list(own.handlers)
     monkeypatch.setattr(own, "handlers", [])
+    monkeypatch.setattr(own, "propagate", True)
+    monkeypatch.setattr(own, "level", logging.NOTSET)
     try:
-        own.setLevel(logging.NOTSET)
         monkeypatch.setattr(root, "handlers", [logging.NullHandler()])
         default_level()
         assert (own.level, own.handlers) == (logging.NOTSET, [])
@@ -551,19 +552,16 @@ def test_dispys_default_loglevel_leaves_a_programs_own_logging_alone(monkeypatch
         default_level()
         assert (own.level, own.handlers) == (logging.WARNING, [])
         own.setLevel(logging.NOTSET)
+        programs = io.StringIO()
+        own.addHandler(logging.StreamHandler(programs))
         default_level()
         assert own.level == logging.INFO
-        (handler,) = own.handlers
-        assert isinstance(handler, logging.StreamHandler)
-        stream = io.StringIO()
-        handler.setStream(stream)
-        own.info("to stderr")
-        # logging.basicConfig() after JobCluster(): its handler shows the records,
-        # the cluster's steps aside (each line was shown twice).
-        monkeypatch.setattr(root, "handlers", [logging.NullHandler()])
-        own.warning("once, by the program's own handler")
-        assert stream.getvalue().splitlines()[-1].endswith("dispynb INFO to stderr")
-        assert "program's own" not in stream.getvalue()
+        stderr = io.StringIO()
+        own.handlers[-1].setStream(stderr)  # type: ignore[attr-defined]
+        own.info("by the program's handler only")
+        assert (programs.getvalue(), stderr.getvalue()) == (
+            "by the program's handler only\n",
+            "",
+        )
     finally:
-        own.setLevel(level)
-        own.handlers = handlers
+        own.setLevel(logging.NOTSET)  # (and forgets the loggers' cached levels)

@@ -309,6 +309,20 @@ EXPECTED: dict[str, Expect] = {
         ),
         not_in_stderr=("not shown",),
     ),
+    "logger_configured_later": Expect(
+        ["result: 2"],
+        stderr=(
+            R(r"dispynb INFO before basicConfig, at dispy's default level"),
+            R(r"(?m)^root\|WARNING\|warning after basicConfig$"),
+        ),
+        # (the cluster's format would say "dispynb WARNING warning after ...")
+        not_in_stderr=("info after", "info at the end", "dispynb WARNING"),
+    ),
+    "logger_handler_later": Expect(
+        ["own|INFO|after the handler", "result: 6"],
+        stderr=(R(r"dispynb INFO before the handler"),),
+        not_in_stderr=("after the handler", "below the level"),
+    ),
     "module_api": Expect(
         [
             "dispy.logger: True",

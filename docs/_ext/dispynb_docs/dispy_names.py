@@ -181,7 +181,8 @@ JOBCLUSTER = [
     Name(
         "loglevel",
         differs="A `logging` level or its name. Not given: INFO to stderr, as "
-        "dispy's, unless the program set up logging itself or runs in a notebook.",
+        "dispy's, unless the program set up logging itself (before or after the "
+        "cluster was made) or runs in a notebook.",
     ),
     Name("callback", note="Deprecated alias of ``job_status``, as in dispy."),
     Name(
