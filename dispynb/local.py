@@ -42,29 +42,28 @@ from dispynb.secret import random_secret
 from dispynb.transport import localsockets
 from dispynb.wording import counted
 
-#: Runs dispynb's own node server (``python -c _NODE_MAIN ROOT ARGS``, ROOT the
-#: directory holding dispynb and nodeserver). ``python -m nodeserver`` imported a
-#: ``nodeserver`` package or module in the notebook's directory instead, that
-#: directory leading sys.path; ``-P`` would drop the directory, which ``-m`` keeps
-#: (as the full path) and this keeps too, once dispynb's packages and the
-#: packages they import lazily are imported: a ``msgpack.py`` or ``cloudpickle.py``
-#: of the user's there stopped the node at its start with an AttributeError.
+#: Runs dispynb's own node server (``python -P -c _NODE_MAIN ROOT ARGS``, ROOT the
+#: directory holding dispynb and nodeserver, put first on the path). With ``-P``,
+#: as the launchers start nodes (`dispynb.deploy.base.NODE_MAIN`), the directory
+#: the node starts in (the notebook's, the program's current directory) is not on
+#: its path. Its jobs never had it (their process puts the computation's directory
+#: in its place: `nodeserver.compute.lead_path`); on the node it only put the
+#: user's files there before the node's own modules: ``python -m nodeserver`` ran
+#: a ``nodeserver`` package of the user's, a ``msgpack.py`` stopped the node at its
+#: start, a ``multiprocessing.py`` was imported for the computations' names. (The
+#: packages imported with ``nodeserver.cli`` were so kept from such files; they
+#: still are imported there, before the node forks its zygote, which shares them.)
 #: Stop signals are held (`dispynb.startup`) before the node's modules are
 #: imported, as ``dispynb-node`` does: a cluster closed as it starts stops cleanly,
 #: and silently: its nodes' stderr is the notebook's, where Stop pressed during
 #: ``%dispy local`` printed a "stopped by SIGTERM while starting" line per node
 #: above the cell's own line saying it (the cluster says why its nodes stopped).
 _NODE_MAIN = """\
-import os, sys
-root = sys.argv.pop(1)
-here = sys.path[0] == "" and sys.path.pop(0) == ""
-sys.path.insert(0, root)
+import sys
+sys.path.insert(0, sys.argv.pop(1))
 from dispynb.startup import run_held
 def node(held):
-    import nodeserver, nodeserver.cli, cloudpickle, cryptography, msgpack, psutil
-    sys.path.remove(root)
-    if here:
-        sys.path.insert(0, os.getcwd())
+    import nodeserver.cli, cloudpickle, cryptography, msgpack, psutil
     sys.argv[0] = "dispynb-node"
     return nodeserver.cli.main()
 sys.exit(run_held("dispynb-node", node, say_stop=False))
@@ -220,6 +219,7 @@ class LocalCluster:
         self._pipes: list[int] = []  # write ends: the nodes stop when they close
         self.addresses: list[tuple[str, int]] = []
         self._closed = False  # `node_specs` then says so, not "nothing listens"
+        self._forgotten = False  # `close` has let go of the nodes (`_forget_nodes`)
         # The clusters given nodes=self (`serving`), closed first by `close`.
         self._clusters: weakref.WeakSet[JobCluster] = weakref.WeakSet()
         atexit.register(self.close)
@@ -246,7 +246,7 @@ class LocalCluster:
             p for p in (root, env.get("PYTHONPATH")) if p
         )
         command = [
-            sys.executable, "-c", _NODE_MAIN, root,
+            sys.executable, "-P", "-c", _NODE_MAIN, root,
             "--host", "127.0.0.1",
             "--port", "0",
             "--cpus", str(cpus),
@@ -403,6 +403,10 @@ class LocalCluster:
         A cluster still open on them is closed first, its jobs not done cancelled:
         else they would wait for ever for nodes that never come back.
         """
+        if self._forgotten:
+            # Closed already (its with block, then atexit or a second close): its
+            # ports may be a newer LocalCluster's now, their sockets registered.
+            return
         self._closed = True
         self._close_clusters()
         try:
@@ -437,6 +441,7 @@ class LocalCluster:
     def _forget_nodes(self) -> None:
         """What `close` does once the nodes have ended: their sockets, pipes, the
         directory and its lock let go; no close at exit any more."""
+        self._forgotten = True
         self._procs = []
         for host, port in self.addresses:
             localsockets.unregister(host, port)

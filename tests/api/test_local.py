@@ -41,7 +41,7 @@ def test_local_cluster_start_and_close_leaves_no_processes():
         assert len(nodes) == 1
         assert all(node.is_running() for node in nodes)
         # Dispynb's own node, its stop signals held from the start (`_NODE_MAIN`).
-        assert nodes[0].cmdline()[1:3] == ["-c", _NODE_MAIN]
+        assert nodes[0].cmdline()[1:4] == ["-P", "-c", _NODE_MAIN]
         with JobCluster(jobs.mark_and_sleep, nodes=local) as cluster:
             # While a computation is set up: its process and 2 workers run.
             wait_until(lambda: len(jobs.computation_processes(nodes[0])) >= 3)
@@ -188,10 +188,20 @@ def test_closing_the_local_cluster_after_a_clusters_jobs_ended_warns_of_nothing(
 
 
 def test_local_cluster_close_twice_is_harmless():
+    """A second close (atexit, a with block's end after close()) lets go of
+    nothing more: the port may be a newer LocalCluster's node's by then, and its
+    socket stays registered (the second close unregistered it)."""
     local = LocalCluster(cpus=1)
     pids = local.pids
+    ((host, port),) = local.addresses
     local.close()
-    local.close()
+    newer = os.path.join(tempfile.gettempdir(), "newer-local-cluster", "node-0.sock")
+    localsockets.register(host, port, newer)
+    try:
+        local.close()
+        assert localsockets.path_for(host, port) == newer
+    finally:
+        localsockets.unregister(host, port)
     assert not any(psutil.pid_exists(pid) for pid in pids)
 
 
@@ -511,12 +521,18 @@ def test_a_users_msgpack_beside_the_script_leaves_the_local_nodes_working(
     tmp_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A ``msgpack.py`` (or ``cloudpickle.py``...) of the user's in the directory
-    the program runs in: the local nodes, which keep that directory on their path
+    the program runs in: the local nodes, which kept that directory on their path
     (as ``python -m`` does), imported it for the package and exited at their start
-    with "AttributeError: module 'msgpack' has no attribute 'Packer'". They import
-    their own packages before that directory is on their path."""
-    for name in ("msgpack", "cloudpickle", "psutil", "cryptography"):
-        (tmp_path / f"{name}.py").write_text(f"raise SystemExit('user {name}.py')\n")
+    with "AttributeError: module 'msgpack' has no attribute 'Packer'". Then they
+    imported those before the directory went back on their path, but not what
+    they import later: a ``multiprocessing.py`` there, for the computations' names
+    (dispy's). None of the directory's files is imported by a node now."""
+    imported = tmp_path / "imported"
+    for name in ("msgpack", "cloudpickle", "psutil", "cryptography", "multiprocessing"):
+        (tmp_path / f"{name}.py").write_text(
+            f"open({str(imported)!r}, 'a').write('{name} ')\n"
+            f"raise SystemExit('user {name}.py')\n"
+        )
     monkeypatch.chdir(tmp_path)
     with (
         LocalCluster(cpus=1) as local,
@@ -524,6 +540,7 @@ def test_a_users_msgpack_beside_the_script_leaves_the_local_nodes_working(
     ):
         job = cluster.submit(7)
         assert job() == 49, job.exception
+    assert not imported.exists(), imported.read_text()
 
 
 def test_a_users_msgpack_beside_the_script_is_named_with_the_fix(tmp_path) -> None:
