@@ -43,6 +43,12 @@ from dispynb.transport.connector import connect, not_listening, out_of_descripto
 logger = logging.getLogger("dispynb.scheduler.driver")
 
 
+class _Declined(SetupError):
+    """The cluster's `NodeAllocate.allocate` gave a node no CPUs: the program's
+    choice (dispy's examples pick nodes so), logged at debug, as dispy said
+    nothing; when no node is left, `JobCluster` raises it as any setup error."""
+
+
 class DriverNodes(DriverResults):
     """Connecting, setting up, reading and losing nodes (dispy's node management)."""
 
@@ -142,7 +148,7 @@ class DriverNodes(DriverResults):
         config = self.config
         cpus, bundle, files = link.allocate(link.welcome, link.peer_ip)
         if cpus <= 0:
-            raise SetupError(f"{link.node_id}: the node allocation rejected it")
+            raise _Declined(f"{link.node_id}: NodeAllocate.allocate gave it no CPUs")
         given = {ref.relative for ref in files}  # (its depends win: newer)
         files = [*files, *(r for p, r in link.placed.items() if p not in given)]
         for ref in files:
@@ -196,7 +202,9 @@ class DriverNodes(DriverResults):
             message = "node %s cannot be used: %s"
         # Most errors name the node already ("HOST:PORT: ..."): name it once.
         text = describe_error(exc).removeprefix(f"{link.node_id}: ")
-        if self._held_warnings is not None:
+        if isinstance(exc, _Declined):
+            logger.debug(message, link.node_id, text)
+        elif self._held_warnings is not None:
             self._held_warnings.append((message, link.node_id, text, exc))
         else:
             logger.warning(message, link.node_id, text)

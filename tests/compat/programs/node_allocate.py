@@ -1,6 +1,7 @@
 """Every form of node spec, positive and negative `cpus`, and NodeAllocate.allocate.
 
 Each cluster runs a few jobs; job ids keep counting across clusters, from 1, as dispy's.
+A node that allocate() declines is not used, silently, as dispy's.
 """
 
 import dispynb as dispy  # the only change from dispy: this line was `import dispy`
@@ -65,3 +66,7 @@ if __name__ == "__main__":
     )
     print("jobs ran on: %s" % names)
     print("\n".join(sorted(allocations)))
+    try:  # (dispy's jobs would wait for ever: no node is used)
+        dispy.JobCluster(compute, nodes=[OnlyFirstNode(host1, port=port1)])
+    except Exception as exc:
+        print("no node allocated: %s" % str(exc).split(": ", 1)[1])
