@@ -121,6 +121,15 @@ class JobContext:
         target = self.target
         return target is not None and target[0] == self.run
 
+    def interrupted_before(self, run: int) -> bool:
+        """Whether the node interrupted a job of this worker before the one of Run
+        number ``run``: then it wants no job it sent ahead started here (each told
+        to skip, to run elsewhere; the worker is replaced once idle). A kill the
+        node sends a job deaf to SIGINT is thus the interrupted job's or an idle
+        worker's, never that of a job started as the interrupted one ended."""
+        target = self.target
+        return target is not None and 0 < target[0] < run
+
     def send(self, message: Any, buffers: list[Any]) -> None:
         """Send a message for the current job (thread-safe)."""
         if self.sock is None:

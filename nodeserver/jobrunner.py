@@ -414,7 +414,11 @@ def worker_loop(
                 while sock.poll():
                     _take(sock, sock.recv(), inbox, skipped, runs)
             run, buffers, shared, number = inbox.popleft()
-            if run.key in skipped:
+            # Once the node interrupted an earlier job here, it wants none of the
+            # jobs it sent ahead to start here: it told the worker to skip each,
+            # but a Skip may still wait in its buffer behind the arguments of
+            # others (a full socket), where the page said so before the signal.
+            if run.key in skipped or (run.ahead and CONTEXT.interrupted_before(number)):
                 skipped.discard(run.key)
                 del buffers
                 if isinstance(shared, mmap.mmap):

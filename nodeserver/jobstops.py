@@ -257,12 +257,22 @@ class _JobStops(_ComputationState):
         worker.interrupted = True
         if worker.page is not None:
             # Named first: if the job ends as the signal is sent, the worker's
-            # next job (started before it read the Skip) ignores the SIGINT.
+            # next job (started before it read the Skip) ignores the SIGINT. And
+            # once the page names it, the worker starts no job sent ahead: a kill
+            # (at once, or at the grace's end) that comes as the job ends finds
+            # the worker idle, never running a job of the jobs behind it, whose
+            # Skips may wait here behind their Runs (its socket full).
             worker.page[0] = job.run
         # Deaf, it is killed at once only if its job is surely ``job``: the worker
         # sends a job's `Done` before it starts the next, so if the next one made
         # it deaf, that Done waits unread. Else the grace's end decides, once read.
-        if not self._launcher.interrupt(worker.process) and _nothing_unread(worker):
+        # Without a page, only if the Skips are in its socket (read before it
+        # would start another job).
+        if (
+            not self._launcher.interrupt(worker.process)
+            and _nothing_unread(worker)
+            and (worker.page is not None or worker.conn.all_sent)
+        ):
             self._escalate(worker, job)
             return
         loop = asyncio.get_running_loop()
