@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import itertools
 import logging
-import mmap
 import os
-import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
-from types import FrameType
 from typing import Any
 
 from dispynb.errors import DispynbError
@@ -28,7 +25,6 @@ from dispynb.jobenv import (
     JobStreams,
     JobThreads,
     file_sent,
-    node_interrupt,
     output_limit,
     send_file_timeout,
     unconfirmed,
@@ -275,39 +271,3 @@ def _name_for_client(path: str) -> str:
     if full.startswith(base.rstrip(os.sep) + os.sep):
         return os.path.relpath(full, base).replace(os.sep, "/")
     return os.path.basename(full)
-
-
-def interrupt_job(signum: int, frame: FrameType | None) -> None:
-    """SIGINT handler of workers: interrupt the job's code, never the worker loop.
-
-    The node sends SIGINT to cancel a running job, as dispy does: the job gets a
-    KeyboardInterrupt (and may catch it and return a value). The node names the
-    job first in the worker's interrupt page (`nodeserver.ipc.InterruptPage`): a
-    SIGINT that finds another job running is ignored, as it was meant for the job
-    before it, which ended just as the node signalled (the next job, sent ahead,
-    runs on). One that lands before its job's code runs (its arguments still
-    arriving or being unpickled) takes effect as that code starts (`run_job`), as
-    if it had come at its first instruction. Without a page (none sent), a SIGINT
-    interrupts whatever job code runs.
-    """
-    if CONTEXT.running and (CONTEXT.target is None or CONTEXT.interrupt_for_this_job()):
-        raise node_interrupt()
-
-
-def map_interrupt_page(fd: int) -> memoryview | None:
-    """The worker's view of the node's interrupt page ``fd`` (closed here), or None
-    if it cannot be mapped (then every SIGINT interrupts the job running)."""
-    try:
-        page = mmap.mmap(fd, 8)
-    except (OSError, ValueError) as exc:
-        logger.warning("interrupt page not mapped: %s", exc)
-        return None
-    finally:
-        os.close(fd)
-    return memoryview(page).cast("q")
-
-
-def install_interrupt_handler() -> None:
-    """Make SIGINT interrupt only job code in this worker (main thread only)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, interrupt_job)

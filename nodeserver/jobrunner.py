@@ -43,8 +43,13 @@ from nodeserver.ipc import (
     Run,
     Skip,
 )
-from nodeserver.jobapi import CONTEXT, install_interrupt_handler, map_interrupt_page
+from nodeserver.jobapi import CONTEXT
 from nodeserver.jobreasons import CHANNEL_LOST_STATUS
+from nodeserver.jobsigint import (
+    install_interrupt_handler,
+    map_interrupt_page,
+    restore_interrupt_handler,
+)
 from nodeserver.memory import release_freed_memory
 from nodeserver.program import ProgramOutput
 from nodeserver.sharedbody import MAPPINGS, map_segments, seal, unmap
@@ -438,6 +443,7 @@ def worker_loop(
             else:
                 done, result_buffers = run_job(func, run, buffers)
             end()  # the threads it left are its own, not the next job's
+            restore_interrupt_handler()  # and so is a SIGINT handler it installed
             del buffers
             if isinstance(shared, mmap.mmap) and not unmap(shared):
                 done = dataclasses.replace(done, kept=True)

@@ -67,7 +67,7 @@ from nodeserver.ipc import (
     WorkerExited,
     WorkerStarted,
 )
-from nodeserver.jobapi import map_interrupt_page
+from nodeserver.jobsigint import map_interrupt_page
 from nodeserver.launcher import ComputationProcess
 from nodeserver.server import NodeServer
 from nodeserver.sharedbody import map_segments
@@ -148,7 +148,7 @@ class _Worker:
     run: int = 0
 
     def interrupt_is_for_its_job(self) -> bool:
-        """Whether a SIGINT now is for the job it runs (as `jobapi.interrupt_job`)."""
+        """Whether a SIGINT now is for the job it runs (`jobsigint.interrupt_job`)."""
         return self.page is None or self.page[0] == self.run
 
 
