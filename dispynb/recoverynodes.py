@@ -144,7 +144,8 @@ async def _recover_from(
                     # The results are whole, and stay kept: not journaled.
                     settled = {k for k, job in pending.items() if job.done()}
                     why = peer_text(message.message, KEPT_UNAVAILABLE_TEXT)
-                    _abandon(pending, f"node {node}: {why}")
+                    _unavailable(pending, message.keys, f"node {node}: {why}", node)
+                    return  # the node lets this recovery go
                 elif isinstance(message, Recovered) and message.other_user:
                     settled = set()  # the right user's recovery gets them
                     _abandon(
@@ -374,6 +375,29 @@ def _gone_from(node: str, secret: bytes | None) -> str:
         "was away longer than its --zombie_interval) or it was restarted since (a "
         "scheduler keeps no job across a restart)"
     )
+
+
+def _unavailable(
+    pending: dict[int, DispyJob], keys: object, reason: str, node: str
+) -> None:
+    """``node`` cannot send the results of the jobs of ``keys`` now (None: of any
+    job; they stay kept there): those end Abandoned for ``reason``. Its other jobs
+    not done run there still, or their ends wait there: they are left Running, as
+    at the call's timeout, for the next `recover_jobs` (not abandoned for the
+    reason of another job's result)."""
+    if not isinstance(keys, list):
+        _abandon(pending, reason)
+        return
+    named = {key for key in keys if type(key) is int}
+    _abandon({k: job for k, job in pending.items() if k in named}, reason)
+    left = sorted(k for k, job in pending.items() if not job.done())
+    if left:
+        logger.info(
+            "node %s could not send all it kept: job(s) %s left Running (their "
+            "ends are for the next recover_jobs)",
+            node,
+            ", ".join(map(str, left)),
+        )
 
 
 def _abandon(pending: dict[int, DispyJob], reason: str) -> None:

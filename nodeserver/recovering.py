@@ -64,6 +64,10 @@ class KeptResultSender:
         self._wake = asyncio.Event()
         #: Why each result the node cannot read now was not sent (`KeptUnavailable`).
         self._unavailable: list[str] = []
+        #: The keys of the jobs whose results those are (a file or a provisional
+        #: result a job sent is no job's end): told to the client, whose other
+        #: jobs are not concerned (`Error.keys`).
+        self.unavailable_keys: list[int] = []
 
     def deliver(self, result: KeptResult) -> None:
         """A result recorded now (a job that ended while the client is here)."""
@@ -139,6 +143,9 @@ class KeptResultSender:
         except KeptUnavailable as exc:
             # It stays kept, for the next recovery; the others are sent now.
             self._unavailable.append(str(exc))
+            job = job_of(result.path) if result.path is not None else None
+            if job is not None:
+                self.unavailable_keys.append(job[0])
             return
         except OSError as exc:
             logger.warning("a kept result is lost: %s", exc)

@@ -243,7 +243,7 @@ class _SessionRecovery(_SessionState):
         try:
             await sender.run(kept, recorded)
         except KeptUnavailable as exc:
-            await self._give_up_recovery(kept, str(exc))
+            await self._give_up_recovery(kept, str(exc), sender.unavailable_keys)
             return
         except DispynbError as exc:
             logger.info(
@@ -254,23 +254,25 @@ class _SessionRecovery(_SessionState):
             kept.deliver = None
         await self._release_when_sent(recovery_id)
 
-    async def _give_up_recovery(self, kept: Kept, why: str) -> None:
+    async def _give_up_recovery(self, kept: Kept, why: str, keys: list[int]) -> None:
         """The node cannot read some of ``kept``'s results now (it sent the
-        others): its client is told why and let go (its connection closed: an
-        older client would wait for them until its timeout); they stay kept for
-        its next ``recover_jobs``."""
+        others): its client is told why, and of which jobs (``keys``: its other
+        jobs, still running here, are not concerned), and let go (its connection
+        closed: an older client would wait for them until its timeout); they stay
+        kept for its next ``recover_jobs``."""
         logger.warning(
             "%s: kept results of computation %s not sent: %s",
             self.conn.peer,
             kept.spool.name if kept.spool is not None else "?",
             why,
         )
-        await self._let_go(why)
+        await self._let_go(why, keys)
 
-    async def _let_go(self, why: str) -> None:
-        """Tell the client why its recovery ends, and close its connection (what it
-        did not read goes, the copy of a result with it)."""
-        self.outbox.write(Error(code=KEPT_UNAVAILABLE, message=why))
+    async def _let_go(self, why: str, keys: list[int] | None = None) -> None:
+        """Tell the client why its recovery ends (for the jobs of ``keys``; None:
+        all), and close its connection (what it did not read goes, the copy of a
+        result with it)."""
+        self.outbox.write(Error(code=KEPT_UNAVAILABLE, message=why, keys=keys))
         self.outbox.flush()
         with contextlib.suppress(DispynbError, TimeoutError):
             async with asyncio.timeout(HAND_BACK_TIMEOUT):

@@ -83,11 +83,15 @@ class Error(WireMessage):
     code: str
     message: str
     version: int = PROTOCOL_VERSION
+    #: The jobs it concerns, when not all of the exchange's (`KEPT_UNAVAILABLE`:
+    #: those whose results the node cannot read now); None: all.
+    keys: list[int] | None = None
 
 
 #: `Error.code` of a node that cannot read the results it kept for a recovering
 #: client now (short of memory or descriptors): that ``recover_jobs`` gives up the
-#: node, whose results stay kept for the next.
+#: node, whose results stay kept for the next. With `Error.keys`, only those jobs'
+#: results: its other jobs (running there, or never there) are left as they are.
 KEPT_UNAVAILABLE = "kept-unavailable"
 
 #: `Error.code` of a node refusing a client at accept because it takes no new

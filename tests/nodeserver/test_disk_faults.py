@@ -69,16 +69,22 @@ def _removed(path: Path) -> bool:
     return not path.exists()
 
 
-def tmpfs_node(directory: Path, size: str, *args: str, cpus: int = 1) -> CliNode:
+def tmpfs_node(
+    directory: Path, size: str, *args: str, cpus: int = 1, tmpdir: bool = False
+) -> CliNode:
     """A node whose --dest-path is a tmpfs of ``size`` of its own (``args``: more
-    options)."""
+    options); with ``tmpdir``, its TMPDIR too (``tmp`` in it)."""
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("a tmpfs in a mount namespace needs root and unshare")
     dest = directory / "dest"
     dest.mkdir(parents=True)
+    mount = f'mount -t tmpfs -o size={size},mode=0700 tmpfs "{dest}"'
+    if tmpdir:
+        mount += f' && mkdir "{dest}/tmp"'
     launcher = [
+        *(["env", f"TMPDIR={dest}/tmp"] if tmpdir else []),
         "unshare", "-m", "--propagation", "private", "sh", "-c",
-        f'mount -t tmpfs -o size={size},mode=0700 tmpfs "{dest}" && exec "$@"', "sh",
+        f'{mount} && exec "$@"', "sh",
     ]  # fmt: skip
     return start_node(directory, *args, cpus=cpus, launcher=launcher)
 
