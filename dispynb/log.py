@@ -3,8 +3,9 @@
 dispy programs pass ``loglevel=dispy.logger.DEBUG`` and call ``dispy.logger.info``;
 this is the standard ``logging`` logger named ``dispynb`` with those attributes added.
 
-A cluster made in a program that set up no logging writes dispynb's lines to stderr,
-as dispy's logger wrote its own: at dispy's default level, INFO, or at ``loglevel=``.
+A cluster made in a program that set up no logging writes dispynb's lines to stderr
+(dispy's logger, pycos's own, wrote its lines to stdout: here they stay out of the
+program's output), at dispy's default level, INFO, or at ``loglevel=``.
 That lasts only while the program sets up none. Once it adds a handler to the root
 logger (``logging.basicConfig()``, ``dictConfig``) its set-up decides, as if made
 before the cluster: dispy's default INFO gives way to the program's levels, and no
@@ -90,8 +91,8 @@ def set_level(level: int) -> None:
 def default_level() -> None:
     """dispy's default, ``JobCluster(loglevel=logging.INFO)``, for a program that
     configured no logging: its ``dispy.logger.info(...)`` lines and dispynb's own few
-    at INFO go to stderr, as dispy's went, until it does (see the module's
-    docstring). A program that did (a handler on the root logger, a level on
+    at INFO are shown (on stderr), as dispy's were, until it does (see the
+    module's docstring). A program that did (a handler on the root logger, a level on
     ``dispynb``) keeps its choice, and a notebook, which shows what matters in its
     cells, gets no such handler."""
     if logger.level != logging.NOTSET or logging.getLogger().handlers:

@@ -71,7 +71,12 @@ MODULE = [
         "differ).",
     ),
     Name("DispyNodeAvailInfo"),
-    Name("logger", differs="A standard `logging` logger named ``dispynb``."),
+    Name(
+        "logger",
+        differs="A standard `logging` logger named ``dispynb``. Its lines go to "
+        "stderr (dispy's, pycos's own logger, wrote ``DATE TIME dispy - message`` "
+        "to stdout), or where the program's logging set-up sends them.",
+    ),
     Name(
         "recover_jobs",
         differs="Works (dispy 4.15's raised ``KeyError``); with no argument it opens "
