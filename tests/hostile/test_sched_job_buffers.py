@@ -10,8 +10,6 @@ the quota of 1 GiB let it grow by terabytes. Each buffer counts now.
 
 from __future__ import annotations
 
-import asyncio
-import time
 from pathlib import Path
 
 import psutil
@@ -19,16 +17,15 @@ import pytest
 
 from dispynb.protocol import serialize
 from dispynb.protocol.framing import MAX_BUFFERS
-from dispynb.protocol.messages import (
-    CANCELLED,
-    ComputationReady,
-    ComputationSetup,
-    JobResults,
-    JobSubmit,
+from dispynb.protocol.messages import JobSubmit
+from tests.hostile.test_scheduler import args_quota_attack, people
+from tests.sharedsched.harness import (
+    SchedulerProcess,
+    raw_scheduler_session,
+    refusals_within,
+    set_up_raw,
+    submit_raw,
 )
-from dispynb.protocol.records import ResultEntry
-from tests.hostile.test_scheduler import alices_jobs_meanwhile, people, shared_nodes
-from tests.sharedsched.harness import SchedulerProcess, raw_scheduler_session
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -60,15 +57,8 @@ async def _hoard(sched: SchedulerProcess, credential: Path) -> tuple[int, list[s
     scheduler = psutil.Process(sched.proc.pid)
     conn = await raw_scheduler_session(sched.port, credential)
     try:
-        bundle = serialize.dumps({"func": nap, "setup": None, "setup_args": ()})
-        conn.write(ComputationSetup(comp_id=1, name="hoard", workers=4), bundle)
-        async with asyncio.timeout(WAIT):
-            while not isinstance((await conn.recv())[0], ComputationReady):
-                pass
-        buffers = []
-        for key in range(4):
-            buffers.extend(serialize.dumps(((key,), {})))
-        conn.write(JobSubmit(comp_id=1, jobs=[[k, 1, 1] for k in range(4)]), buffers)
+        await set_up_raw(conn, nap, name="hoard", timeout=WAIT)
+        submit_raw(conn, [(key,) for key in range(4)])
         await conn.flush()
         before = peak = scheduler.memory_info().rss
         empty = memoryview(b"")
@@ -77,21 +67,14 @@ async def _hoard(sched: SchedulerProcess, credential: Path) -> tuple[int, list[s
             job_buffers = [*args, *[empty] * (BUFFERS - len(args))]
             conn.write(JobSubmit(comp_id=1, jobs=[[key, 1, BUFFERS]]), job_buffers)
             await conn.flush()
+
+        def watch() -> None:
+            nonlocal peak
+            peak = max(peak, scheduler.memory_info().rss)
+
         # Every job answered (queued: no word; refused: a result), or the
         # scheduler's memory settled.
-        refusals: list[str] = []
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and len(refusals) < MESSAGES:
-            try:
-                message, _ = await asyncio.wait_for(conn.recv(), 0.5)
-            except TimeoutError:
-                message = None
-            if isinstance(message, JobResults):
-                for item in message.results:
-                    entry = ResultEntry.from_wire(item)[0]
-                    if entry.outcome == CANCELLED:
-                        refusals.append(str(entry.exception))
-            peak = max(peak, scheduler.memory_info().rss)
+        refusals = await refusals_within(conn, 5, MESSAGES, watch)
         return peak - before, refusals
     finally:
         conn.close()
@@ -109,16 +92,7 @@ async def _hoard(sched: SchedulerProcess, credential: Path) -> tuple[int, list[s
 def test_empty_buffers_count_in_the_users_args_quota(
     tmp_path: Path, people: dict[str, Path], measure
 ) -> None:
-    with shared_nodes(
-        tmp_path, people, "--max_user_args", f"{QUOTA // MiB}M"
-    ) as sched:  # fmt: skip
-
-        async def attack() -> tuple[int, list[str], list[int] | str]:
-            grown, refusals = await _hoard(sched, people["mallory"])
-            alices = await alices_jobs_meanwhile(sched.address, people["alice"])
-            return grown, refusals, alices
-
-        grown, refusals, alices = asyncio.run(attack())
+    grown, refusals, alices = args_quota_attack(tmp_path, people, QUOTA, _hoard)
     measure(
         f"scheduler +{grown / MiB:.0f} MiB; {len(refusals)} of {MESSAGES} jobs "
         f"refused ({refusals[0][:80] if refusals else 'none'}...); alice's results "

@@ -10,26 +10,22 @@ files a job lists count now, and an entry of another shape is refused.
 
 from __future__ import annotations
 
-import asyncio
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
 from dispynb.protocol import serialize
-from dispynb.protocol.messages import (
-    CANCELLED,
-    ComputationReady,
-    ComputationSetup,
-    Error,
-    JobResults,
-    JobSubmit,
-)
-from dispynb.protocol.records import ResultEntry
+from dispynb.protocol.messages import JobSubmit
 from tests.hostile.test_sched_job_buffers import nap
-from tests.hostile.test_scheduler import alices_jobs_meanwhile, people, shared_nodes
-from tests.sharedsched.harness import SchedulerProcess, raw_scheduler_session
+from tests.hostile.test_scheduler import args_quota_attack, people
+from tests.sharedsched.harness import (
+    SchedulerProcess,
+    raw_scheduler_session,
+    refusals_within,
+    set_up_raw,
+    submit_raw,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -54,15 +50,8 @@ async def _queue(sched: SchedulerProcess, credential: Path) -> tuple[int, list[s
     scheduler = psutil.Process(sched.proc.pid)
     conn = await raw_scheduler_session(sched.port, credential)
     try:
-        bundle = serialize.dumps({"func": nap, "setup": None, "setup_args": ()})
-        conn.write(ComputationSetup(comp_id=1, name="own-files", workers=4), bundle)
-        async with asyncio.timeout(WAIT):
-            while not isinstance((await conn.recv())[0], ComputationReady):
-                pass
-        buffers = []
-        for key in range(4):
-            buffers.extend(serialize.dumps(((key,), {})))
-        conn.write(JobSubmit(comp_id=1, jobs=[[k, 1, 1] for k in range(4)]), buffers)
+        await set_up_raw(conn, nap, name="own-files", timeout=WAIT)
+        submit_raw(conn, [(key,) for key in range(4)])
         await conn.flush()
         before = scheduler.memory_info().rss
         for key in range(4, 4 + MESSAGES):
@@ -73,21 +62,7 @@ async def _queue(sched: SchedulerProcess, credential: Path) -> tuple[int, list[s
         args = serialize.dumps(((0,), {}))
         empty: list[list[str]] = [[] for _ in range(200_000)]
         conn.write(JobSubmit(comp_id=1, jobs=[[99, 1, len(args), empty]]), args)
-        refusals: list[str] = []
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and len(refusals) < MESSAGES:
-            try:
-                message, _ = await asyncio.wait_for(conn.recv(), 0.5)
-            except TimeoutError:
-                continue
-            if isinstance(message, Error):
-                refusals.append(message.message)
-            elif isinstance(message, JobResults):
-                refusals += [
-                    str(entry.exception)
-                    for entry in (ResultEntry.from_wire(r)[0] for r in message.results)
-                    if entry.outcome == CANCELLED
-                ]
+        refusals = await refusals_within(conn, 5, MESSAGES)
         return scheduler.memory_info().rss - before, refusals
     finally:
         conn.close()
@@ -105,16 +80,7 @@ async def _queue(sched: SchedulerProcess, credential: Path) -> tuple[int, list[s
 def test_a_jobs_own_files_count_in_the_users_args_quota(
     tmp_path: Path, people: dict[str, Path], measure
 ) -> None:
-    with shared_nodes(
-        tmp_path, people, "--max_user_args", f"{QUOTA // MiB}M"
-    ) as sched:  # fmt: skip
-
-        async def attack() -> tuple[int, list[str], list[int] | str]:
-            grown, refusals = await _queue(sched, people["mallory"])
-            alices = await alices_jobs_meanwhile(sched.address, people["alice"])
-            return grown, refusals, alices
-
-        grown, refusals, alices = asyncio.run(attack())
+    grown, refusals, alices = args_quota_attack(tmp_path, people, QUOTA, _queue)
     quota = [text for text in refusals if "--max_user_args" in text]
     malformed = [text for text in refusals if "malformed" in text]
     measure(

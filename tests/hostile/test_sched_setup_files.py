@@ -12,16 +12,20 @@ texts, and a setup over the quota is refused, saying so.
 from __future__ import annotations
 
 import asyncio
-import time
+import functools
 from pathlib import Path
 
 import psutil
 import pytest
 
 from dispynb.protocol import serialize
-from dispynb.protocol.messages import ComputationFailed, ComputationSetup
-from tests.hostile.test_scheduler import alices_jobs_meanwhile, people, shared_nodes
-from tests.sharedsched.harness import SchedulerProcess, raw_scheduler_session
+from dispynb.protocol.messages import ComputationSetup
+from tests.hostile.test_scheduler import args_quota_attack, people, shared_nodes
+from tests.sharedsched.harness import (
+    SchedulerProcess,
+    raw_scheduler_session,
+    refusals_within,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -70,15 +74,8 @@ async def _set_up(
             )
             conn.write(setup, bundle)
             await conn.flush()
-        refusals: list[str] = []
-        deadline = time.monotonic() + 15  # the setups answered, or not refused
-        while time.monotonic() < deadline and len(refusals) < count:
-            try:
-                message, _ = await asyncio.wait_for(conn.recv(), 0.5)
-            except TimeoutError:
-                continue
-            if isinstance(message, ComputationFailed):
-                refusals.append(message.message)
+        # The setups answered, or not refused.
+        refusals = await refusals_within(conn, 15, count)
         return scheduler.memory_info().rss - before, refusals
     finally:
         conn.close()
@@ -95,16 +92,8 @@ async def _set_up(
 def test_the_files_a_setup_lists_count_in_the_users_quota(
     tmp_path: Path, people: dict[str, Path], measure
 ) -> None:
-    with shared_nodes(
-        tmp_path, people, "--max_user_args", f"{QUOTA // MiB}M"
-    ) as sched:  # fmt: skip
-
-        async def attack() -> tuple[int, list[str], list[int] | str]:
-            grown, refusals = await _set_up(sched, people["mallory"], COMPUTATIONS)
-            alices = await alices_jobs_meanwhile(sched.address, people["alice"])
-            return grown, refusals, alices
-
-        grown, refusals, alices = asyncio.run(attack())
+    attack = functools.partial(_set_up, count=COMPUTATIONS)
+    grown, refusals, alices = args_quota_attack(tmp_path, people, QUOTA, attack)
     measure(
         f"scheduler +{grown / MiB:.0f} MiB; {len(refusals)} of {COMPUTATIONS} "
         f"setups refused ({refusals[0][:90] if refusals else 'none'}...); alice's "

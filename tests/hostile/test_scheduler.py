@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -195,6 +195,25 @@ async def alices_jobs_meanwhile(
         )
     except Exception as exc:  # what alice meets
         return f"{type(exc).__name__}: {exc}"[:200]
+
+
+def args_quota_attack(
+    tmp_path: Path,
+    people: dict[str, Path],
+    quota: int,
+    attack: Callable[[SchedulerProcess, Path], Awaitable[tuple[int, list[str]]]],
+) -> tuple[int, list[str], list[int] | str]:
+    """Mallory's ``attack`` (given the scheduler and her credential: the scheduler's
+    growth and her refusals) at a scheduler with --max_user_args ``quota`` bytes,
+    then alice's jobs (`alices_jobs_meanwhile`): what it returned, and what she got."""
+    with shared_nodes(tmp_path, people, "--max_user_args", f"{quota >> 20}M") as sched:
+
+        async def both() -> tuple[int, list[str], list[int] | str]:
+            grown, refusals = await attack(sched, people["mallory"])
+            alices = await alices_jobs_meanwhile(sched.address, people["alice"])
+            return grown, refusals, alices
+
+        return asyncio.run(both())
 
 
 async def _never_read(

@@ -5,9 +5,9 @@ named with ``-n``, the node secret in the environment, a users file written by
 ``dispynb-scheduler user add``); `run_client` and `start_client` run a client
 program (`TIMED_CLIENT`, `DOOMED_CLIENT`) in its own process; `raw_scheduler_session`
 and `raw_reply` speak the protocol as a user's own raw client (for attacks), and
-`set_up_raw` and `submit_raw` run a computation on such a session, and
-`unread_answers` makes such a client one the scheduler reads no more. Every wait is
-bounded.
+`set_up_raw` and `submit_raw` run a computation on such a session,
+`refusals_within` gathers what the scheduler refuses it, and `unread_answers` makes
+such a client one the scheduler reads no more. Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -27,14 +28,18 @@ from typing import TYPE_CHECKING, Any
 
 from dispynb.protocol import serialize
 from dispynb.protocol.messages import (
+    CANCELLED,
     ComputationClose,
+    ComputationFailed,
     ComputationReady,
     ComputationSetup,
     Error,
     JobCancel,
+    JobResults,
     JobSubmit,
     Message,
 )
+from dispynb.protocol.records import ResultEntry
 from dispynb.secret import read_secret_file
 from dispynb.transport.connection import QUEUED_HIGH, Connection
 from dispynb.transport.connector import connect
@@ -390,6 +395,39 @@ async def refusals_before_round_trip(conn: Connection) -> list[str]:
             return errors
         if isinstance(message, Error):
             errors.append(message.message)
+
+
+def refusals_in(message: Message) -> list[str]:
+    """What ``message`` from the scheduler refuses: an `Error`'s or a
+    `ComputationFailed`'s text, the exceptions of a `JobResults`' jobs cancelled."""
+    if isinstance(message, (Error, ComputationFailed)):
+        return [message.message]
+    if isinstance(message, JobResults):
+        entries = (ResultEntry.from_wire(item)[0] for item in message.results)
+        return [str(e.exception) for e in entries if e.outcome == CANCELLED]
+    return []
+
+
+async def refusals_within(
+    conn: Connection,
+    seconds: float,
+    count: int,
+    watch: Callable[[], object] = lambda: None,
+) -> list[str]:
+    """The refusals (`refusals_in`) the scheduler sends ``conn`` until ``count``
+    came or ``seconds`` passed: what it accepts it does not answer (a job queued),
+    so no message says it took all. ``watch`` is called after each message, and
+    each half second without one."""
+    refusals: list[str] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and len(refusals) < count:
+        try:
+            message, _ = await asyncio.wait_for(conn.recv(), 0.5)
+            refusals += refusals_in(message)
+        except TimeoutError:
+            pass
+        watch()
+    return refusals
 
 
 def raw_reply(
