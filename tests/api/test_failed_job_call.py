@@ -6,7 +6,6 @@ naming the job, its status and its error, and where the traceback is."""
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from dispynb import job as job_module
 from dispynb.job import DispyJob, JobStatus
 from dispynb.jobenv import TERMINATED_AT_REQUEST
 from tests.logged import logged_messages
+from tests.nodeproc import node_env
 
 SCRIPT = """\
 from dispynb import JobCluster, LocalCluster
@@ -35,17 +35,13 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(120)
-def test_a_scripts_failed_jobs_are_said_once_where_job_returned_none(
-    tmp_path: Path,
-) -> None:
-    (tmp_path / "script.py").write_text(SCRIPT)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DISPYNB_")}
+def _warnings_of_script(directory: Path) -> list[str]:
+    """Run ``directory``'s script.py as a user does (no ``DISPYNB_*`` setting):
+    once it printed its jobs' ``[0, 1, None, None]``, the messages it logged."""
     done = subprocess.run(
         [sys.executable, "script.py"],
-        cwd=tmp_path,
-        env=env,
+        cwd=directory,
+        env=node_env(),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -53,7 +49,16 @@ def test_a_scripts_failed_jobs_are_said_once_where_job_returned_none(
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "[0, 1, None, None]\n"
-    assert logged_messages(done.stderr) == [
+    return logged_messages(done.stderr)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_scripts_failed_jobs_are_said_once_where_job_returned_none(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "script.py").write_text(SCRIPT)
+    assert _warnings_of_script(tmp_path) == [
         "job 2 ended Terminated (ValueError: bad n 2): job() returns None for a job "
         "that failed, as dispy's does; job.exception holds its traceback, and "
         "job.status == DispyJob.Finished tells a result from a failure (said once)"
@@ -72,19 +77,7 @@ def test_a_module_the_node_lacks_is_said_with_the_error_and_its_fix(
     (tmp_path / "script.py").write_text(
         SCRIPT.replace('raise ValueError(f"bad n {n}")', "import helper")
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DISPYNB_")}
-    done = subprocess.run(
-        [sys.executable, "script.py"],
-        cwd=tmp_path,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=100,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout == "[0, 1, None, None]\n"
-    assert logged_messages(done.stderr) == [
+    assert _warnings_of_script(tmp_path) == [
         "job 2 ended Terminated (ModuleNotFoundError: No module named 'helper'; this "
         f"client imports 'helper' from {tmp_path / 'helper.py'}, the node cannot: "
         "send it with JobCluster(..., depends=[helper]), or install it on the node): "
