@@ -92,8 +92,13 @@ async def expect(conn: Connection, kind: type[Message]) -> Message:
             return message
 
 
-async def set_up(conn: Connection, func: Any = square, comp_id: int = 1) -> int:
-    conn.write(ComputationSetup(comp_id=comp_id, name="test", workers=0), bundle(func))
+async def set_up(
+    conn: Connection, func: Any = square, comp_id: int = 1, **fields: Any
+) -> int:
+    """Set ``func`` up as computation ``comp_id`` (and the setup's ``fields``):
+    its workers, once the node said it is ready."""
+    setup = ComputationSetup(comp_id=comp_id, name="test", workers=0, **fields)
+    conn.write(setup, bundle(func))
     ready = await expect(conn, ComputationReady)
     assert isinstance(ready, ComputationReady) and ready.comp_id == comp_id
     return ready.workers
@@ -515,17 +520,7 @@ def test_a_gone_clients_session_is_freed_once_its_kept_jobs_end(
         async with in_process_node(tmp_path, cpus=1) as node:
             conn = await node.client()
             recovery_id = "soak" * 8
-            conn.write(
-                ComputationSetup(
-                    comp_id=1,
-                    name="test",
-                    workers=0,
-                    recovery_id=recovery_id,
-                    keep_results=3600.0,
-                ),
-                bundle(blocked),
-            )
-            await expect(conn, ComputationReady)
+            await set_up(conn, blocked, recovery_id=recovery_id, keep_results=3600.0)
             (session,) = node.server.sessions
             freed = weakref.ref(session)
             del session
@@ -562,17 +557,7 @@ def test_a_recovering_client_gone_mid_transfer_is_not_held_by_its_results(
         async with in_process_node(tmp_path, cpus=1) as node:
             conn = await node.client()
             recovery_id = "gone" * 8
-            conn.write(
-                ComputationSetup(
-                    comp_id=1,
-                    name="test",
-                    workers=0,
-                    recovery_id=recovery_id,
-                    keep_results=3600.0,
-                ),
-                bundle(sized),
-            )
-            await expect(conn, ComputationReady)
+            await set_up(conn, sized, recovery_id=recovery_id, keep_results=3600.0)
             submit(conn, (1, (16 << 20,)))
             assert (await results(conn, 1))[1][0] == FINISHED
             conn.abort()  # gone without closing: its result is kept
