@@ -12,7 +12,6 @@ certificate checks.
 
 from __future__ import annotations
 
-import datetime
 import ipaddress
 import subprocess
 import sys
@@ -20,13 +19,14 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from dispynb import JobCluster
 from dispynb.errors import SetupError
 from tests.nodeproc import ROOT, node_env, running_node
+from tests.transport.certs import day_certificate, write_pem
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
@@ -64,38 +64,14 @@ def other_python(version: str) -> Path:
     return python
 
 
-def _write(directory: Path, name: str, cert: x509.Certificate, key: object) -> str:
-    assert isinstance(key, ec.EllipticCurvePrivateKey)
-    (directory / f"{name}.pem").write_bytes(
-        cert.public_bytes(serialization.Encoding.PEM)
-    )
-    key_path = directory / f"{name}.key"
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    key_path.chmod(0o600)
-    return str(directory / f"{name}.pem")
-
-
 def lab_ca(directory: Path) -> tuple[str, str, str, str, str]:
     """A lab CA as ``openssl req -x509`` makes it (basic constraints, no key usage)
     and a certificate for 127.0.0.1 it signed; their paths: ca.pem, node.pem,
     node.key, client.pem, client.key."""
-    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lab-dispynb-ca")])
     ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        day_certificate(ca_name, ca_name, ca_key.public_key())
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
             x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
@@ -103,17 +79,12 @@ def lab_ca(directory: Path) -> tuple[str, str, str, str, str]:
         )
         .sign(ca_key, hashes.SHA256())
     )
-    paths = [_write(directory, "ca", ca, ca_key)]
+    paths = [write_pem(directory, "ca", ca, ca_key)[0]]
     for name in ("node", "client"):
         key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(ca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
+            day_certificate(subject, ca_name, key.public_key())
             .add_extension(
                 x509.SubjectAlternativeName(
                     [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
@@ -126,7 +97,7 @@ def lab_ca(directory: Path) -> tuple[str, str, str, str, str]:
             )
             .sign(ca_key, hashes.SHA256())
         )
-        paths += [_write(directory, name, cert, key), str(directory / f"{name}.key")]
+        paths += write_pem(directory, name, cert, key)
     return paths[0], paths[1], paths[2], paths[3], paths[4]
 
 
