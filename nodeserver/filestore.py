@@ -60,7 +60,7 @@ from dispynb.errors import ProtocolError
 from dispynb.protocol.files import digest_of, link_inside
 from dispynb.protocol.shm import boot_id
 from dispynb.wording import counted
-from nodeserver.spool import syncfs
+from nodeserver.spooldisk import syncfs
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _EMPTY_DIGEST = digest_of(b"")

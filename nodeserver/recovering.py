@@ -32,7 +32,7 @@ from dispynb.protocol.messages import (
 from dispynb.transport.connection import Connection
 from nodeserver.computation import STREAM_BYTES
 from nodeserver.keptresults import FILE, PROVISIONAL, Kept, KeptResult, lost_entry
-from nodeserver.spool import job_of
+from nodeserver.spoolfile import job_of
 
 logger = logging.getLogger(__name__)
 

@@ -19,15 +19,16 @@ The disk space of all spooled results is bounded (``--kept-results-size``): a re
 that does not fit is not kept (the connected client still gets it) and a warning says
 which option to raise. Each file counts as the whole blocks it takes on disk, not its
 length: a tiny result (about 150 bytes) fills a 4 KiB block.
+
+A result's file is made and read by `nodeserver.spoolfile`, written and flushed by
+`nodeserver.spooldisk`, and checked by `nodeserver.spoolcheck`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
-import errno
 import hashlib
 import json
 import logging
@@ -35,16 +36,12 @@ import mmap
 import os
 import shutil
 import stat
-import struct
 import time
 from collections.abc import Iterator
 from typing import Any
 
-import msgpack
-
 from dispynb.daemon import open_own_file, read_own_file
 from dispynb.errors import KeptUnavailable as KeptUnavailable
-from dispynb.protocol.records import Utf8Text
 from dispynb.wording import counted
 from nodeserver.spoolcheck import (
     CHECK_SIZE,
@@ -58,13 +55,18 @@ from nodeserver.spoolcheck import (
     private_copy,
     signed_name,
 )
+from nodeserver.spooldisk import (
+    SHORT,
+    block_size,
+    is_partial,
+    syncfs,
+    why_not_written,
+    write_file,
+)
+from nodeserver.spoolfile import HEAD_SIZE, encode, parse_header, result_name
 
 logger = logging.getLogger(__name__)
 
-#: First bytes of a spooled result file (format version 2: it ends with its check;
-#: files of version 1 had none, and are not offered).
-MAGIC = b"DNBK0002"
-_HEADER_SIZE = struct.Struct("<Q")
 #: Seconds results are kept when ``meta`` does not say (the client's default).
 DEFAULT_KEEP = 3600.0
 #: Seconds within which a spooled result is flushed to the disk (with the others
@@ -120,7 +122,7 @@ class ResultSpool:
         self.max_bytes = max_bytes
         self.used = 0
         self._seq = 0
-        self._block = _block_size(root)
+        self._block = block_size(root)
         self._sync_due = False  # a flush of what was written is scheduled
 
     def _on_disk(self, length: int) -> int:
@@ -141,7 +143,7 @@ class ResultSpool:
         os.mkdir(path, mode=0o700)
         spool = SpoolDir(path, name, key=check_key(recovery_id))
         # Raises: the results stay in memory.
-        self._write_file(*self._meta(spool))
+        write_file(*self._meta(spool))
         self._schedule_sync()  # the directory and its meta, with the results
         return spool
 
@@ -152,7 +154,7 @@ class ResultSpool:
         results as long anyway, and its start, stop and clients go on.
         """
         try:
-            self._write_file(*self._meta(spool))
+            write_file(*self._meta(spool))
         except OSError as exc:
             logger.warning(
                 "cannot record how long results of %s are kept: %s", spool.name, exc
@@ -180,13 +182,8 @@ class ResultSpool:
     ) -> bool:
         """Spool one result (``kinds``: its buffers' `ResultChunk.kind` letters, if
         known); False if it does not fit (a warning says so) or failed."""
-        header = msgpack.packb(
-            {"entry": entry, "sizes": [b.nbytes for b in buffers], "kinds": kinds},
-            use_bin_type=True,
-            default=_pack_text,
-        )
-        size = len(MAGIC) + _HEADER_SIZE.size + len(header) + CHECK_SIZE
-        size = self._on_disk(size + sum(b.nbytes for b in buffers))
+        parts, length = encode(entry, buffers, kinds)
+        size = self._on_disk(length + CHECK_SIZE)
         if self.used + size > self.max_bytes:
             spool.dropped += 1
             if not spool.full_warned:
@@ -202,19 +199,15 @@ class ResultSpool:
             return False
         assert spool.key is not None, "a spool written to is its computation's"
         self._seq += 1
-        name = f"r{time.time_ns():020d}-{self._seq:08d}"
-        if _is_int(entry[0]) and _is_int(entry[1]):  # a job's result (not a file)
-            name += f"_{entry[0]}_{entry[1]}"  # its job, should the file be lost
-        name = signed_name(spool.key, name)
+        name = signed_name(spool.key, result_name(self._seq, entry))
         path = os.path.join(spool.path, name)
         try:
-            parts = [MAGIC, _HEADER_SIZE.pack(len(header)), header, *buffers]
             parts.append(file_check(spool.key, name, parts))
-            self._write_file(path, parts)
+            write_file(path, parts)
         except OSError as exc:
             spool.failed += 1
             if spool.failed == 1:  # then counted: a full disk fails every result
-                spool.failure, spool.remedy = _why_not_written(exc)
+                spool.failure, spool.remedy = why_not_written(exc)
                 logger.warning(
                     "cannot spool a kept result of computation %s to %s: %s (results "
                     "of it that fail so are counted, not logged each)",
@@ -288,7 +281,7 @@ class ResultSpool:
             fd = open_own_file(path)  # never a FIFO a job put there: it hung
             try:
                 size = os.fstat(fd).st_size
-                if size < len(MAGIC) + _HEADER_SIZE.size + CHECK_SIZE:
+                if size < HEAD_SIZE + CHECK_SIZE:
                     raise ValueError("not a spooled result")
                 # Checked and sent as copied: a job may change the file meanwhile.
                 copy = private_copy(fd, size, os.path.dirname(path))
@@ -298,7 +291,7 @@ class ResultSpool:
                 with memoryview(copy) as whole:
                     if not checks(spool.key, name, whole):
                         raise _Unchecked("it changed since this node wrote it")
-                entry, sizes, kinds, offset = _parse_header(copy, size - CHECK_SIZE)
+                entry, sizes, kinds, offset = parse_header(copy, size - CHECK_SIZE)
             except BaseException:
                 if isinstance(copy, mmap.mmap):
                     copy.close()  # nothing refers to it: its descriptor goes now
@@ -324,7 +317,7 @@ class ResultSpool:
                 f"again ({exc.strerror})"
             ) from None
         except OSError as exc:
-            if exc.errno in _SHORT:  # the file is whole: not to be taken for lost
+            if exc.errno in SHORT:  # the file is whole: not to be taken for lost
                 raise KeptUnavailable(
                     f"the node cannot read the results it kept now ({exc.strerror}: "
                     "short of memory, disk space or file descriptors); they stay "
@@ -463,8 +456,8 @@ class ResultSpool:
             files = []
             foreign = []
             for name in names:
-                if _is_partial(name):
-                    # Its node was killed as it wrote it (`_write_file`): never
+                if is_partial(name):
+                    # Its node was killed as it wrote it (`write_file`): never
                     # to be completed, and counted nowhere, so not in
                     # --kept-results-size either. Only the node holding this
                     # spool writes here, and it is this one (or none runs).
@@ -530,185 +523,6 @@ class ResultSpool:
         spool.files = files
         return spool
 
-    @staticmethod
-    def _write_file(path: str, parts: list[Any]) -> None:
-        """Write ``parts`` to ``path`` (mode 0600) via a temporary file and a rename
-        (on the disk with the next `sync`)."""
-        tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.tmp"
-        # A new file of its own: a FIFO a job made under that name was opened, and
-        # the node waited for ever for a reader.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(tmp, flags, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                for part in parts:
-                    handle.write(part)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-
-
-def _why_not_written(exc: OSError) -> tuple[str, str]:
-    """Why a kept result could not be written, and what gives room for more: a
-    node's file size limit (``ulimit -f``, a batch system's) is not its disk."""
-    if exc.errno == errno.EFBIG:
-        return (
-            f"{exc} (the node's file size limit, ulimit -f)",
-            "have the node's file size limit (ulimit -f) raised",
-        )
-    return str(exc), "free space in the node's --dest-path, or let the node write there"
-
-
-#: Errors of a node short of memory, descriptors or disk space for a copy (its
-#: limits, or the machine's): a result it cannot read for them is not lost.
-_SHORT = frozenset(
-    {errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.EDQUOT}
-)
-
 
 class _Unchecked(Exception):
     """A spooled file fails its check (`nodeserver.spoolcheck`)."""
-
-
-def _is_partial(name: str) -> bool:
-    """Whether ``name`` is a file `ResultSpool._write_file` writes before its
-    rename: ``.r<...>.tmp`` (a result) or ``.meta.tmp``."""
-    return name.endswith(".tmp") and (name.startswith(".r") or name == ".meta.tmp")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-_TEXT = (str, bytes, Utf8Text)
-
-
-def _is_entry(entry: object, buffers: int) -> bool:
-    """Whether ``entry`` of a spooled file with ``buffers`` buffers is one a node
-    writes: a job's result (`ResultEntry`'s 9 items, its buffers all there), or
-    ``[what, key, detail]`` of a file a job sent or a provisional result
-    (`keptresults.FILE`, `keptresults.PROVISIONAL`). Another (a file damaged, or
-    written by something else of the node's user) ended the recovery of every
-    result after it."""
-    if not isinstance(entry, list):
-        return False
-    if len(entry) == 3:
-        return (
-            isinstance(entry[0], str)
-            and _is_int(entry[1])
-            and isinstance(entry[2], str | int)
-        )
-    return (
-        len(entry) == 9
-        and _is_int(entry[0])
-        and _is_int(entry[1])
-        and isinstance(entry[2], str)
-        and all(isinstance(time, int | float) for time in entry[3:5])
-        and all(isinstance(text, _TEXT) for text in entry[5:7])
-        and (entry[7] is None or isinstance(entry[7], str | Utf8Text))
-        and entry[8] == buffers
-        and _is_int(entry[8])
-    )
-
-
-def job_of(path: str) -> tuple[int, int] | None:
-    """The job (key, attempt) whose result spool file ``path`` holds, told by its
-    name (so that a file a crash tore still says whose it was); None if it does
-    not say (a file a job sent, or a file of an older node)."""
-    parts = os.path.basename(path).split(".")[0].split("_")
-    if len(parts) != 3:
-        return None
-    try:
-        return int(parts[1]), int(parts[2])
-    except ValueError:
-        return None
-
-
-def syncfs(path: str) -> None:
-    """Flush the file system ``path`` is on (all of it: one call for any number of
-    files, where a sync of each file costs a flush of the disk each); raises OSError."""
-    if _SYNCFS is None:
-        os.sync()
-        return
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        if _SYNCFS(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-    finally:
-        os.close(fd)
-
-
-def _load_syncfs() -> Any:
-    """libc's syncfs (Linux); None elsewhere."""
-    try:
-        return ctypes.CDLL(None, use_errno=True).syncfs
-    except (OSError, AttributeError):
-        return None
-
-
-_SYNCFS = _load_syncfs()
-
-
-def _block_size(path: str) -> int:
-    """The allocation unit of the file system ``path`` is (or will be) on; 4 KiB if
-    it cannot be told."""
-    while not os.path.isdir(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-    try:
-        return max(os.statvfs(path).f_frsize, 512)
-    except OSError:
-        return 4096
-
-
-#: msgpack extension type of a job's output kept as UTF-8 (`Utf8Text`).
-_UTF8_EXT = 1
-
-
-def _pack_text(value: object) -> msgpack.ExtType:
-    """A result's output kept as its UTF-8 bytes (`Utf8Text`), spooled so: never
-    decoded to be written, nor read back as a program's bytes."""
-    if type(value) is Utf8Text:
-        data = value.data  # bytes, or a view of the message it came in
-        return msgpack.ExtType(_UTF8_EXT, data if type(data) is bytes else bytes(data))
-    raise TypeError(f"cannot spool a {type(value).__name__}")
-
-
-def _unpack_text(code: int, data: bytes) -> Utf8Text:
-    if code != _UTF8_EXT:
-        raise ValueError(f"unknown extension type {code} in a spooled result")
-    return Utf8Text(data)
-
-
-def _parse_header(
-    data: mmap.mmap | bytearray, end: int
-) -> tuple[list[Any], list[int], str, int]:
-    """``(entry, buffer sizes, kinds, offset of the first buffer)`` of a spooled
-    result's file, checked against ``end``, where its check starts; raises
-    ValueError (or KeyError, TypeError) if it is not one."""
-    if data[: len(MAGIC)] != MAGIC:
-        raise ValueError("not a spooled result")
-    offset = len(MAGIC) + _HEADER_SIZE.size
-    (length,) = _HEADER_SIZE.unpack(data[len(MAGIC) : offset])
-    # No other bound: the header holds the job's whole output (a job may print a
-    # lot), and it is this node's own file, read from a map, not from a peer.
-    if offset + length > end:
-        raise ValueError("bad header length")
-    header = msgpack.unpackb(
-        data[offset : offset + length], raw=False, ext_hook=_unpack_text
-    )
-    entry, sizes = header["entry"], header["sizes"]
-    kinds = header.get("kinds", "")  # none in files of older nodes
-    if not isinstance(sizes, list) or not all(
-        isinstance(size, int) and size >= 0 for size in sizes
-    ):
-        raise ValueError("bad buffer sizes")
-    if not isinstance(kinds, str) or not _is_entry(entry, len(sizes)):
-        raise ValueError("not a result's entry as a node writes it")
-    if offset + length + sum(sizes) != end:
-        raise ValueError("sizes do not match the file")
-    return entry, sizes, kinds, offset + length

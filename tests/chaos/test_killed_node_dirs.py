@@ -98,7 +98,7 @@ def test_a_spool_file_a_killed_node_was_writing_goes_with_its_next_start(
                                    [memoryview(b"r" * 1000)])  # fmt: skip
                 [(whole, _size)] = kept.files
                 # What the killed one left as it wrote its next result
-                # (`ResultSpool._write_file`), and what the running one writes.
+                # (`nodeserver.spooldisk.write_file`), and what the running one writes.
                 left = Path(kept.path) / f".{Path(whole).name}.tmp"
                 left.write_bytes(b"r" * 500)
                 writing = own / "0123" / f".{Path(whole).name}.tmp"

@@ -16,7 +16,7 @@ import msgpack
 import pytest
 
 from nodeserver.keptresults import LOST_REASON
-from nodeserver.spool import MAGIC
+from nodeserver.spoolfile import MAGIC
 from tests.api.test_recovery_kept import (
     LIMIT,
     RECOVER_KEPT,

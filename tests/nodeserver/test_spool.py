@@ -22,8 +22,9 @@ from dispynb.protocol.messages import ABANDONED
 from dispynb.protocol.records import Utf8Text
 from nodeserver import keptresults, spoolcheck
 from nodeserver.keeper import ResultKeeper
-from nodeserver.spool import MAGIC, KeptUnavailable, ResultSpool
+from nodeserver.spool import KeptUnavailable, ResultSpool
 from nodeserver.spoolclaim import SpoolClaim, claim_spool
+from nodeserver.spoolfile import MAGIC
 from tests.nodeserver.test_spool_race import keep_a_computation
 
 RID = "5f3c0a9e1b2d4c6e8f00112233445566"
