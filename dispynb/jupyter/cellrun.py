@@ -32,8 +32,10 @@ from dispynb.jupyter.errors import MagicError, RunInterrupted
 from dispynb.jupyter.magicsupport import (
     callers_of,
     cell_origin,
+    dotted_name,
     friendly_errors,
     last_function,
+    notebook_function,
     unquote,
 )
 from dispynb.jupyter.progress import (
@@ -97,8 +99,11 @@ class CellRunner:
             problem = _into_problem(args.into, self.shell)
             if problem is not None:  # before the cell's code runs: nothing is done
                 raise UsageError(problem)
-        if args.function is not None and not args.function.isidentifier():
-            raise UsageError(f"the function must be a name, not {args.function!r}")
+        if args.function is not None and not dotted_name(args.function):
+            raise UsageError(
+                f"the function must be a name (simulate, model.predict), not "
+                f"{args.function!r}"
+            )
         if args.timeout is not None and not args.timeout > 0:
             # It ran the cell, sent every job and cancelled them all at once.
             raise UsageError(
@@ -360,8 +365,8 @@ class CellRunner:
             ) from None
 
     def _lookup(self, name: str, what: str) -> Any:
-        value = self.shell.user_ns.get(name)
-        if value is None or not callable(value):
+        value = notebook_function(name, self.shell.user_ns)
+        if value is None:
             raise UsageError(f"{what}: {name!r} is not a function in the notebook")
         return value
 

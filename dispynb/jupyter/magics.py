@@ -24,7 +24,13 @@ from IPython.display import display
 from dispynb.errors import ConfigurationError
 from dispynb.jupyter.cellrun import LAST_RUN, NODES_HINT, CellRunner
 from dispynb.jupyter.errors import MagicError, MagicInterrupted
-from dispynb.jupyter.magicsupport import adapt_bounds, malformed_node, parse_line
+from dispynb.jupyter.magicsupport import (
+    adapt_bounds,
+    dotted_name,
+    malformed_node,
+    notebook_function,
+    parse_line,
+)
 from dispynb.jupyter.probing import ProbesInterrupted
 from dispynb.jupyter.progress import KINDS
 from dispynb.jupyter.session import Session, SessionStatus, launcher_kind
@@ -233,7 +239,8 @@ class DispyMagics(Magics):
             %dispy simulate --over "range(100)" --into run   # as %%dispy simulate
 
         ``%dispy NAME ...`` with a function of the notebook (defined in an earlier
-        cell) runs it as a ``%%dispy NAME ...`` cell with nothing else in it would
+        cell; or a method, ``model.predict``, or a module's function, ``math.sqrt``)
+        runs it as a ``%%dispy NAME ...`` cell with nothing else in it would
         (IPython refuses a cell magic with an empty body); see ``%%dispy?``.
 
         Starting or attaching replaces the current nodes (and cancels their runs),
@@ -250,12 +257,13 @@ class DispyMagics(Magics):
                 f"{ACTIONS[-1]} (see %dispy?)"
             )
         first = line.split(None, 1)[0]
-        if first not in ACTIONS and callable(self._ip.user_ns.get(first)):
+        if first not in ACTIONS and notebook_function(first, self._ip.user_ns):
             # %dispy f --over ...: f is a function of an earlier cell (IPython
             # refuses a %%dispy cell with nothing under its line, and says to use
-            # %dispy: here it is what that cell would have done).
+            # %dispy: here it is what that cell would have done), or a method or
+            # a module's function (model.predict, math.sqrt).
             return self.cell_dispy(line, "")
-        if first not in ACTIONS and first.isidentifier():
+        if first not in ACTIONS and dotted_name(first):
             raise UsageError(_not_an_action(first, self._ip.user_ns))
         args = parse_line(self.dispy, line)
         try:
@@ -552,6 +560,11 @@ def _not_an_action(word: str, namespace: dict[str, Any]) -> str:
         for name, value in namespace.items()
         if callable(value) and not name.startswith("_")
     ]
+    if "." in word:  # model.predict: its object is there, or not yet
+        return (
+            f"%dispy {word}: {word!r} is not a function of the notebook (run the "
+            "cell that defines it first, and check its spelling) (see %dispy?)"
+        )
     close = difflib.get_close_matches(word, [*ACTIONS, *functions], n=1)
     hint = f"; did you mean {close[0]}?" if close else ""
     return (

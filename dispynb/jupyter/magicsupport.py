@@ -10,6 +10,7 @@ turns dispynb's errors into a `MagicError` of a line or two with the fix.
 from __future__ import annotations
 
 import ast
+import builtins
 import contextlib
 import difflib
 import logging
@@ -240,6 +241,28 @@ def unquote(text: str) -> str:
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
         return text[1:-1]
     return text
+
+
+def dotted_name(text: str) -> bool:
+    """``text`` names a value the way code does: ``simulate``, ``model.predict``."""
+    return all(part.isidentifier() for part in text.split("."))
+
+
+def notebook_function(name: str, namespace: dict[str, Any]) -> Any:
+    """The callable ``name`` names in the notebook, None if none: a name of
+    ``namespace`` or a builtin (``abs``), or an attribute of one, as a person
+    writes it (``model.predict``, ``math.sqrt``). Only attributes are looked up:
+    nothing typed on the magic line is evaluated here."""
+    if not dotted_name(name):
+        return None
+    head, *attributes = name.split(".")
+    value = namespace.get(head, getattr(builtins, head, None))
+    try:
+        for attribute in attributes:
+            value = getattr(value, attribute, None)
+    except Exception:  # a property that raised: no function there either
+        return None
+    return value if callable(value) else None
 
 
 def last_function(source: str) -> str | None:

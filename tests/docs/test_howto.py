@@ -98,6 +98,7 @@ def test_the_scheduler_page_names_only_options_of_its_programs() -> None:
 
 def test_pages_give_the_magics_only_options_they_have() -> None:
     from dispynb.jupyter.magics import ACTIONS, DispyMagics
+    from dispynb.jupyter.magicsupport import dotted_name
 
     line_options = _options(DispyMagics.dispy.parser)
     cell_options = _options(DispyMagics.cell_dispy.parser)
@@ -106,9 +107,10 @@ def test_pages_give_the_magics_only_options_they_have() -> None:
     for page in PAGES:
         text = page.read_text(encoding="utf-8")
         for magic, line in re.findall(r"(?m)(%%?dispy)(?![\w-])([^`\n]*)", text):
-            # %dispy NAME --over ...: a function of the notebook, run as %%dispy.
+            # %dispy NAME --over ...: a function of the notebook (model.predict
+            # too), run as %%dispy.
             first = (line.split() or [""])[0]
-            runs = first.isidentifier() and first not in ACTIONS
+            runs = dotted_name(first) and first not in ACTIONS
             known = cell_options if magic == "%%dispy" or runs else line_options
             for option in re.findall(r"(?<![\w-])(--[A-Za-z0-9][\w-]*)", line):
                 seen += 1

@@ -57,6 +57,35 @@ def test_a_function_of_an_earlier_cell_runs_from_a_dispy_line(ip):
     assert str(raised.value).endswith("; did you mean twice? (see %dispy?)")
 
 
+def test_a_method_or_a_modules_function_runs_from_a_dispy_line(ip):
+    """``%dispy model.predict --over ...`` said "unknown option --over; did you mean
+    --nodes?", and ``%%dispy model.predict`` "the function must be a name": a
+    method of the notebook's object, or a module's function, runs as a function of
+    the notebook does."""
+    ip.run_cell(
+        "import math\n"
+        "class Model:\n"
+        "    def __init__(self, k):\n"
+        "        self.k = k\n"
+        "    def predict(self, x):\n"
+        "        return self.k * x\n"
+        "model = Model(3)\n"
+    )
+    with capture_output() as captured:
+        ip.run_line_magic("dispy", "model.predict --over 'range(3)' --into preds")
+        ip.run_line_magic("dispy", "math.sqrt --over '[4, 9]' --into roots")
+        ip.run_cell_magic("dispy", "model.predict --over '[5]' --into one", "x = 1\n")
+    assert ip.user_ns["preds"].results == [0, 3, 6], captured.stderr
+    assert ip.user_ns["roots"].results == [2.0, 3.0], captured.stderr
+    assert ip.user_ns["one"].results == [15], captured.stderr
+    with pytest.raises(UsageError) as raised:
+        ip.run_line_magic("dispy", "model.predcit --over 'range(3)'")
+    assert str(raised.value) == (
+        "%dispy model.predcit: 'model.predcit' is not a function of the notebook "
+        "(run the cell that defines it first, and check its spelling) (see %dispy?)"
+    )
+
+
 @pytest.mark.parametrize(
     ("into", "message"),
     [
