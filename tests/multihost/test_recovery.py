@@ -21,17 +21,21 @@ WORKER = """
 import os, time
 import dispynb as dispy
 
-def compute(n, marks):
+def compute(n, marks, release):
     import os, time
     open(os.path.join(marks, str(n)), "w").close()
-    time.sleep(1.5)  # still running when the client is killed
+    deadline = time.monotonic() + 60
+    while not os.path.exists(release):  # still running when the client is killed
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{release} never appeared")
+        time.sleep(0.01)
     return n * n
 
 def main(args):
     cluster = dispy.JobCluster(compute, nodes=args["nodes"], secret=args["secret"],
                                recover_file=args["journal"], pulse_interval=0.2)
     for n in range(args["jobs"]):
-        cluster.submit_job_id("job-%d" % n, n, args["marks"])
+        cluster.submit_job_id("job-%d" % n, n, args["marks"], args["release"])
     time.sleep(120)  # killed before this returns
 """
 
@@ -60,6 +64,7 @@ def test_client_killed_then_recovered_gets_every_job_once(
         "secret": secret[0],
         "journal": str(tmp_path / "journal.db"),
         "marks": str(marks),
+        "release": str(tmp_path / "release"),
         "jobs": JOBS,
     }
     client = start_client(network, client_host, tmp_path / "c1", WORKER, args)
@@ -68,6 +73,7 @@ def test_client_killed_then_recovered_gets_every_job_once(
     finally:
         client.proc.kill()  # SIGKILL, mid-run
         client.stop()
+        (tmp_path / "release").touch()  # the dead client's jobs may end
     recovered = start_client(network, client_host, tmp_path / "c2", RECOVER, args)
     jobs = recovered.result(timeout=90)
     assert [job[0] for job in jobs] == [f"job-{n}" for n in range(JOBS)]
