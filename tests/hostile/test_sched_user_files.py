@@ -27,7 +27,13 @@ from dispynb.protocol.messages import (
 )
 from dispynb.transport.connection import Connection
 from tests.hostile.test_scheduler import people, shared_nodes
-from tests.sharedsched.harness import raw_scheduler_session, set_up_raw, submit_raw
+from tests.hostile.tools import wait_for
+from tests.sharedsched.harness import (
+    SchedulerProcess,
+    raw_scheduler_session,
+    set_up_raw,
+    submit_raw,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -138,26 +144,30 @@ HELD_JOBS = 16
 HELD_RESULT = 2 * MiB
 
 
-def two_mib(n: int) -> bytes:
-    import time
-
-    time.sleep(0.3)  # ends once its client has gone
+def two_mib(n: int, go: str) -> bytes:
+    """2 MiB, once ``go`` exists: its client has gone (only what ends then is
+    kept). It slept 0.3 s, which a loaded scheduler took to see the client go."""
+    wait_for(lambda: os.path.exists(go), f"{go} made", timeout=60)
     return bytes([n]) * (2 << 20)
 
 
-async def _away(port: int, credential: Path, recovery_id: str) -> None:
-    """Set up a computation with ``recovery_id``, submit its jobs and go away (the
-    scheduler keeps their results, within her quota)."""
-    conn = await raw_scheduler_session(port, credential)
+async def _away(sched: SchedulerProcess, credential: Path, recovery_id: str) -> None:
+    """Set up a computation with ``recovery_id``, submit its jobs and go away; once
+    the scheduler saw it go, let its jobs end (it keeps their results, within her
+    quota)."""
+    go = sched.directory / "held.go"
+    conn = await raw_scheduler_session(sched.port, credential)
     try:
         await set_up_raw(
             conn, two_mib, name="held", recovery_id=recovery_id,
             keep_results=600.0, keep_sent=False, timeout=WAIT,
         )  # fmt: skip
-        submit_raw(conn, [(i,) for i in range(HELD_JOBS)])
+        submit_raw(conn, [(i, str(go)) for i in range(HELD_JOBS)])
         await conn.flush()
     finally:
         conn.close()
+    await asyncio.to_thread(sched.wait_for_log, "held: client gone", timeout=WAIT)
+    go.touch()
 
 
 @pytest.mark.parametrize("release", ["file-release", "session-end"])
@@ -183,7 +193,7 @@ def test_files_released_let_a_computation_held_by_her_quota_run(
                 for digest, data in zip(digests, files, strict=True):
                     conn.write(FilePut(digest=digest, size=data.nbytes), [data])
                 await conn.flush()
-                await _away(sched.port, people["alice"], secrets.token_hex(16))
+                await _away(sched, people["alice"], secrets.token_hex(16))
                 await asyncio.to_thread(
                     sched.wait_for_log, "alice/held: no job of it runs", timeout=WAIT
                 )
