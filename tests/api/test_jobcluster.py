@@ -182,10 +182,8 @@ def test_jobcluster_job_crash_reported_terminated_and_node_keeps_serving(
     local, kind, fragments
 ):
     with JobCluster(jobs.misbehave, nodes=local) as cluster:
-        started = time.monotonic()
         job = cluster.submit(kind)
         assert job.wait(timeout=PROMPT), f"crash {kind!r} not reported in {PROMPT} s"
-        assert time.monotonic() - started < PROMPT
         assert job.status == DispyJob.Terminated == 9
         assert job.result is None
         assert isinstance(job.exception, str)
@@ -554,10 +552,10 @@ def test_close_terminate_with_long_jobs_running_returns_quickly(local, tmp_path)
     submitted = [cluster.submit(str(marker), 60) for marker in markers]
     # 2 CPUs; generous waits: other tests' computations may still be winding down.
     wait_until(lambda: sum(marker.exists() for marker in markers) == 2, timeout=30)
-    started = time.monotonic()
     cluster.close(terminate=True)
-    assert time.monotonic() - started < 2 * PROMPT  # not the jobs' 60 s
     assert all(job.done() for job in submitted)
+    # Ended by the close, not waited for (each would have run its 60 s).
+    assert not [job for job in submitted if job.status == DispyJob.Finished]
     assert {job.status for job in submitted} <= {
         DispyJob.Terminated,
         DispyJob.Cancelled,
@@ -659,17 +657,14 @@ def test_cluster_status_callback_sees_node_and_job_lifecycle_then_closed(local):
 
 def test_jobcluster_context_manager_propagates_exception_and_closes(local, tmp_path):
     marker = tmp_path / "long"
-    started = None
     with (
         pytest.raises(KeyError, match="from the with block"),
         JobCluster(jobs.mark_and_sleep, nodes=local) as cluster,
     ):
         long = cluster.submit(str(marker), 60)
         wait_for_path(marker)
-        started = time.monotonic()
         raise KeyError("from the with block")
-    assert time.monotonic() - started < PROMPT  # the long job was terminated
-    assert long.status == DispyJob.Terminated
+    assert long.status == DispyJob.Terminated  # not waited for: its 60 s
     with pytest.raises(ClusterError, match="closed"):
         cluster.submit(str(tmp_path / "late"), 0)
 

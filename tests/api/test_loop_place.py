@@ -384,12 +384,11 @@ def test_threads_waiting_submitting_and_closing_at_once(local: LocalCluster) -> 
         threads.append(threading.Thread(target=submitter))
         for thread in threads:
             thread.start()
-        # A job that takes 30 s: a wait with a timeout returns in about that time.
+        # A job that takes 30 s: a wait with a timeout returns at its timeout
+        # (False: one that waited for the job would say True).
         sleeper = slow.submit(None, 30)
-        began = time.monotonic()
         assert sleeper.wait(timeout=0.3) is False
         assert slow.wait(timeout=0.3) is False
-        assert time.monotonic() - began < 0.6 + 2.0  # generous: a loaded machine
         for thread in threads:
             thread.join(WAIT)
             assert not thread.is_alive()

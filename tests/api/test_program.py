@@ -78,10 +78,8 @@ def test_program_cancel_running_program_stops_it(local1, tmp_path):
         # The shell creates the file, then writes the pid: wait for the line.
         wait_until(lambda: marker.read_text().endswith("\n"))
         child = int(marker.read_text())
-        started = time.monotonic()
         assert cluster.cancel(job) == 0
         assert job.wait(timeout=10)
-        assert time.monotonic() - started < 10
         assert job.status == DispyJob.Terminated
     # What the program started is gone too, not only its worker.
     deadline = time.monotonic() + WAIT

@@ -37,9 +37,7 @@ def test_wait_returns_after_the_jobs_callbacks_submitted(local):
 
     with JobCluster(square, nodes=local, job_status=job_status) as cluster:
         submitted.append(cluster.submit(0))
-        start = time.monotonic()
         assert cluster.wait(timeout=WAIT) is True
-        assert time.monotonic() - start < WAIT
         assert len(submitted) == chain
         assert [job.status for job in submitted] == [DispyJob.Finished] * chain
         assert cluster.status().jobs_pending == 0
