@@ -599,22 +599,30 @@ def test_submit_node_to_a_node_being_set_up_again_runs_there_once_it_is(two):
 
 
 class _Counting(NodeAllocate):
-    """Gives ``setup`` the number of times its allocate() was asked, and when."""
+    """Gives ``setup`` the number of times its allocate() was asked (and when), and
+    the file ``go`` its second run waits for."""
 
     asked: list[float] = []
+    go = ""
 
     def allocate(self, cluster, ip_addr, name, cpus, avail_info=None, platform=""):
         self.asked.append(time.monotonic())
-        self.setup_args = (len(self.asked),)
+        self.setup_args = (len(self.asked), self.go)
         return cpus
 
 
-def _slow_setup(count: int) -> int:
+def _slow_setup(count: int, go: str) -> int:
+    """A setup; its second run (the first resetup_node's) lasts until ``go``
+    exists: under way while the test calls resetup_node again (it slept 0.5 s, and
+    a test slower than that called it on a node set up)."""
+    import os
     import time
 
     global SETUP_COUNT
     SETUP_COUNT = count
-    time.sleep(0.5)  # a setup under way while the test calls resetup_node again
+    deadline = time.monotonic() + 30
+    while count == 2 and not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.01)
     return 0
 
 
@@ -622,7 +630,7 @@ def _setup_count(_: int) -> int:
     return SETUP_COUNT  # type: ignore[name-defined]
 
 
-def test_resetup_node_while_the_node_is_set_up_again_sets_it_up_anew(two):
+def test_resetup_node_while_the_node_is_set_up_again_sets_it_up_anew(two, tmp_path):
     """resetup_node as the node's setup again (an earlier resetup_node's) is under
     way: 0, and the node is set up anew after it, its allocate() asked after the
     call, as the last call says. It returned -1 (the node was none of the
@@ -631,6 +639,7 @@ def test_resetup_node_while_the_node_is_set_up_again_sets_it_up_anew(two):
     host, port = first.rsplit(":", 1)
     allocation = _Counting(host, port=int(port))
     allocation.asked = []
+    allocation.go = str(tmp_path / "go")
     with JobCluster(
         _setup_count, nodes=[allocation], setup=_slow_setup, secret=two.secret
     ) as cluster:
@@ -640,6 +649,7 @@ def test_resetup_node_while_the_node_is_set_up_again_sets_it_up_anew(two):
         wait_until(lambda: len(allocation.asked) == 2)  # its setup again began
         called = time.monotonic()
         assert cluster.resetup_node(node) == 0
+        (tmp_path / "go").touch()  # the setup under way may end
         wait_until(lambda: len(allocation.asked) == 3)
         assert allocation.asked[-1] > called
         assert cluster.submit(0)() == 3
