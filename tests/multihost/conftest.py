@@ -2,12 +2,14 @@
 
 Module scope: one `Network` of 3 node hosts and 1 client host per test module, made
 afresh (unique prefix) and always destroyed. Function scope: node servers, stopped
-(with their process groups) after each test, whatever happened.
+(with their process groups) after each test, whatever happened; `site`, all a test
+of nodes and a client program usually takes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from tests.multihost.netns import (
     Network,
     hosts_or_skip,
     new_secret_file,
+    run_client,
     start_node,
 )
 
@@ -91,3 +94,42 @@ def start(
             node.stop()
         for host in network.hosts:
             network.heal(host)
+
+
+@dataclass
+class Site:
+    """What a test of nodes and a client program takes: the `Network`, its node
+    hosts and client host, `start` for nodes, the secret, the test's directory."""
+
+    network: Network
+    node_hosts: list[Host]
+    client_host: Host
+    start: StartNode
+    secret: str
+    directory: Path
+
+    def run_client(
+        self,
+        code: str,
+        args: dict[str, Any],
+        timeout: float = 60,
+        secret: str | None = None,
+    ) -> Any:
+        """Run the client program ``code`` (`netns.run_client`) on the client host,
+        in the test's directory: what its ``main(args)`` returned."""
+        return run_client(
+            self.network, self.client_host, self.directory, code, args, timeout, secret
+        )
+
+
+@pytest.fixture
+def site(
+    network: Network,
+    node_hosts: list[Host],
+    client_host: Host,
+    start: StartNode,
+    secret: tuple[str, Path],
+    tmp_path: Path,
+) -> Site:
+    """The `Site` of this test."""
+    return Site(network, node_hosts, client_host, start, secret[0], tmp_path)

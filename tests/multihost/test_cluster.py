@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.multihost.conftest import StartNode
+from tests.multihost.conftest import Site
 from tests.multihost.netns import (
     Host,
     Network,
-    run_client,
     start_client,
     wait_for,
 )
@@ -31,44 +30,35 @@ from tests.transport.certs import make_cert
 pytestmark = [pytest.mark.slow, pytest.mark.multihost]
 
 
-def test_jobs_run_on_three_hosts(
-    network: Network,
-    node_hosts: list[Host],
-    client_host: Host,
-    start: StartNode,
-    secret: tuple[str, Path],
-    tmp_path: Path,
-) -> None:
-    nodes = [start(host) for host in node_hosts]
-    args = job_args([n.spec for n in nodes], secret[0], tmp_path / "markers", 18, 0.2)
-    jobs = run_client(network, client_host, tmp_path, CLIENT, args)
+def test_jobs_run_on_three_hosts(site: Site) -> None:
+    nodes = [site.start(host) for host in site.node_hosts]
+    markers = site.directory / "markers"
+    args = job_args([n.spec for n in nodes], site.secret, markers, 18, 0.2)
+    jobs = site.run_client(CLIENT, args)
     assert [j["status"] for j in jobs] == [FINISHED] * 18
     assert [j["result"] for j in jobs] == [n * n for n in range(18)]
-    assert {j["ip"] for j in jobs} == {h.ip for h in node_hosts}
-    assert {ip for ips in started_on(tmp_path / "markers").values() for ip in ips} == {
-        h.ip for h in node_hosts
+    assert {j["ip"] for j in jobs} == {h.ip for h in site.node_hosts}
+    assert {ip for ips in started_on(markers).values() for ip in ips} == {
+        h.ip for h in site.node_hosts
     }
     print(
-        f"namespace setup {network.setup_seconds:.3f} s; node starts "
+        f"namespace setup {site.network.setup_seconds:.3f} s; node starts "
         + ", ".join(f"{n.start_seconds:.2f}" for n in nodes)
         + " s"
     )
 
 
-def test_killed_node_abandons_its_jobs(
-    network: Network,
-    node_hosts: list[Host],
-    client_host: Host,
-    start: StartNode,
-    secret: tuple[str, Path],
-    tmp_path: Path,
-) -> None:
-    """kill -9 of a node mid-job: its (non-reentrant) jobs end Abandoned, naming it."""
-    nodes = [start(host) for host in node_hosts]
+def test_killed_node_abandons_its_jobs(site: Site) -> None:
+    """kill -9 of a node mid-job: its (non-reentrant) jobs end Abandoned, naming it.
+    The jobs run until the test releases them, once the node is killed (they slept
+    1.5 s: on a loaded machine the victim's had ended, and none was abandoned)."""
+    nodes = [site.start(host) for host in site.node_hosts]
     victim = nodes[1]
-    markers = tmp_path / "markers"
-    args = job_args([n.spec for n in nodes], secret[0], markers, 9, 1.5)
-    client = start_client(network, client_host, tmp_path, CLIENT, args)
+    markers = site.directory / "markers"
+    release = site.directory / "release"
+    args = job_args([n.spec for n in nodes], site.secret, markers, 9, 0)
+    args["release"] = str(release)
+    client = start_client(site.network, site.client_host, site.directory, CLIENT, args)
     try:
         wait_for(
             lambda: any(victim.host.ip in ips for ips in started_on(markers).values()),
@@ -76,6 +66,7 @@ def test_killed_node_abandons_its_jobs(
             "a job running on the victim node",
         )
         victim.kill()
+        release.touch()
         jobs = client.result(60)
     finally:
         client.stop()
@@ -99,20 +90,16 @@ def test_killed_node_abandons_its_jobs(
             assert node.proc.poll() is None
 
 
-def test_tls_across_hosts(
-    network: Network,
-    node_hosts: list[Host],
-    client_host: Host,
-    start: StartNode,
-    secret: tuple[str, Path],
-    tmp_path: Path,
-) -> None:
+def test_tls_across_hosts(site: Site) -> None:
     """Nodes with a certificate for their addresses; the client verifies it."""
-    cert, key = make_cert(tmp_path, "nodes", [h.ip for h in node_hosts])
-    nodes = [start(h, "--certfile", cert, "--keyfile", key) for h in node_hosts]
-    args = job_args([n.spec for n in nodes], secret[0], tmp_path / "markers", 6, 0.1)
+    cert, key = make_cert(site.directory, "nodes", [h.ip for h in site.node_hosts])
+    nodes = [
+        site.start(h, "--certfile", cert, "--keyfile", key) for h in site.node_hosts
+    ]
+    markers = site.directory / "markers"
+    args = job_args([n.spec for n in nodes], site.secret, markers, 6, 0.1)
     args["options"] = {"cafile": cert}
-    jobs = run_client(network, client_host, tmp_path, CLIENT, args)
+    jobs = site.run_client(CLIENT, args)
     assert [j["result"] for j in jobs] == [n * n for n in range(6)]
     assert all("with TLS" in n.log_text() for n in nodes)
 

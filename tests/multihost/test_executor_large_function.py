@@ -10,12 +10,9 @@ go through /dev/shm, not the connection.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from tests.multihost.conftest import StartNode
-from tests.multihost.netns import Host, Network, run_client
+from tests.multihost.conftest import Site
 
 pytestmark = [pytest.mark.slow, pytest.mark.multihost]
 
@@ -38,24 +35,9 @@ def main(args):
 """
 
 
-def test_a_large_closure_goes_to_the_node_once_per_call_site(
-    network: Network,
-    node_hosts: list[Host],
-    client_host: Host,
-    start: StartNode,
-    secret: tuple[str, Path],
-    tmp_path: Path,
-) -> None:
-    node = start(node_hosts[0], "--cpus", "2")
-    out = run_client(
-        network,
-        client_host,
-        tmp_path,
-        CLIENT,
-        {"node": node.spec},
-        timeout=120,
-        secret=secret[0],
-    )
+def test_a_large_closure_goes_to_the_node_once_per_call_site(site: Site) -> None:
+    node = site.start(site.node_hosts[0], "--cpus", "2")
+    out = site.run_client(CLIENT, {"node": node.spec}, timeout=120, secret=site.secret)
     assert out["submitted"] == [float(i) for i in range(6)]
     assert out["mapped"] == [float((1 << 20) - i) for i in range(1, 7)]
     # 12 jobs: 96 MB when each carried the 8 MB function; now the first submit's

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.multihost.conftest import StartNode
+from tests.multihost.conftest import Site
 from tests.multihost.netns import SUBNET, Host, Network, start_node
 from tests.transport.certs import make_cert
 
@@ -110,23 +110,18 @@ def test_a_node_started_without_a_secret_is_named_as_a_likely_cause(
 
 
 def test_a_stopped_tls_node_is_said_to_have_accepted_the_connection(
-    network: Network,
-    node_hosts: list[Host],
-    client_host: Host,
-    start: StartNode,
-    secret: tuple[str, Path],
-    tmp_path: Path,
+    site: Site,
 ) -> None:
     """The kernel completes the TCP handshake of a stopped process: the machine is
     there, so the fix is not to check the address (before: the same bare "timed
     out" as for a machine that is not there)."""
-    host = node_hosts[0]
-    cert, key = make_cert(tmp_path, "node", [host.ip])
-    node = start(host, "--certfile", cert, "--keyfile", key)
+    host = site.node_hosts[0]
+    cert, key = make_cert(site.directory, "node", [host.ip])
+    node = site.start(host, "--certfile", cert, "--keyfile", key)
     node.pause()
     try:
         line, stderr = last_line(
-            network, client_host, tmp_path, node.spec, secret[0], cert
+            site.network, site.client_host, site.directory, node.spec, site.secret, cert
         )
     finally:
         node.resume()
