@@ -257,6 +257,16 @@ def test_same_machine_sees_a_node_of_its_user_that_is_not_dumpable(
     assert seen.stdout.strip() == "True", seen.stderr
 
 
-def test_unlink_ignores_gone_and_foreign_names(names: list[str]) -> None:
-    shm.unlink("dnb-" + "0" * 32)
-    shm.unlink("../../tmp/x")  # never outside dispynb's names
+def test_unlink_ignores_gone_and_foreign_names(tmp_path: Path) -> None:
+    shm.unlink("dnb-" + "0" * 32)  # gone: no error
+    # Never a name that is not dispynb's: beside its own, or outside the directory.
+    beside = shm.SHM_DIR / f"not-dispynb-{os.getpid()}"
+    outside = tmp_path / "x"
+    beside.touch()
+    outside.touch()
+    try:
+        shm.unlink(beside.name)
+        shm.unlink(os.path.relpath(outside, shm.SHM_DIR))  # ../../tmp/...
+        assert beside.exists() and outside.exists()
+    finally:
+        beside.unlink(missing_ok=True)
