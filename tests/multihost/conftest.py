@@ -17,12 +17,14 @@ import pytest
 
 from tests.multihost import sshd
 from tests.multihost.netns import (
+    Client,
     Host,
     NetNode,
     Network,
     hosts_or_skip,
     new_secret_file,
     run_client,
+    start_client,
     start_node,
 )
 
@@ -120,6 +122,18 @@ class Site:
         return run_client(
             self.network, self.client_host, self.directory, code, args, timeout, secret
         )
+
+    def start_client(
+        self,
+        code: str,
+        args: dict[str, Any],
+        directory: Path | None = None,
+        secret: str | None = None,
+    ) -> Client:
+        """Start the client program ``code`` (`netns.start_client`) on the client
+        host, in ``directory`` (the test's if not given)."""
+        where = directory or self.directory
+        return start_client(self.network, self.client_host, where, code, args, secret)
 
 
 @pytest.fixture

@@ -13,12 +13,11 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from tests.multihost.conftest import StartNode
-from tests.multihost.netns import Host, Network, start_client, wait_for
+from tests.multihost.conftest import Site
+from tests.multihost.netns import Host, Network, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.multihost]
 
@@ -69,39 +68,32 @@ def sent_bytes(network: Network, host: Host) -> int:
 
 
 @pytest.mark.timeout(120)
-def test_a_link_cut_mid_argument_then_back_leaves_the_node_serving(
-    network: Network,
-    node_hosts: list[Host],
-    client_host: Host,
-    start: StartNode,
-    secret: tuple[str, Path],
-    tmp_path: Path,
-) -> None:
+def test_a_link_cut_mid_argument_then_back_leaves_the_node_serving(site: Site) -> None:
     if shutil.which("tc") is None:
         pytest.skip("needs tc (iproute2) to slow the link")
-    host = node_hosts[0]
-    node = start(host)
+    host = site.node_hosts[0]
+    node = site.start(host)
     subprocess.run(
-        ["ip", "netns", "exec", network.bridge, "tc", "qdisc", "add", "dev",
+        ["ip", "netns", "exec", site.network.bridge, "tc", "qdisc", "add", "dev",
          host.port, "root", "tbf", "rate", "40mbit", "burst", "32kbit",
          "latency", "400ms"],
         check=True, timeout=10,
     )  # fmt: skip
-    marks, ended, healed = tmp_path / "marks", tmp_path / "ended", tmp_path / "healed"
+    marks, ended, healed = (site.directory / n for n in ("marks", "ended", "healed"))
     marks.mkdir()
     args = {
-        "node": node.spec, "secret": secret[0], "size": ARGUMENT,
+        "node": node.spec, "secret": site.secret, "size": ARGUMENT,
         "marks": str(marks), "ended": str(ended), "healed": str(healed),
     }  # fmt: skip
-    client = start_client(network, client_host, tmp_path / "client", CLIENT, args)
+    client = site.start_client(CLIENT, args, site.directory / "client")
     try:
         assert client.proc.stdout is not None
         assert client.proc.stdout.readline().strip() == "submitted"
-        wait_for(lambda: sent_bytes(network, host) > 2 << 20, 30, "2 MiB sent")
-        assert sent_bytes(network, host) < ARGUMENT  # mid-transfer
-        network.cut(host)
+        wait_for(lambda: sent_bytes(site.network, host) > 2 << 20, 30, "2 MiB sent")
+        assert sent_bytes(site.network, host) < ARGUMENT  # mid-transfer
+        site.network.cut(host)
         wait_for(ended.exists, 30, "the job ended by the client")
-        network.heal(host)
+        site.network.heal(host)
         healed.touch()
         status, reason, size = client.result(60)
     finally:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dispynb.defaults import IPV4_MULTICAST_GROUP, NODE_PORT
-from tests.multihost.conftest import StartNode
+from tests.multihost.conftest import Site, StartNode
 from tests.multihost.netns import (
     BROADCAST,
     SUBNET,
@@ -202,50 +202,36 @@ def test_node_listening_on_every_address(
     ids=["subnet-broadcast", "star-broadcast", "nodes-none", "multicast"],
 )
 def test_cluster_finds_nodes_by_wildcard(
-    network: Network,
-    node_hosts: list[Host],
-    client_host: Host,
-    start: StartNode,
-    secret: tuple[str, Path],
-    tmp_path: Path,
-    spec: str | None,
-    multicast: bool,
+    site: Site, spec: str | None, multicast: bool
 ) -> None:
     """``nodes=['10.77.0.*']``, ``['*']`` or None (dispy's default) find all nodes."""
-    for host in node_hosts:
-        start(host, *(["--ipv4_udp_multicast"] if multicast else []))
+    for host in site.node_hosts:
+        site.start(host, *(["--ipv4_udp_multicast"] if multicast else []))
     nodes = None if spec is None else [spec]
-    args = job_args(nodes, secret[0], tmp_path / "markers", 18, 0.2)
+    args = job_args(nodes, site.secret, site.directory / "markers", 18, 0.2)
     args["before"] = 3
     args["options"] = {"ipv4_udp_multicast": multicast}
-    jobs = run_client(network, client_host, tmp_path, WILDCARD_CLIENT, args)
+    jobs = site.run_client(WILDCARD_CLIENT, args)
     assert [j["status"] for j in jobs] == [FINISHED] * 18
     assert [j["result"] for j in jobs] == [n * n for n in range(18)]
-    assert {j["ip"] for j in jobs} == {h.ip for h in node_hosts}
+    assert {j["ip"] for j in jobs} == {h.ip for h in site.node_hosts}
 
 
-def test_cluster_gives_jobs_to_a_late_node(
-    network: Network,
-    node_hosts: list[Host],
-    client_host: Host,
-    start: StartNode,
-    secret: tuple[str, Path],
-    tmp_path: Path,
-) -> None:
-    for host in node_hosts[:2]:
-        start(host)
-    markers = tmp_path / "markers"
-    ready = tmp_path / "ready"
-    release = tmp_path / "release"
-    args = job_args([f"{SUBNET}.*"], secret[0], markers, 12, 1.0)
+def test_cluster_gives_jobs_to_a_late_node(site: Site) -> None:
+    for host in site.node_hosts[:2]:
+        site.start(host)
+    markers = site.directory / "markers"
+    ready = site.directory / "ready"
+    release = site.directory / "release"
+    args = job_args([f"{SUBNET}.*"], site.secret, markers, 12, 1.0)
     # Jobs run until the late node has started one: however slowly the machine
     # starts that node, jobs are still waiting for it (a fixed duration was not).
     args.update(before=2, ready=str(ready), release=str(release))
-    late = node_hosts[2].ip
-    client = start_client(network, client_host, tmp_path, WILDCARD_CLIENT, args)
+    late = site.node_hosts[2].ip
+    client = site.start_client(WILDCARD_CLIENT, args)
     try:
         wait_for(ready.exists, 30, "the client using the first two nodes")
-        start(node_hosts[2])
+        site.start(site.node_hosts[2])
         wait_for(
             lambda: any(late in ips for ips in started_on(markers).values()),
             45,

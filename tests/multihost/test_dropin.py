@@ -16,7 +16,7 @@ import pytest
 
 from dispynb.defaults import NODE_PORT
 from dispynb.wording import counted
-from tests.multihost.conftest import StartNode
+from tests.multihost.conftest import Site, StartNode
 from tests.multihost.netns import (
     Host,
     Network,
@@ -60,26 +60,19 @@ if __name__ == '__main__':
 """
 
 
-def test_dispy_sample_finds_default_nodes_by_discovery_alone(
-    network: Network,
-    node_hosts: list[Host],
-    client_host: Host,
-    start: StartNode,
-    secret: tuple[str, Path],
-    tmp_path: Path,
-) -> None:
-    nodes = [start(host) for host in node_hosts]  # no flags at all
+def test_dispy_sample_finds_default_nodes_by_discovery_alone(site: Site) -> None:
+    nodes = [site.start(host) for host in site.node_hosts]  # no flags at all
     for node in nodes:
         text = node.log_text()
         assert f"0.0.0.0:{NODE_PORT}" in text  # every address, as dispynode
         assert "answering pings on UDP *:" in text  # discovery on by default
-    script = tmp_path / "sample.py"
+    script = site.directory / "sample.py"
     script.write_text(DISPY_SAMPLE)
-    env_secret = {"DISPYNB_SECRET": secret[0]}
-    proc = network.popen(
-        client_host,
+    env_secret = {"DISPYNB_SECRET": site.secret}
+    proc = site.network.popen(
+        site.client_host,
         [sys.executable, str(script)],
-        cwd=tmp_path,  # not the checkout: a failed run may leave a recovery file
+        cwd=site.directory,  # not the checkout: a failed run may leave a recovery file
         env={**node_env(), **env_secret},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -99,7 +92,9 @@ def test_dispy_sample_finds_default_nodes_by_discovery_alone(
     # The client found every node and authenticated to it, though it named none.
     for node in nodes:
         wait_for(
-            lambda node=node: f"connected from {client_host.ip}" in node.log_text(),
+            lambda node=node: (
+                f"connected from {site.client_host.ip}" in node.log_text()
+            ),
             10,
             f"the client connecting to {node.name}",
         )
@@ -139,29 +134,19 @@ def main(args):
 """
 
 
-def test_client_warns_once_when_no_node_answers_and_keeps_waiting(
-    network: Network,
-    node_hosts: list[Host],
-    client_host: Host,
-    start: StartNode,
-    secret: tuple[str, Path],
-    tmp_path: Path,
-) -> None:
-    hidden = start(node_hosts[0], "--no-discovery")
+def test_client_warns_once_when_no_node_answers_and_keeps_waiting(site: Site) -> None:
+    hidden = site.start(site.node_hosts[0], "--no-discovery")
     assert "answering pings" not in hidden.log_text()
-    warned = tmp_path / "warned"
-    client = start_client(
-        network,
-        client_host,
-        tmp_path,
+    warned = site.directory / "warned"
+    client = site.start_client(
         WAITING_CLIENT,
         {"warned": str(warned)},
-        secret=secret[0],
+        secret=site.secret,
     )
     try:
         wait_for(warned.exists, 30, "the client warning that it found no node")
         assert client.proc.poll() is None  # still waiting, as dispy does
-        late = start(node_hosts[1])  # default flags: announces itself
+        late = site.start(site.node_hosts[1])  # default flags: announces itself
         results = client.result(60)
     finally:
         client.stop()
@@ -172,7 +157,7 @@ def test_client_warns_once_when_no_node_answers_and_keeps_waiting(
     assert warning.startswith("WARNING ")
     for cause in ("no dispynb-node running", "--no-discovery", "firewall", "secret"):
         assert cause in warning
-    assert f"connected from {client_host.ip}" not in hidden.log_text()
+    assert f"connected from {site.client_host.ip}" not in hidden.log_text()
 
 
 def test_one_machine_without_a_secret_the_program_finds_its_node(
@@ -197,30 +182,20 @@ def test_one_machine_without_a_secret_the_program_finds_its_node(
     assert not warned.exists()
 
 
-def test_repeated_hosts_listen_on_each_and_announce_the_network_one(
-    network: Network,
-    node_hosts: list[Host],
-    client_host: Host,
-    start: StartNode,
-    secret: tuple[str, Path],
-    tmp_path: Path,
-) -> None:
+def test_repeated_hosts_listen_on_each_and_announce_the_network_one(site: Site) -> None:
     """dispynode's repeated ``-i``: the node listens on both addresses; discovery
     announces the non-loopback one, where the client finds it."""
-    host = node_hosts[0]
-    node = start(host, "-i", "127.0.0.1", "-i", host.ip, "-d")
+    host = site.node_hosts[0]
+    node = site.start(host, "-i", "127.0.0.1", "-i", host.ip, "-d")
     text = node.log_text()
     assert f"127.0.0.1:{NODE_PORT}, {host.ip}:{NODE_PORT}" in text
     assert f"answering pings on UDP {host.ip}:" in text
     assert " DEBUG " in text  # -d is dispynode's --debug
-    warned = tmp_path / "warned"
-    results = run_client(
-        network,
-        client_host,
-        tmp_path,
+    warned = site.directory / "warned"
+    results = site.run_client(
         WAITING_CLIENT,
         {"warned": str(warned)},
-        secret=secret[0],
+        secret=site.secret,
     )
     assert results == [[n * n, node.name] for n in range(4)]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.multihost.conftest import StartNode
+from tests.multihost.conftest import Site
 from tests.multihost.netns import Host, NetNode, Network, start_client, wait_for
 from tests.multihost.programs import (
     CLIENT,
@@ -112,17 +112,11 @@ def check_exactly_once(
 
 
 @pytest.mark.parametrize("fault", ["kill", "stop", "cut"])
-def test_reentrant_jobs_survive_a_node_fault(
-    network: Network,
-    node_hosts: list[Host],
-    client_host: Host,
-    start: StartNode,
-    secret: tuple[str, Path],
-    tmp_path: Path,
-    fault: str,
-) -> None:
-    nodes = [start(host) for host in node_hosts]
-    detection = run_with_fault(network, nodes, client_host, secret[0], tmp_path, fault)
+def test_reentrant_jobs_survive_a_node_fault(site: Site, fault: str) -> None:
+    nodes = [site.start(host) for host in site.node_hosts]
+    detection = run_with_fault(
+        site.network, nodes, site.client_host, site.secret, site.directory, fault
+    )
     # (bounded by the 30 s wait for a re-run: TCP alone would take minutes for stop
     # and cut; the pulses tell within about 3 x PULSE)
     print(f"{fault}: the client logged the node's loss after {detection} s")

@@ -5,12 +5,10 @@ keeps hearing from it, until ``allocate_node`` asks for it again."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from tests.multihost.conftest import StartNode
-from tests.multihost.netns import SUBNET, Host, Network, run_client
+from tests.multihost.conftest import Site
+from tests.multihost.netns import SUBNET
 from tests.multihost.programs import COMMON
 
 pytestmark = [pytest.mark.slow, pytest.mark.multihost]
@@ -87,31 +85,22 @@ def main(args):
     [("discover_nodes", ["*"]), ("allocate_node", f"{SUBNET}.*")],
     ids=["discover_nodes-star", "allocate_node-pattern"],
 )
-def test_discover_allocate_and_close_node(
-    network: Network,
-    node_hosts: list[Host],
-    client_host: Host,
-    start: StartNode,
-    secret: tuple[str, Path],
-    tmp_path: Path,
-    how: str,
-    spec: object,
-) -> None:
-    for host in node_hosts:
-        start(host)  # default flags: discovery on
-    ips = sorted(host.ip for host in node_hosts)
-    first, closed = node_hosts[0].ip, node_hosts[2].ip
-    markers = tmp_path / "markers"
+def test_discover_allocate_and_close_node(site: Site, how: str, spec: object) -> None:
+    for host in site.node_hosts:
+        site.start(host)  # default flags: discovery on
+    ips = sorted(host.ip for host in site.node_hosts)
+    first, closed = site.node_hosts[0].ip, site.node_hosts[2].ip
+    markers = site.directory / "markers"
     markers.mkdir()
     args = {
         "nodes": [first],
-        "secret": secret[0],
+        "secret": site.secret,
         "markers": str(markers),
         "how": how,
         "spec": spec,
         "close": closed,
     }
-    out = run_client(network, client_host, tmp_path, MANAGER, args, timeout=120)
+    out = site.run_client(MANAGER, args, timeout=120)
     assert out["start"] == [first]
     assert out["call"] == 0
     assert out["found"] == ips

@@ -6,12 +6,10 @@ results; ``recover_jobs`` gets every job back, each once, with id, arguments, re
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from tests.multihost.conftest import StartNode
-from tests.multihost.netns import Host, Network, start_client, wait_for
+from tests.multihost.conftest import Site
+from tests.multihost.netns import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.multihost]
 
@@ -48,33 +46,27 @@ def main(args):
 """
 
 
-def test_client_killed_then_recovered_gets_every_job_once(
-    network: Network,
-    node_hosts: list[Host],
-    client_host: Host,
-    start: StartNode,
-    secret: tuple[str, Path],
-    tmp_path: Path,
-) -> None:
-    nodes = [start(host, cpus=JOBS // 2) for host in node_hosts[:2]]
-    marks = tmp_path / "marks"
+def test_client_killed_then_recovered_gets_every_job_once(site: Site) -> None:
+    nodes = [site.start(host, cpus=JOBS // 2) for host in site.node_hosts[:2]]
+    marks = site.directory / "marks"
     marks.mkdir()
+    release = site.directory / "release"
     args = {
         "nodes": [node.spec for node in nodes],
-        "secret": secret[0],
-        "journal": str(tmp_path / "journal.db"),
+        "secret": site.secret,
+        "journal": str(site.directory / "journal.db"),
         "marks": str(marks),
-        "release": str(tmp_path / "release"),
+        "release": str(release),
         "jobs": JOBS,
     }
-    client = start_client(network, client_host, tmp_path / "c1", WORKER, args)
+    client = site.start_client(WORKER, args, site.directory / "c1")
     try:
         wait_for(lambda: len(list(marks.iterdir())) == JOBS, 30, "all jobs running")
     finally:
         client.proc.kill()  # SIGKILL, mid-run
         client.stop()
-        (tmp_path / "release").touch()  # the dead client's jobs may end
-    recovered = start_client(network, client_host, tmp_path / "c2", RECOVER, args)
+        release.touch()  # the dead client's jobs may end
+    recovered = site.start_client(RECOVER, args, site.directory / "c2")
     jobs = recovered.result(timeout=90)
     assert [job[0] for job in jobs] == [f"job-{n}" for n in range(JOBS)]
     assert [job[1] for job in jobs] == list(range(JOBS))

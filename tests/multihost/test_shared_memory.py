@@ -4,12 +4,9 @@ client gets them through shared memory."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from tests.multihost.conftest import StartNode
-from tests.multihost.netns import Host, Network, run_client
+from tests.multihost.conftest import Site
 
 pytestmark = [pytest.mark.slow, pytest.mark.multihost]
 
@@ -55,22 +52,9 @@ def main(args):
 """
 
 
-def test_node_on_another_host_gets_arguments_over_the_socket(
-    network: Network,
-    node_hosts: list[Host],
-    client_host: Host,
-    start: StartNode,
-    secret: tuple[str, Path],
-    tmp_path: Path,
-) -> None:
-    node = start(node_hosts[0])
-    out = run_client(
-        network,
-        client_host,
-        tmp_path,
-        CLIENT,
-        {"nodes": [node.spec], "secret": secret[0]},
-    )
-    assert out["remote"] == [True, node_hosts[0].ip, 0]  # no shared memory
+def test_node_on_another_host_gets_arguments_over_the_socket(site: Site) -> None:
+    node = site.start(site.node_hosts[0])
+    out = site.run_client(CLIENT, {"nodes": [node.spec], "secret": site.secret})
+    assert out["remote"] == [True, site.node_hosts[0].ip, 0]  # no shared memory
     ok, _ip, created = out["local"]
     assert ok and created == 1  # the same client uses it for a node beside it
