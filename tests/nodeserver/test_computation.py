@@ -131,6 +131,38 @@ async def finish(computation: Computation, launcher: ThreadLauncher) -> None:
     launcher.join()
 
 
+async def started(
+    tmp_path: Path, func: Any = blocked
+) -> tuple[Reports, Computation, ThreadLauncher]:
+    """A computation of ``func`` on one worker, started: its reports, it, its
+    launcher."""
+    reports = Reports()
+    computation, launcher = make(tmp_path, reports, workers=1)
+    await computation.start(bundle(func))
+    return reports, computation, launcher
+
+
+async def known_short(computation: Computation, reports: Reports) -> str:
+    """Run jobs 1 to 5 of ``computation`` (of `blocked`), their gate open: its
+    jobs are short on average, so the next ones go ahead to a busy worker. Their
+    gate (open)."""
+    quick = new_gate("quick")
+    open_gate(quick)
+    computation.submit([job(key, quick) for key in range(1, 6)])
+    await wait_until(lambda: len(reports.entries) == 5, "quick jobs done")
+    return quick
+
+
+async def serves(computation: Computation, reports: Reports, key: int) -> None:
+    """``computation`` runs job ``key`` (of `blocked`, its gate open) to its end:
+    it still serves."""
+    name = new_gate(f"job-{key}")
+    open_gate(name)
+    computation.submit([job(key, name)])
+    await wait_until(lambda: key in reports.entries, f"job {key} ran")
+    assert reports.values[key] == name
+
+
 GATES_OPENED: list[str] = []
 
 
@@ -196,11 +228,7 @@ def test_cancel_running_job_interrupts_it_then_retires_its_worker(tmp_path):
         assert launcher.interrupts == [pid]
         # An interrupted worker may hold broken state: it is replaced.
         await wait_until(lambda: launcher.kills == [pid], "worker retired")
-        second = new_gate("second")
-        open_gate(second)
-        computation.submit([job(2, second)])
-        await wait_until(lambda: 2 in reports.entries, "job 2 ran")
-        assert reports.values[2] == second
+        await serves(computation, reports, 2)
         await finish(computation, launcher)
 
     run(main())
@@ -208,9 +236,7 @@ def test_cancel_running_job_interrupts_it_then_retires_its_worker(tmp_path):
 
 def test_cancel_uncooperative_running_job_reports_terminated(tmp_path):
     async def main() -> None:
-        reports = Reports()
-        computation, launcher = make(tmp_path, reports, workers=1)
-        await computation.start(bundle(blocked))
+        reports, computation, launcher = await started(tmp_path)
         computation.submit([job(1, new_gate("cancel")), job(2, new_gate("next"))])
         await wait_until(lambda: launcher.busy_workers(), "job 1 running")
         computation.cancel(1, 1)
@@ -234,9 +260,7 @@ def test_cancel_uncooperative_running_job_reports_terminated(tmp_path):
 
 def test_cancel_queued_job_never_runs(tmp_path):
     async def main() -> None:
-        reports = Reports()
-        computation, launcher = make(tmp_path, reports, workers=1)
-        await computation.start(bundle(blocked))
+        reports, computation, launcher = await started(tmp_path)
         first, second = new_gate("first"), new_gate("second")
         computation.submit([job(1, first), job(2, second)])
         await wait_until(lambda: launcher.busy_workers(), "job 1 running")
@@ -259,13 +283,8 @@ def test_short_jobs_wait_several_deep_in_a_busy_worker_and_cancel_skips_them(
     wake-ups); a cancelled one among them never starts, the others run in order."""
 
     async def main() -> None:
-        reports = Reports()
-        computation, launcher = make(tmp_path, reports, workers=1)
-        await computation.start(bundle(blocked))
-        quick = new_gate("quick")
-        open_gate(quick)
-        computation.submit([job(key, quick) for key in range(1, 6)])  # mean: short
-        await wait_until(lambda: len(reports.entries) == 5, "quick jobs done")
+        reports, computation, launcher = await started(tmp_path)
+        quick = await known_short(computation, reports)
         reports.starts.clear()
         head = new_gate("head")
         computation.submit([job(10, head)])
@@ -299,13 +318,8 @@ def test_a_large_job_that_would_go_through_the_socket_is_not_sent_ahead(tmp_path
     at once, and the worker's socket is free for what follows."""
 
     async def main() -> None:
-        reports = Reports()
-        computation, launcher = make(tmp_path, reports, workers=1)
-        await computation.start(bundle(blocked))
-        quick = new_gate("quick")
-        open_gate(quick)
-        computation.submit([job(key, quick) for key in range(1, 6)])  # mean: short
-        await wait_until(lambda: len(reports.entries) == 5, "quick jobs done")
+        reports, computation, launcher = await started(tmp_path)
+        quick = await known_short(computation, reports)
         head = new_gate("head")
         computation.submit([job(10, head)])
         await wait_until(lambda: launcher.busy_workers(), "job 10 running")
@@ -329,13 +343,8 @@ def test_a_job_being_skipped_stays_cancelled_when_cancelled_again_as_head(tmp_pa
     the worker skipped it, not terminated (it never ran)."""
 
     async def main() -> None:
-        reports = Reports()
-        computation, launcher = make(tmp_path, reports, workers=1)
-        await computation.start(bundle(blocked))
-        quick = new_gate("quick")
-        open_gate(quick)
-        computation.submit([job(key, quick) for key in range(1, 6)])  # mean: short
-        await wait_until(lambda: len(reports.entries) == 5, "quick jobs done")
+        reports, computation, launcher = await started(tmp_path)
+        quick = await known_short(computation, reports)
         head = new_gate("head")
         computation.submit([job(10, head)])
         await wait_until(lambda: launcher.busy_workers(), "job 10 running")
@@ -367,13 +376,8 @@ def test_a_job_to_skip_is_cancelled_not_rerun_when_its_worker_dies(tmp_path):
     instead of being queued again and run on the next worker."""
 
     async def main() -> None:
-        reports = Reports()
-        computation, launcher = make(tmp_path, reports, workers=1)
-        await computation.start(bundle(blocked))
-        quick = new_gate("quick")
-        open_gate(quick)
-        computation.submit([job(key, quick) for key in range(1, 6)])  # mean: short
-        await wait_until(lambda: len(reports.entries) == 5, "quick jobs done")
+        reports, computation, launcher = await started(tmp_path)
+        quick = await known_short(computation, reports)
         computation.submit([job(10, new_gate("head"))])
         await wait_until(lambda: launcher.busy_workers(), "job 10 running")
         computation.submit([job(11, quick), job(12, quick)])
@@ -397,13 +401,8 @@ def test_jobs_sent_ahead_to_a_worker_whose_job_is_cancelled_move_off_it(tmp_path
     not terminated, and never runs."""
 
     async def main() -> None:
-        reports = Reports()
-        computation, launcher = make(tmp_path, reports, workers=1)
-        await computation.start(bundle(blocked))
-        quick = new_gate("quick")
-        open_gate(quick)
-        computation.submit([job(key, quick) for key in range(1, 6)])  # mean: short
-        await wait_until(lambda: len(reports.entries) == 5, "quick jobs done")
+        reports, computation, launcher = await started(tmp_path)
+        quick = await known_short(computation, reports)
         reports.starts.clear()
         computation.submit([job(10, new_gate("head"))])
         await wait_until(lambda: launcher.busy_workers(), "job 10 running")
@@ -433,9 +432,7 @@ def test_jobs_sent_ahead_to_a_worker_whose_job_is_cancelled_move_off_it(tmp_path
 
 def test_worker_killed_mid_job_reports_crash_and_is_replaced(tmp_path):
     async def main() -> None:
-        reports = Reports()
-        computation, launcher = make(tmp_path, reports, workers=1)
-        await computation.start(bundle(blocked))
+        reports, computation, launcher = await started(tmp_path)
         computation.submit([job(1, new_gate("crash"))])
         await wait_until(lambda: launcher.busy_workers(), "job 1 running")
         # The worker dies (as by the OOM killer): the computation process reports it.
@@ -443,11 +440,7 @@ def test_worker_killed_mid_job_reports_crash_and_is_replaced(tmp_path):
         await wait_until(lambda: 1 in reports.entries, "job 1 settled")
         assert reports.outcome(1) == CRASHED
         assert "killed by SIGKILL (9)" in reports.reason(1)
-        gated = new_gate("after")
-        open_gate(gated)
-        computation.submit([job(2, gated)])
-        await wait_until(lambda: 2 in reports.entries, "job 2 done")
-        assert reports.values[2] == gated
+        await serves(computation, reports, 2)
         await finish(computation, launcher)
 
     run(main())
@@ -455,9 +448,7 @@ def test_worker_killed_mid_job_reports_crash_and_is_replaced(tmp_path):
 
 def test_process_death_crashes_running_and_queued_jobs(tmp_path):
     async def main() -> None:
-        reports = Reports()
-        computation, launcher = make(tmp_path, reports, workers=1)
-        await computation.start(bundle(blocked))
+        reports, computation, launcher = await started(tmp_path)
         computation.submit([job(1, new_gate("a")), job(2, new_gate("b"))])
         await wait_until(lambda: launcher.busy_workers(), "job 1 running")
         launcher.processes[0].kill()
@@ -517,9 +508,7 @@ def test_held_workers_are_not_read_until_released(tmp_path):
 
 def test_job_over_its_time_limit_is_stopped_and_says_why(tmp_path):
     async def main() -> None:
-        reports = Reports()
-        computation, launcher = make(tmp_path, reports, workers=1)
-        await computation.start(bundle(blocked))
+        reports, computation, launcher = await started(tmp_path)
         slow = job(1, new_gate("slow"))
         slow.timeout = 0.05
         computation.submit([slow])
