@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
+from pathlib import Path
 from typing import Any
 
 from dispynb.protocol.messages import FINISHED, TERMINATED
@@ -20,7 +21,14 @@ from nodeserver.compstate import Worker
 from nodeserver.computation import Computation
 from nodeserver.stealing import STEAL_AFTER
 from tests.asyncutil import run
-from tests.inprocess import gate, send_file, send_provisional, wait_gate, wait_until
+from tests.inprocess import (
+    ThreadLauncher,
+    gate,
+    send_file,
+    send_provisional,
+    wait_gate,
+    wait_until,
+)
 from tests.nodeserver.test_computation import (
     Reports,
     bundle,
@@ -130,6 +138,26 @@ async def _ran_ahead_unread(
     return holder, other
 
 
+def _watched(tmp_path: Path) -> tuple[Reports, Computation, ThreadLauncher]:
+    """A computation on two workers whose starts are noted before their ends
+    (`_starts_before_ends`): its reports, it, its launcher."""
+    reports = Reports()
+    computation, launcher = make(tmp_path, reports, workers=2)
+    _starts_before_ends(computation, reports)
+    return reports, computation, launcher
+
+
+async def _holder_seen(
+    computation: Computation, reports: Reports, steals: list[tuple[int, ...]]
+) -> tuple[Worker, str]:
+    """`_ran_ahead_unread` (job 104 waiting for a new gate), until the node looked
+    at the holder: the holder, and job 104's gate."""
+    long = new_gate("long")
+    holder, _other = await _ran_ahead_unread(computation, reports, long)
+    await wait_until(lambda: HOLDER_SEEN in steals, "a look at the holder")
+    return holder, long
+
+
 def _starts_before_ends(computation: Computation, reports: Reports) -> None:
     """Note each start in ``reports.starts``, checking it comes before its job's
     end (`_starts_once` asserts it)."""
@@ -155,9 +183,7 @@ def test_jobs_waiting_behind_a_long_job_run_on_the_idle_worker(tmp_path):
     ends. Before, they waited for it."""
 
     async def main() -> None:
-        reports = Reports()
-        computation, launcher = make(tmp_path, reports, workers=2)
-        _starts_before_ends(computation, reports)
+        reports, computation, launcher = _watched(tmp_path)
         long = new_gate("long")
         holder = await _long_job_with_short_ones_ahead(computation, reports, long)
         quick_keys = range(101, 141)
@@ -192,9 +218,7 @@ def test_jobs_not_sure_to_be_skipped_move_only_once_skipped(tmp_path, monkeypatc
     monkeypatch.setattr("nodeserver.stealing._before_its_turn", _not_sure_once_told)
 
     async def main() -> None:
-        reports = Reports()
-        computation, launcher = make(tmp_path, reports, workers=2)
-        _starts_before_ends(computation, reports)
+        reports, computation, launcher = _watched(tmp_path)
         long = new_gate("long")
         holder = await _long_job_with_short_ones_ahead(computation, reports, long)
         ahead = [j.key for j in list(holder.assigned)[1:]]
@@ -223,12 +247,8 @@ def test_jobs_a_worker_ran_before_the_node_read_it_are_reported_started(
     steals = _count_steals(monkeypatch)
 
     async def main() -> None:
-        reports = Reports()
-        computation, launcher = make(tmp_path, reports, workers=2)
-        _starts_before_ends(computation, reports)
-        long = new_gate("long")
-        holder, _other = await _ran_ahead_unread(computation, reports, long)
-        await wait_until(lambda: HOLDER_SEEN in steals, "a look at the holder")
+        reports, computation, launcher = _watched(tmp_path)
+        holder, long = await _holder_seen(computation, reports, steals)
         computation.hold_workers(False)
         await wait_until(lambda: 103 in reports.entries, "jobs 100-103")
         assert 104 not in reports.entries
@@ -258,12 +278,8 @@ def test_jobs_run_as_their_worker_was_told_to_skip_them_report_their_start(
     steals = _count_steals(monkeypatch)
 
     async def main() -> None:
-        reports = Reports()
-        computation, launcher = make(tmp_path, reports, workers=2)
-        _starts_before_ends(computation, reports)
-        long = new_gate("long")
-        holder, _other = await _ran_ahead_unread(computation, reports, long)
-        await wait_until(lambda: HOLDER_SEEN in steals, "a look at the holder")
+        reports, computation, launcher = _watched(tmp_path)
+        holder, long = await _holder_seen(computation, reports, steals)
         assert all(j.moving for j in list(holder.assigned)[1:])
         computation.hold_workers(False)
         await wait_until(lambda: 103 in reports.entries, "jobs 100-103")
@@ -288,9 +304,7 @@ def test_a_job_whose_start_was_held_is_reported_started_before_what_it_sends(
     steals = _count_steals(monkeypatch)
 
     async def main() -> None:
-        reports = Reports()
-        computation, launcher = make(tmp_path, reports, workers=2)
-        _starts_before_ends(computation, reports)
+        reports, computation, launcher = _watched(tmp_path)
         told: list[tuple[str, int]] = []
         note_start = computation.on_start
         assert note_start is not None
@@ -342,12 +356,8 @@ def test_a_worker_whose_answers_wait_unread_is_looked_at_again_once_read(
     steals = _count_steals(monkeypatch)
 
     async def main() -> None:
-        reports = Reports()
-        computation, launcher = make(tmp_path, reports, workers=2)
-        _starts_before_ends(computation, reports)
-        long = new_gate("long")
-        holder, _other = await _ran_ahead_unread(computation, reports, long)
-        await wait_until(lambda: HOLDER_SEEN in steals, "a look at the holder")
+        reports, computation, launcher = _watched(tmp_path)
+        holder, long = await _holder_seen(computation, reports, steals)
         await asyncio.sleep(WATCH)  # the client still does not read
         assert steals.count(HOLDER_SEEN) == 1, steals
         looks = len(steals)
@@ -374,9 +384,7 @@ def test_a_worker_whose_runs_wait_unwritten_is_looked_at_again_once_written(
     steals = _count_steals(monkeypatch)
 
     async def main() -> None:
-        reports = Reports()
-        computation, launcher = make(tmp_path, reports, workers=2)
-        _starts_before_ends(computation, reports)
+        reports, computation, launcher = _watched(tmp_path)
         quick = await warm(computation, reports)
         long, entered = new_gate("long"), new_gate("entered")
         computation.submit([job(100, 100, long, entered)])
@@ -422,12 +430,8 @@ def test_a_moving_head_job_that_runs_is_cancelled_as_a_running_one(
     steals = _count_steals(monkeypatch)
 
     async def main() -> None:
-        reports = Reports()
-        computation, launcher = make(tmp_path, reports, workers=2)
-        _starts_before_ends(computation, reports)
-        long = new_gate("long")
-        holder, _other = await _ran_ahead_unread(computation, reports, long)
-        await wait_until(lambda: HOLDER_SEEN in steals, "a look at the holder")
+        reports, computation, launcher = _watched(tmp_path)
+        holder, _long = await _holder_seen(computation, reports, steals)
         computation.hold_workers(False)
         await wait_until(lambda: 103 in reports.entries, "jobs 100-103")
         (head,) = holder.assigned
