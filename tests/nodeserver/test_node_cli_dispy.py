@@ -81,23 +81,7 @@ def test_dispynode_spellings_work(tmp_path: Path) -> None:
         "--max_file_size", "1k",
         "--zombie_interval", "0.5",
     )  # fmt: skip
-    try:
-        cluster = JobCluster(write_in_cwd, nodes=[node.spec], secret=node.secret)
-        try:
-            job = cluster.submit("out.txt")
-            assert job.wait(timeout=WAIT) and job.status == DispyJob.Finished
-            assert Path(job.result).is_relative_to(prefix)
-        finally:
-            cluster.close()
-        big = tmp_path / "big.bin"
-        big.write_bytes(b"x" * 4096)
-        with pytest.raises(DispynbError, match=r"big\.bin"):
-            JobCluster(
-                write_in_cwd, nodes=[node.spec], secret=node.secret, depends=[big]
-            )
-    finally:
-        assert node.stop() == 0
-    assert " DEBUG " in node.log_text()
+    check_small_debug_node(tmp_path, node, prefix)
 
 
 def log_on_node(marker: str) -> str:
@@ -391,14 +375,25 @@ def test_dispynode_config_file_is_read_safely(tmp_path: Path) -> None:
 
 
 def check_config_node(tmp_path: Path, config: Path) -> None:
-    """A node started with ``config`` (``-d``, ``max_file_size = 1k``) runs jobs,
-    refuses larger files and logs at debug level."""
+    """A node started with ``config`` (``-d``, ``max_file_size = 1k``): as
+    `check_small_debug_node` says."""
     node = start_node(tmp_path / "node", "--config", str(config))
+    check_small_debug_node(tmp_path, node)
+
+
+def check_small_debug_node(
+    tmp_path: Path, node: CliNode, prefix: Path | None = None
+) -> None:
+    """``node`` (started with ``-d`` and a --max_file_size of 1k) runs a job (in
+    ``prefix``, if given), refuses a larger file, and logs at debug level; it is
+    stopped."""
     try:
         cluster = JobCluster(write_in_cwd, nodes=[node.spec], secret=node.secret)
         try:
-            job = cluster.submit("x")
+            job = cluster.submit("out.txt")
             assert job.wait(timeout=WAIT) and job.status == DispyJob.Finished
+            if prefix is not None:
+                assert Path(job.result).is_relative_to(prefix)
         finally:
             cluster.close()
         big = tmp_path / "big.bin"
