@@ -63,6 +63,17 @@ class _SilenceWatch:
         self.conn = conn
         #: Seconds the node had sent nothing when it was given up (None: it was not).
         self.silence: float | None = None
+        #: The node's words if the last message it sent was an `Error`: why it
+        #: ended the connection, if it did next (a scheduler refusing one more
+        #: session of the user, its credential revoked).
+        self.said: str | None = None
+
+    def heard(self, message: object) -> None:
+        """Note the message the node sent last (`said`)."""
+        if isinstance(message, Error):
+            self.said = peer_text(message.message, KEPT_UNAVAILABLE_TEXT)
+        else:
+            self.said = None
 
     def reason(self, exc: DispynbError) -> str:
         """Why the connection ended: the silence, or the connection's own error."""
@@ -71,6 +82,19 @@ class _SilenceWatch:
         return (
             f"it sent nothing for {self.silence:.0f} s while its jobs ran (stopped "
             "or hung?)"
+        )
+
+    def lost(self, node: str, exc: DispynbError) -> str:
+        """Why the recovery from ``node`` ended with ``exc``: in the node's words if
+        it said why, then ended it; else the node was lost."""
+        if self.said is not None and self.silence is None:
+            return (
+                f"{node} ended the recovery: {self.said} (the recovery file keeps "
+                "the job: call recover_jobs again)"
+            )
+        return (
+            f"lost node {node} while recovering: {self.reason(exc)}; call "
+            "recover_jobs again once it is back"
         )
 
     async def run(self) -> None:
@@ -130,6 +154,7 @@ async def _recover_from(
             nonlocal settled
             while any(not job.done() for job in pending.values()):
                 message, buffers = await conn.recv()
+                watch.heard(message)
                 if sent.take(message, buffers, pending, node):
                     continue
                 if isinstance(message, ResultChunk):
@@ -177,11 +202,7 @@ async def _recover_from(
         logger.info("jobs still running on %s after %s s", node, timeout.timeout)
     except DispynbError as exc:
         settled = {k for k, job in pending.items() if job.done()}
-        _abandon(
-            pending,
-            f"lost node {node} while recovering: {watch.reason(exc)}; call "
-            "recover_jobs again once it is back",
-        )
+        _abandon(pending, watch.lost(node, exc))
     finally:
         conn.close()
         sent.said(node)
@@ -214,6 +235,7 @@ async def _collect_from(
         async def read() -> None:
             while True:
                 message, buffers = await conn.recv()
+                watch.heard(message)
                 if sent.take(message, buffers, {}, node):
                     continue  # files are saved; no job here is still running
                 if isinstance(message, ResultChunk):
@@ -256,7 +278,7 @@ async def _collect_from(
     except TimeoutError:
         logger.info("jobs still running on %s after %s s", node, timeout.timeout)
     except DispynbError as exc:
-        logger.warning("lost node %s while recovering: %s", node, watch.reason(exc))
+        logger.warning("%s", watch.lost(node, exc))
     finally:
         conn.close()
         sent.said(node)
