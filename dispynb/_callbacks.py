@@ -3,6 +3,13 @@
 As in dispy, callbacks run serially, in the order they were posted, never in the
 I/O thread nor in the caller's thread; a callback that raises is logged and the
 next one runs.
+
+Python 3.12.0 and 3.12.1 start no thread once the interpreter exits (3.12.2 does
+again): a script's clusters left open wait for their jobs there, and their results
+come then. So a cluster with callbacks starts the thread as it is made (`start`),
+and where no thread can start the callbacks wait for `flush` or `close`, whose caller
+runs them; a post never fails for want of a thread (on the I/O thread, that lost
+the node whose result it was).
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
@@ -27,8 +35,8 @@ _Lock: Final = type(threading.Lock())
 class CallbackDispatcher:
     """Run callbacks serially, in FIFO order, on a daemon thread ("dispynb-callbacks").
 
-    The thread starts with the first :meth:`post`. Safe to use from any thread,
-    including from a callback it is running.
+    The thread starts with :meth:`start` or the first :meth:`post`. Safe to use
+    from any thread, including from a callback it is running.
 
     Examples
     --------
@@ -49,6 +57,33 @@ class CallbackDispatcher:
         # Guards starting and closing, so that nothing is queued behind _STOP.
         self._lock: threading.Lock = threading.Lock()
         self._closed: bool = False
+        # No thread could start: `flush` and `close` run the callbacks in their
+        # caller, one caller at a time (the one running them: `_runner`).
+        self._threadless: bool = False
+        self._running_here: threading.Lock = threading.Lock()
+        self._runner: int | None = None
+
+    def start(self) -> None:
+        """Start the thread now, not with the first post: a cluster with callbacks
+        does as it is made, since its jobs may end as the interpreter exits, where
+        Python 3.12.0 and 3.12.1 start no thread. Idempotent; nothing once closed.
+        """
+        with self._lock:
+            if not self._closed:
+                self._start()
+
+    def _start(self) -> None:
+        """Start the thread unless it runs or cannot start (``self._lock`` held)."""
+        if self._thread is not None or self._threadless:
+            return
+        thread = threading.Thread(target=self._work, name=_THREAD_NAME, daemon=True)
+        try:
+            _interruptible.start_thread(thread)
+        except RuntimeError as exc:  # at exit on 3.12.0-1, or the thread limit
+            logger.debug("no callback thread (%s): flush() or close() runs them", exc)
+            self._threadless = True
+            return
+        self._thread = thread
 
     def post(self, fn: Callable[..., Any], *args: Any) -> None:
         """Queue ``fn(*args)`` to run after every callback posted before it.
@@ -66,10 +101,7 @@ class CallbackDispatcher:
                     f"cannot post {_name(fn)}: the callback dispatcher is closed"
                 )
             if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._work, name=_THREAD_NAME, daemon=True
-                )
-                _interruptible.start_thread(self._thread)
+                self._start()
             self._queue.put((fn, args))
 
     def post_each(
@@ -96,17 +128,15 @@ class CallbackDispatcher:
             raise RuntimeError(
                 "flush() was called from a callback, where waiting would deadlock"
             )
-        with self._lock:
+        done = None  # closed: everything was queued before _STOP, the thread's end
+        with self._lock:  # is the flush
             thread = self._thread
-            if thread is None:
-                return True
-            if self._closed:
-                # Everything was queued before _STOP: the thread's end is the flush.
-                done = None
-            else:
+            if thread is not None and not self._closed:
                 done = threading.Lock()  # released by the thread once it gets there
                 done.acquire()
                 self._queue.put(done)
+        if thread is None:
+            return not self._threadless or self._run_here(timeout)
         if done is None:
             thread.join(timeout)
             return not thread.is_alive()
@@ -129,10 +159,10 @@ class CallbackDispatcher:
                 self._closed = True
                 if thread is not None:
                     self._queue.put(_STOP)
-        if thread is None:
-            return True
         if self.in_dispatcher_thread():
             return False
+        if thread is None:
+            return not self._threadless or self._run_here(timeout)
         thread.join(timeout)
         if thread.is_alive():
             logger.warning("Callbacks still running %s s after close()", timeout)
@@ -142,7 +172,9 @@ class CallbackDispatcher:
     def in_dispatcher_thread(self) -> bool:
         """Return True when called from a callback run by this dispatcher."""
         thread = self._thread
-        return thread is not None and thread.ident == threading.get_ident()
+        if thread is None:
+            return self._runner == threading.get_ident()
+        return thread.ident == threading.get_ident()
 
     def release(self) -> None:
         """Let held callbacks run (a `JobCluster` holds them while it is created, so
@@ -160,13 +192,46 @@ class CallbackDispatcher:
             if type(item) is _Lock:  # a flush waits on it (not an Event: `Sleepers`)
                 item.release()
                 continue
-            fn, args = item
-            try:
-                fn(*args)
-            except BaseException:  # sys.exit() too: it would end this thread
-                logger.exception("Callback %s raised an exception", _name(fn))
-            # Drop references now: callbacks may hold large jobs or results.
-            del item, fn, args
+            _run(item)
+            del item  # now: callbacks may hold large jobs or results
+
+    def _run_here(self, timeout: float | None) -> bool:
+        """Run the callbacks queued (and those they post) in this thread, which no
+        thread could start to run; False if ``timeout`` seconds passed first.
+
+        Called after `release` (by `flush` and `close`, once the cluster is made).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not _interruptible.acquire(self._running_here, timeout):
+            return False  # another thread runs them
+        self._runner = threading.get_ident()
+        try:
+            while deadline is None or time.monotonic() < deadline:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    return True
+                # A Ctrl-C here is the user's (the exit's wait): raised, not logged.
+                _run(item, KeyboardInterrupt)
+                del item
+            return self._queue.empty()
+        finally:
+            self._runner = None
+            self._running_here.release()
+
+
+def _run(
+    item: tuple[Callable[..., Any], tuple[Any, ...]],
+    raised: type[BaseException] | tuple[()] = (),
+) -> None:
+    """Run one callback posted, logging what it raises (but ``raised``)."""
+    fn, args = item
+    try:
+        fn(*args)
+    except raised:
+        raise
+    except BaseException:  # sys.exit() too: it would end the thread running it
+        logger.exception("Callback %s raised an exception", _name(fn))
 
 
 def _call_each(fn: Callable[..., Any], calls: Iterable[tuple[Any, ...]]) -> None:

@@ -402,9 +402,21 @@ class _GuestLoop(asyncio.SelectorEventLoop):
 
     def __init__(self, selector: selectors.BaseSelector) -> None:
         super().__init__(selector)
-        self.set_default_executor(_ExitProofExecutor(thread_name_prefix="dispynb-pool"))
+        self._pool = _ExitProofExecutor(thread_name_prefix="dispynb-pool")
+        self.set_default_executor(self._pool)
         self.guest = False  # another thread has the loop (`LoopRunner.enter`)
         self.stray = False  # ... and scheduled a callback meanwhile
+
+    async def shutdown_default_executor(self, *timeout: Any) -> None:
+        """As asyncio's (``timeout`` since Python 3.12), which waits for the pool
+        in a new thread; where none can start, in the loop's own: Python 3.12.0
+        and 3.12.1 start none at interpreter exit, where a script's last cluster
+        closes (its pool idle by then: ``threading`` shut it down before the exit
+        functions ran)."""
+        try:
+            await super().shutdown_default_executor(*timeout)
+        except RuntimeError:  # "can't create new thread at interpreter shutdown"
+            self._pool.shutdown(wait=True)
 
     def call_soon(  # type: ignore[override]  # same signature as the base's
         self, callback: Callable[..., object], *args: Any, context: Any = None

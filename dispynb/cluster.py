@@ -237,6 +237,10 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
         # Callbacks wait until the constructor returns: dispy programs use the
         # cluster's variable in them (cluster_status calling cluster.submit_node).
         self._callbacks = CallbackDispatcher(held=True)
+        if opts.job_status is not None or opts.cluster_status is not None:
+            # Now: a script's jobs may end at interpreter exit, where Python
+            # 3.12.0 and 3.12.1 start no thread (`dispynb._callbacks`).
+            self._callbacks.start()
         self._runner = LoopRunner.acquire()
         self._journal.computation(name, self._sources)
         self._id = _live.register(self)
@@ -312,6 +316,8 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
     @job_status.setter
     def job_status(self, callback: Callable[[DispyJob], Any] | None) -> None:
         self._options.job_status = check_callback(callback, "job_status", ["job"])
+        if callback is not None:
+            self._callbacks.start()  # as in the constructor
 
     @property
     def cluster_status(
@@ -327,6 +333,8 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
         self._options.cluster_status = check_callback(
             callback, "cluster_status", ["status", "node", "job"]
         )
+        if callback is not None:
+            self._callbacks.start()  # as in the constructor
 
     @property
     def pulse_interval(self) -> float | None:

@@ -149,3 +149,35 @@ def test_dispatcher_close_from_callback_stops_after_queued_callbacks():
     assert dispatcher.close(WAIT)
     assert seen == [False, "queued before close"]
     assert callback_threads() == []
+
+
+def test_dispatcher_without_a_thread_runs_callbacks_in_flush_and_close(monkeypatch):
+    """Where no thread can start (Python 3.12.0 and 3.12.1 at interpreter exit), a
+    post still queues (before, it raised, on the I/O thread: the node whose result
+    it was got dropped) and `flush` or `close` runs the callbacks, in order, in
+    the thread that calls it."""
+
+    def refused(thread: threading.Thread) -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr("dispynb._interruptible.start_thread", refused)
+    dispatcher = CallbackDispatcher()
+    here = threading.get_ident()
+    seen: list[object] = []
+
+    def first() -> None:
+        assert dispatcher.in_dispatcher_thread()
+        with pytest.raises(RuntimeError, match="deadlock"):
+            dispatcher.flush(WAIT)
+        dispatcher.post(seen.append, "posted by a callback")
+        seen.append(threading.get_ident() == here)
+
+    dispatcher.post(first)
+    dispatcher.post(seen.append, 2)
+    assert seen == []
+    assert dispatcher.flush(WAIT)
+    assert seen == [True, 2, "posted by a callback"]
+    dispatcher.post(seen.append, "at close")
+    assert dispatcher.close(WAIT)
+    assert seen[-1] == "at close"
+    assert not dispatcher.in_dispatcher_thread()
