@@ -42,6 +42,7 @@ from dispynb.job import DispyJob, JobStatus
 from dispynb.jupyter import display as templates
 from dispynb.jupyter import shipping
 from dispynb.jupyter.errors import RunInterrupted
+from dispynb.jupyter.lostchanges import warn_lost_changes
 from dispynb.jupyter.progress import NullProgressBar, ProgressBar, make_progress
 from dispynb.jupyter.runevents import _RunEvents
 from dispynb.jupyter.runstate import ClusterStatusCallback as ClusterStatusCallback
@@ -256,6 +257,7 @@ class Run(_RunEvents):
         # As JobCluster will: code from a script's own modules travels by value.
         serialize.ship_by_value(computation, setup)
         shipping.warn_large_captures(computation, "computation", stacklevel=2)
+        warn_lost_changes(computation)  # results.append(x) in a job: never back
         if callable(setup):
             shipping.warn_large_captures(setup, "setup function", stacklevel=2)
         run.sources = SourceMap.of(

@@ -39,6 +39,7 @@ __all__ = [
     "pickled_size",
     "reachable",
     "return_problem",
+    "source_name",
     "warn_large_captures",
 ]
 
@@ -158,7 +159,7 @@ def warn_large_captures(
         warnings.warn_explicit(
             message,
             LargeCaptureWarning,
-            _source_name(code.co_filename),
+            source_name(code.co_filename),
             code.co_firstlineno,
             module=getattr(func, "__module__", None) or "__main__",
         )
@@ -167,7 +168,7 @@ def warn_large_captures(
     return new
 
 
-def _source_name(filename: str) -> str:
+def source_name(filename: str) -> str:
     """What a warning names the file ``filename``: ``Cell In[3]`` for a cell, as
     IPython's tracebacks do (its file is ``/tmp/ipykernel_12/345.py``), else the
     file. A cell's lines are kept under that name too: the warning shows its line."""

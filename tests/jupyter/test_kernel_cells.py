@@ -62,6 +62,23 @@ def test_a_large_capture_warning_names_the_cell_not_its_temporary_file(k):
     assert "ipykernel_" not in out.stderr, out.text
 
 
+def test_a_job_that_appends_to_a_notebook_list_is_said_to_change_a_copy(k):
+    """``collected.append(x)`` in a job left the notebook's list empty and the
+    results all None, without a word: the cell says why, before the jobs run."""
+    k.run_ok("collected = []")
+    out = k.run_ok(
+        '%%dispy --over "range(3)" --into appended\n'
+        "def collect(x):\n"  # line 2
+        "    collected.append(x * x)\n"
+    )
+    assert (
+        f"Cell In[{out.execution_count}]:2: LostChangeWarning: collect changes "
+        "collected, a global of the notebook, and returns nothing: each job changes "
+        "a copy of collected on its node, never the one of the notebook"
+    ) in out.stderr, out.text
+    assert k.value("(collected, appended.results)") == ([], [None, None, None])
+
+
 def test_local_error_in_the_cell_body_names_the_editor_line(k):
     out = k.execute(
         '%%dispy --over "[1]"\ndef f(x):\n    return x\nundefined_name\n'  # line 4
