@@ -15,7 +15,7 @@ import pytest
 
 from dispynb.defaults import SECRET_ENV, SECRET_FILE_ENV
 from dispynb.errors import ConfigurationError
-from dispynb.log import default_level
+from dispynb.log import default_level, set_level
 from dispynb.options import ClusterOptions
 
 SECRET = "correct horse battery staple"
@@ -563,5 +563,31 @@ def test_dispys_default_loglevel_leaves_a_programs_own_logging_alone(monkeypatch
             "by the program's handler only\n",
             "",
         )
+    finally:
+        own.setLevel(logging.NOTSET)  # (and forgets the loggers' cached levels)
+
+
+def test_a_loglevel_given_is_kept_and_a_handler_added_later_shows_each_line_once(
+    monkeypatch,
+):
+    """``JobCluster(loglevel=logging.DEBUG)`` in a program that set up no logging:
+    dispynb's lines at DEBUG on stderr; a handler the program then adds to
+    ``dispy.logger`` takes them over at that level (each was shown twice)."""
+    own, root = logging.getLogger("dispynb"), logging.getLogger()
+    monkeypatch.setattr(own, "handlers", [])
+    monkeypatch.setattr(own, "propagate", True)
+    monkeypatch.setattr(root, "handlers", [])
+    try:
+        set_level(logging.DEBUG)
+        (ours,) = own.handlers
+        stderr = io.StringIO()
+        ours.setStream(stderr)  # type: ignore[attr-defined]
+        own.debug("on stderr")
+        programs = io.StringIO()
+        own.addHandler(logging.StreamHandler(programs))
+        own.debug("by the program's handler only")
+        assert stderr.getvalue().endswith("dispynb DEBUG on stderr\n")
+        assert "program's" not in stderr.getvalue()
+        assert programs.getvalue() == "by the program's handler only\n"
     finally:
         own.setLevel(logging.NOTSET)  # (and forgets the loggers' cached levels)
