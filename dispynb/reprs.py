@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from dispynb.job import JobStatus
 from dispynb.transport.addressing import format_address
+from dispynb.wording import format_bytes
 
 if TYPE_CHECKING:
     from dispynb.cluster import JobCluster
@@ -132,17 +133,6 @@ def format_load(cpu_free: float | None) -> str:
     if cpu_free is None:
         return "-"
     return f"{min(max(100.0 - cpu_free, 0.0), 100.0):.0f}%"
-
-
-def format_bytes(count: float | None) -> str:
-    """``'3.2 GB'``; ``'-'`` if unknown."""
-    if count is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if count < 1024 or unit == "GB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} GB"
 
 
 def short_repr(value: object, limit: int = 200) -> str:

@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING
 
 from dispynb import lockeddirs
 from dispynb.errors import ConfigurationError
-from dispynb.reprs import format_bytes
-from dispynb.wording import counted
+from dispynb.wording import counted, format_bytes
 from nodeserver.leftovers import Removals
 from nodeserver.privatedir import private_dir
 

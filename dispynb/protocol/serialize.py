@@ -16,7 +16,6 @@ import io
 import pickle
 import signal
 import sys
-import sysconfig
 import types
 import weakref
 from collections.abc import Iterable, Iterator
@@ -33,12 +32,6 @@ require(cloudpickle, "dumps")
 _PLAIN = frozenset({int, float, str, bytes, bool, type(None), complex})
 #: `_PLAIN` but ``bytes`` (large ones go out of band).
 _SCALAR = _PLAIN - {bytes}
-_INSTALLED_PREFIXES = tuple(
-    {
-        sysconfig.get_paths()[key]
-        for key in ("stdlib", "platstdlib", "purelib", "platlib")
-    }
-)
 
 
 def dumps(obj: Any, kinds: list[str] | None = None) -> list[Buffer]:
@@ -567,7 +560,22 @@ def _is_installed(module: types.ModuleType) -> bool:
     path: str | None = getattr(module, "__file__", None)
     if path is None:
         return True  # built-in or namespace package: importable everywhere or nowhere
-    return path.startswith(_INSTALLED_PREFIXES)
+    return path.startswith(_installed_prefixes())
+
+
+@functools.cache
+def _installed_prefixes() -> tuple[str, ...]:
+    """Where the standard library and installed packages live, looked up when a
+    client first pickles a function: a node never does, and `sysconfig` with its
+    build tables (0.1 MiB) stays out of the image its processes share."""
+    import sysconfig
+
+    return tuple(
+        {
+            sysconfig.get_paths()[key]
+            for key in ("stdlib", "platstdlib", "purelib", "platlib")
+        }
+    )
 
 
 def _is_plain(obj: Any) -> bool:

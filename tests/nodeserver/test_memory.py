@@ -164,15 +164,30 @@ zygote.stop()
 """
 
 
-def test_a_node_without_a_config_file_shares_no_config_parser() -> None:
-    """Every module the node imports before the zygote's fork is in the image that
-    its five processes share: ``configparser`` was 0.2 MiB of it (and 1 ms of CPU
-    at each start) for the ``--config`` files few nodes are given."""
+def imported_before_the_fork() -> set[str]:
+    """The modules a node has imported when it forks its zygote."""
     done = subprocess.run(
         [sys.executable, "-c", _BEFORE_THE_FORK],
         capture_output=True, text=True, timeout=60, check=True, env=node_env(),
     )  # fmt: skip
-    assert "configparser" not in json.loads(done.stdout)
+    return set(json.loads(done.stdout))
+
+
+def test_a_node_without_a_config_file_shares_no_config_parser() -> None:
+    """Every module the node imports before the zygote's fork is in the image that
+    its five processes share: ``configparser`` was 0.2 MiB of it (and 1 ms of CPU
+    at each start) for the ``--config`` files few nodes are given."""
+    assert "configparser" not in imported_before_the_fork()
+
+
+def test_a_node_shares_neither_the_notebook_displays_nor_the_build_tables() -> None:
+    """The node said a size in a log line (``--clean``) with the notebook displays'
+    helper (`dispynb.reprs`), which brought `html` and its entity tables and
+    `dispynb.job`; the client's test of which functions travel by value read the
+    install paths with `sysconfig`, and its build tables, at import. 0.7 MiB of the
+    image a node's processes share, for nothing a node runs."""
+    modules = imported_before_the_fork()
+    assert not {"dispynb.reprs", "html", "sysconfig"} & modules
 
 
 def imported_modules() -> list[str]:
@@ -189,15 +204,7 @@ def test_a_computation_imports_no_module_after_the_zygotes_fork(
     which dispy's names give every computation) were its own, and their objects
     filled pools it shared with the zygote, whose pages it copied; the zygote did
     so for `dispynb.memscrub`: 1.2 MiB more PSS after W1 between them."""
-    done = subprocess.run(
-        [sys.executable, "-c", _BEFORE_THE_FORK],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-        env=node_env(),
-    )
-    before = set(json.loads(done.stdout))
+    before = imported_before_the_fork()
     with (
         running_node(tmp_path / "node") as node,
         JobCluster(imported_modules, nodes=[node.spec], secret=node.secret) as cluster,
