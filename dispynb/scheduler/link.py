@@ -86,6 +86,9 @@ class NodeLink:
     #: kept them.
     placed: dict[str, FileRef] = field(default_factory=dict)
     allocate: Allocator | None = None
+    #: Its set-up failed as the cluster's NodeAllocate.allocate gave it no CPUs:
+    #: the program's choice, said at debug (dispy said nothing).
+    declined: bool = False
     peer_ip: str = ""
     resetting: bool = False
     #: CPUs `Driver.set_cpus` was asked for (0: deallocate_node) while it was

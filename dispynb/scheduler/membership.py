@@ -43,12 +43,6 @@ from dispynb.transport.connector import connect, not_listening, out_of_descripto
 logger = logging.getLogger("dispynb.scheduler.driver")
 
 
-class _Declined(SetupError):
-    """The cluster's `NodeAllocate.allocate` gave a node no CPUs: the program's
-    choice (dispy's examples pick nodes so), logged at debug, as dispy said
-    nothing; when no node is left, `JobCluster` raises it as any setup error."""
-
-
 class DriverNodes(DriverResults):
     """Connecting, setting up, reading and losing nodes (dispy's node management)."""
 
@@ -147,8 +141,11 @@ class DriverNodes(DriverResults):
         assert link.allocate is not None
         config = self.config
         cpus, bundle, files = link.allocate(link.welcome, link.peer_ip)
-        if cpus <= 0:
-            raise _Declined(f"{link.node_id}: NodeAllocate.allocate gave it no CPUs")
+        # Declined: the program's choice (dispy's examples pick nodes so), not a
+        # failure to warn of; with no node left, JobCluster() raises it as any.
+        link.declined = cpus <= 0
+        if link.declined:
+            raise SetupError(f"{link.node_id}: NodeAllocate.allocate gave it no CPUs")
         given = {ref.relative for ref in files}  # (its depends win: newer)
         files = [*files, *(r for p, r in link.placed.items() if p not in given)]
         for ref in files:
@@ -202,7 +199,7 @@ class DriverNodes(DriverResults):
             message = "node %s cannot be used: %s"
         # Most errors name the node already ("HOST:PORT: ..."): name it once.
         text = describe_error(exc).removeprefix(f"{link.node_id}: ")
-        if isinstance(exc, _Declined):
+        if link.declined:
             logger.debug(message, link.node_id, text)
         elif self._held_warnings is not None:
             self._held_warnings.append((message, link.node_id, text, exc))

@@ -352,7 +352,7 @@ EXPECTED: dict[str, Expect] = {
             "jobs ran on: ['local-0']",
             "allocate local-0: platform Linux",
             "allocate local-1: platform Linux",
-            "no node allocated: NodeAllocate.allocate gave it no CPUs",
+            "no node allocated: SetupError: NodeAllocate.allocate gave it no CPUs",
         ],
         # (a warning for each node declined: "node ... cannot be used")
         not_in_stderr=("cannot be used",),

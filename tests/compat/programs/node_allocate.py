@@ -69,4 +69,7 @@ if __name__ == "__main__":
     try:  # (dispy's jobs would wait for ever: no node is used)
         dispy.JobCluster(compute, nodes=[OnlyFirstNode(host1, port=port1)])
     except Exception as exc:
-        print("no node allocated: %s" % str(exc).split(": ", 1)[1])
+        print(
+            "no node allocated: %s: %s"
+            % (type(exc).__name__, str(exc).split(": ", 1)[1])
+        )
