@@ -92,12 +92,18 @@ def default_level() -> None:
     """dispy's default, ``JobCluster(loglevel=logging.INFO)``, for a program that
     configured no logging: its ``dispy.logger.info(...)`` lines and dispynb's own few
     at INFO are shown (on stderr), as dispy's were, until it does (see the
-    module's docstring). A program that did (a handler on the root logger, a level on
-    ``dispynb``) keeps its choice, and a notebook, which shows what matters in its
-    cells, gets no such handler."""
-    if logger.level != logging.NOTSET or logging.getLogger().handlers:
+    module's docstring). A program with a root handler keeps its set-up; one that
+    set a level on ``dispynb`` alone (``dispy.logger.setLevel(...)`` before the
+    cluster) keeps that level, its lines on stderr (Python showed none below
+    WARNING; dispy's cluster reset its logger to INFO). A notebook, which shows
+    what matters in its cells, gets no such handler."""
+    if logging.getLogger().handlers or "ipykernel" in sys.modules:
         return
-    if "ipykernel" in sys.modules or _ours() is not None:
+    if _ours() is not None:
+        return
+    if logger.level != logging.NOTSET:
+        if not logger.handlers:
+            _add_handler(provisional=False)
         return
     logger.setLevel(logging.INFO)
     logger.propagate = False

@@ -101,10 +101,11 @@ class ClusterOptions:
         A numeric logging level (or its name), the ``dispynb`` logger's, written
         to stderr until the program adds a handler of its own. Default None:
         dispy's INFO, to stderr, for a program outside a notebook that set up no
-        logging (no handler on the root logger, no level on ``dispynb``), until
-        it does (``logging.basicConfig()``), then as it set logging up; a handler
-        it adds to ``dispynb`` shows the lines at INFO. Otherwise logging is left
-        as the program set it.
+        logging (no handler on the root logger, no level on ``dispynb``: a level
+        set there is kept, its lines on stderr too), until it does
+        (``logging.basicConfig()``), then as it set logging up; a handler it adds
+        to ``dispynb`` shows the lines at INFO. Otherwise logging is left as the
+        program set it.
     ping_interval, pulse_interval, poll_interval:
         Seconds, within dispy's ranges, or None. With ``ping_interval``, discovery
         pings go out that often, and named nodes that are away (not started yet,

@@ -323,6 +323,11 @@ EXPECTED: dict[str, Expect] = {
         stderr=(R(r"dispynb INFO before the handler"),),
         not_in_stderr=("after the handler", "below the level"),
     ),
+    "logger_level_set": Expect(
+        ["result: 8"],
+        stderr=(R(r"dispynb INFO job 1 submitted"),),
+        not_in_stderr=("below the level",),
+    ),
     "module_api": Expect(
         [
             "dispy.logger: True",
