@@ -13,6 +13,7 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from dispynb.cluster import live_clusters
@@ -40,6 +41,11 @@ class ClusterMonitor:
         The cluster to watch (a `JobCluster` or `SharedJobCluster`).
     history:
         How many finished jobs to remember for display (counts cover all jobs).
+    ended:
+        Jobs of the cluster that ended before the monitor was made, each with
+        the node it ran on (``HOST:PORT`` or None): a notebook's run, shown once
+        it finished (`dispynb.Run.ended_jobs`; the cluster no longer holds them).
+        They are listed as the finished ones.
 
     Examples
     --------
@@ -48,7 +54,12 @@ class ClusterMonitor:
     {'pending': 0, 'running': 2, 'finished': 8, ...}
     """
 
-    def __init__(self, cluster: JobCluster, history: int = 1000) -> None:
+    def __init__(
+        self,
+        cluster: JobCluster,
+        history: int = 1000,
+        ended: Iterable[tuple[DispyJob, str | None]] = (),
+    ) -> None:
         self.cluster = cluster
         self._changed = threading.Condition()
         self._version = 0
@@ -82,6 +93,12 @@ class ClusterMonitor:
                     if job.status in _RUNNING:
                         self._running.add(key)
             held, self._held = self._held, None
+            # Those whose end is among the events held are recorded by it.
+            heard = {job._key for _, _, job in held if job is not None}
+            for job, where in ended:
+                if job.status.is_final and job._key not in heard:
+                    record = {**self._record(job, False), "node": where}
+                    self._finished.append((record, weakref.ref(job)))
             for event in held:
                 self._apply(*event)
 

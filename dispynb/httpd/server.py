@@ -69,6 +69,13 @@ def _cluster_of(shown: Any) -> Any:
     )
 
 
+def _ended_of(shown: Any) -> list[tuple[Any, str | None]]:
+    """The jobs of a notebook's run that ended, with their nodes: shown after
+    the run, the monitor lists them (its cluster no longer holds them)."""
+    ended = getattr(shown, "ended_jobs", None)
+    return list(ended()) if callable(ended) else []
+
+
 class DispyHTTPServer:
     """A web page that shows a cluster's nodes and jobs live and lets you manage them.
 
@@ -130,6 +137,7 @@ class DispyHTTPServer:
         allow_plain_http: bool = False,
         allowed_hosts: Iterable[str] = (),
     ) -> None:
+        self._ended = _ended_of(cluster)
         cluster = _cluster_of(cluster)
         poll_sec = _check_options(poll_sec, DocumentRoot)
         self._endpoint = endpoint = open_endpoint(
@@ -213,7 +221,7 @@ class DispyHTTPServer:
         """
         if cluster is None:
             raise ConfigurationError("add_cluster needs the cluster to show")
-        self._call_on_loop(self._add_view, _cluster_of(cluster))
+        self._call_on_loop(self._add_view, _cluster_of(cluster), _ended_of(cluster))
 
     def del_cluster(self, cluster: JobCluster) -> None:
         """Stop showing ``cluster`` (dispy's ``del_cluster``); unknown ones are ignored.
@@ -240,7 +248,9 @@ class DispyHTTPServer:
         future = asyncio.run_coroutine_threadsafe(call(), self._loop)
         return future.result(timeout=_START_TIMEOUT)
 
-    def _add_view(self, cluster: JobCluster) -> None:
+    def _add_view(
+        self, cluster: JobCluster, ended: list[tuple[Any, str | None]] | None = None
+    ) -> None:
         from dispynb.monitoring import ClusterMonitor
 
         if any(view.monitor.cluster is cluster for view in self._views.values()):
@@ -250,7 +260,7 @@ class DispyHTTPServer:
         while key in self._views:
             number += 1
             key = f"{base}-{number}"
-        monitor = ClusterMonitor(cluster)
+        monitor = ClusterMonitor(cluster, ended=ended or ())
         feed = ChangeFeed(monitor, self._loop)
         self._views[key] = ClusterView(key, monitor, feed)
         feed.start()
@@ -319,7 +329,7 @@ class DispyHTTPServer:
 
     def _setup(self) -> None:
         if self._cluster is not None:
-            self._add_view(self._cluster)
+            self._add_view(self._cluster, self._ended)
         self._context = context = ApiContext(
             self._views, self._executor, self.show_job_args, self.poll_sec
         )

@@ -144,6 +144,22 @@ class _RunOutput(_RunState):
         address = format_address(node.ip_addr, node.port)
         return f" on {node.name} ({address})" if node.name else f" on {address}"
 
+    def ended_jobs(self) -> list[tuple[DispyJob, str | None]]:
+        """The run's jobs that ended, in input order, each with the node it ran
+        on (``HOST:PORT``; its address alone if the run did not hear which node):
+        what a web monitor made after they ended lists, since their cluster no
+        longer holds them."""
+        with self._lock:
+            jobs = list(self.jobs)
+            ran_on = dict(self._ran_on)
+        ended = []
+        for job in jobs:
+            if job.status.is_final:
+                node = ran_on.get(job.id)
+                where = node and format_address(node.ip_addr, node.port)
+                ended.append((job, where or job.ip_addr))
+        return ended
+
     def _nodes_ran_on(self) -> list[str]:
         """Where the run's jobs ran, each node once, as the cell names nodes
         (``local-1 (127.0.0.1:40331)``): several nodes of one address (``%dispy

@@ -332,3 +332,22 @@ def test_a_notebook_run_is_shown_by_its_cluster(local):
         assert run.wait(timeout=WAIT, echo=False)
     with pytest.raises(ConfigurationError, match=r"JobCluster .*not LocalCluster"):
         DispyHTTPServer(local, port=0)
+
+
+def test_a_notebook_run_shown_after_it_finished_lists_its_jobs(local):
+    """``%%dispy --into run`` then ``DispyHTTPServer(run)``, as web-monitor.md
+    shows it: the run had ended and its cluster closed, and the page said "No job
+    submitted yet." under "Jobs (2)". Its ended jobs are listed, with their nodes."""
+    from dispynb.jupyter.run import Run
+
+    run = Run.map(jobs.echo, [1, 2], nodes=local, progress="none")
+    assert run.cluster._closed
+    server = DispyHTTPServer(run, port=0)
+    try:
+        snap = ok(MonitorClient(server).get("/api/cluster"))
+    finally:
+        server.shutdown(wait=False)
+    assert snap["counts"]["total"] == 2
+    listed = sorted((job["id"], job["status"], job["node"]) for job in snap["jobs"])
+    (where,) = local.node_specs()
+    assert listed == [(repr(job.id), "Finished", where) for job in run.jobs]

@@ -269,3 +269,26 @@ def test_node_figures_sit_under_headers_that_say_what_they_are(monitored):
         assert shown["num c-cpu"] == "CPU avail", shown
         swap = cluster.status().nodes[0].avail_info.swap
         assert row.locator(".c-swap").inner_text() == f"{swap:.0f} %"
+
+
+def test_a_finished_runs_page_lists_its_jobs_and_says_the_cluster_closed():
+    """A notebook's finished run, given to the monitor (web-monitor.md): the page
+    said "No node has joined yet." and "No job submitted yet." under "Jobs (3)"."""
+    from playwright.sync_api import expect
+
+    from dispynb.jupyter.run import Run
+
+    with LocalCluster(cpus=1) as local:
+        run = Run.map(jobs.echo, [1, 2, 3], nodes=local, progress="none")
+    server = DispyHTTPServer(run, port=0)
+    try:
+        with chromium_page() as page:
+            page.goto(server.url)
+            expect(page.locator("#connection")).to_have_text("cluster closed")
+            expect(page.locator("#jobs tbody tr")).to_have_count(3)
+            expect(page.locator("#no-jobs")).to_be_hidden()
+            expect(page.locator("#no-nodes")).to_have_text(
+                "The cluster is closed: it uses no node now."
+            )
+    finally:
+        server.shutdown(wait=False)

@@ -263,6 +263,9 @@ function render(snap) {
 
   syncRows($("nodes").tBodies[0], snap.nodes, (n) => n.id, createNodeRow, updateNodeRow);
   $("no-nodes").hidden = snap.nodes.length > 0;
+  setText($("no-nodes"), snap.closed
+    ? "The cluster is closed: it uses no node now."
+    : "No node has joined yet.");
   setText($("node-count"), `(${snap.nodes.length})`);
 
   const showArgs = snap.jobs.some((job) => job.args !== null && job.args !== undefined);
@@ -270,6 +273,10 @@ function render(snap) {
   syncRows($("jobs").tBodies[0], snap.jobs, (j) => j.key, createJobRow,
     (row, job) => updateJobRow(row, job, snap.now));
   $("no-jobs").hidden = snap.jobs.length > 0;
+  // Jobs that ended before the monitor was made are counted, not listed.
+  setText($("no-jobs"), counts.total
+    ? "The jobs ended before this monitor started; the counts above include them."
+    : "No job submitted yet.");
   const listed = snap.jobs.length < counts.total ? `, latest ${snap.jobs.length} shown` : "";
   setText($("job-count"), `(${counts.total}${listed})`);
 }
