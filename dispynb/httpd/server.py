@@ -174,13 +174,28 @@ class DispyHTTPServer:
         # dispy's monitor needed no token, so dispy programs set up no logging to
         # learn its address: without a handler for INFO nobody would see the token,
         # so say it: a link in a notebook, else on stderr, as Jupyter's server does.
-        if not (
-            (logger.isEnabledFor(logging.INFO) and logger.hasHandlers())
-            or _display_in_notebook(
-                {"text/html": self._repr_html_(), "text/plain": f"dispynb {message}"}
-            )
-        ):
+        #: The notebook cell (its prompt number) that shows the link already.
+        self._shown_in: int | None = None
+        if logger.isEnabledFor(logging.INFO) and logger.hasHandlers():
+            return
+        self._shown_in = _display_in_notebook(self._link_bundle())
+        if self._shown_in is None:
             print(f"dispynb {message}", file=sys.stderr, flush=True)
+
+    def _link_bundle(self) -> dict[str, str]:
+        return {
+            "text/html": self._repr_html_(),
+            "text/plain": f"dispynb {self._title()} at {self.url}",
+        }
+
+    def _ipython_display_(self) -> None:
+        """Show the link, unless the cell that made the monitor shows it and this
+        is that cell (``monitor = DispyHTTPServer(run)`` then ``monitor`` on its
+        last line showed the same link twice)."""
+        from IPython.display import display
+
+        if self._shown_in is None or self._shown_in != _cell_number():
+            display(self._link_bundle(), raw=True)
 
     def _title(self) -> str:
         """What the monitor shows: ``web monitor of 'NAME'``."""
@@ -374,16 +389,26 @@ class DispyHTTPServer:
         log_refusals_left(self._app)
 
 
-def _display_in_notebook(bundle: dict[str, str]) -> bool:
+def _display_in_notebook(bundle: dict[str, str]) -> int | None:
     """Show ``bundle`` in the cell's output if this process is a notebook's kernel
-    (not a terminal's IPython: it shows no HTML); whether it did."""
+    (not a terminal's IPython: it shows no HTML); the cell's prompt number if it
+    did, else None."""
     get_ipython = getattr(sys.modules.get("IPython"), "get_ipython", None)
-    if getattr(get_ipython and get_ipython(), "kernel", None) is None:
-        return False
+    shell = get_ipython and get_ipython()
+    if getattr(shell, "kernel", None) is None:
+        return None
     from IPython.display import display
 
     display(bundle, raw=True)
-    return True
+    return _cell_number()
+
+
+def _cell_number() -> int | None:
+    """The prompt number of the cell running now (None outside IPython)."""
+    get_ipython = getattr(sys.modules.get("IPython"), "get_ipython", None)
+    shell = get_ipython and get_ipython()
+    count = getattr(shell, "execution_count", None)
+    return count if isinstance(count, int) else None
 
 
 def cluster_key(name: str) -> str:

@@ -79,6 +79,25 @@ def test_a_job_that_appends_to_a_notebook_list_is_said_to_change_a_copy(k):
     assert k.value("(collected, appended.results)") == ([], [None, None, None])
 
 
+def test_a_web_monitor_made_and_shown_in_one_cell_shows_its_link_once(k):
+    """``monitor = DispyHTTPServer(run)`` then ``monitor`` on the cell's last line
+    showed the same link twice; shown in a later cell, it shows it again."""
+    k.run_ok('%%dispy --over "range(2)" --into watched\ndef f(x):\n    return x\n')
+    made = k.run_ok(
+        "from dispynb.httpd import DispyHTTPServer\n"
+        "monitor = DispyHTTPServer(watched, port=0)\n"
+        "monitor\n"
+    )
+    try:
+        url = k.value("monitor.url")
+        links = [d for d in made.data if url in d.get("text/html", "")]
+        assert len(links) == 1, made.data
+        later = k.run_ok("monitor")
+        assert [url in d.get("text/html", "") for d in later.data] == [True]
+    finally:
+        k.run_ok("monitor.shutdown()")
+
+
 def test_local_error_in_the_cell_body_names_the_editor_line(k):
     out = k.execute(
         '%%dispy --over "[1]"\ndef f(x):\n    return x\nundefined_name\n'  # line 4
