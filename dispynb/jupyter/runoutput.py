@@ -19,6 +19,7 @@ from dispynb._interruptible import HeldInterrupts
 from dispynb.job import DispyJob, JobStatus
 from dispynb.jupyter.ownmodules import own_module_hint, without_client_advice
 from dispynb.jupyter.runstate import _FAILED, Writer, _RunState
+from dispynb.tracebacks import cell_name
 from dispynb.transport.addressing import format_address
 
 #: Characters of one job's stdout (or stderr) shown: its first lines and its last.
@@ -71,7 +72,9 @@ class _RunOutput(_RunState):
                     )
                 continue
             where = self._reach(f"jobs[{index}].{stream}")
-            shown = _clip(text, label, where)
+            shown = _clip(
+                _cells_named(text) if stream == "stderr" else text, label, where
+            )
             self._shown += len(shown)
             writer(stream, shown)
         if job.status in _FAILED and job.id not in self._cancelled:
@@ -233,6 +236,19 @@ def _missing_name_hint(job: DispyJob) -> str:
         "its function uses as they are when the run starts), or make it in the "
         "run's --setup\n"
     )
+
+
+#: ``/tmp/ipykernel_12/345.py:4:``: a warning's file and line, as Python writes it.
+_WARNING_PLACE = re.compile(r"^(\S+\.py)(?=:\d+: )", re.MULTILINE)
+
+
+def _cells_named(text: str) -> str:
+    """A job's stderr with the notebook's cells named as the cell shows them
+    (``Cell In[3]:4: UserWarning: ...``), not by the kernel's temporary files of
+    their code (``/tmp/ipykernel_12/345.py:4: ...``), which name no cell."""
+    if ".py:" not in text:
+        return text
+    return _WARNING_PLACE.sub(lambda m: cell_name(m.group(1)) or m.group(1), text)
 
 
 def _print_writer(stream: str, text: str) -> None:

@@ -98,6 +98,24 @@ def test_a_web_monitor_made_and_shown_in_one_cell_shows_its_link_once(k):
         k.run_ok("monitor.shutdown()")
 
 
+def test_a_jobs_warning_names_the_cell_not_the_kernels_file(k):
+    """A job's ``warnings.warn`` showed "[input 0] /tmp/ipykernel_NNN/NNN.py:4:
+    UserWarning: ...": a file no one sees. It names the cell, as tracebacks do."""
+    out = k.run_ok(
+        '%%dispy --over "[0]" --into warned\n'
+        "def careful(x):\n"
+        "    import warnings\n"
+        "    warnings.warn(f'careful with {x}')\n"  # line 4
+        "    return x\n"
+    )
+    assert (
+        f"[input 0] Cell In[{out.execution_count}]:4: UserWarning: careful with 0\n"
+        in out.stderr
+    ), out.text
+    assert "ipykernel_" not in out.stderr, out.text
+    assert "ipykernel_" in k.value("warned.jobs[0].stderr")  # the raw text is kept
+
+
 def test_local_error_in_the_cell_body_names_the_editor_line(k):
     out = k.execute(
         '%%dispy --over "[1]"\ndef f(x):\n    return x\nundefined_name\n'  # line 4
