@@ -458,7 +458,10 @@ class Executor(concurrent.futures.Executor):
             closer = threading.Thread(
                 target=self._close, name="dispynb-executor-shutdown"
             )
-            start_thread(closer)
+            try:
+                start_thread(closer)
+            except RuntimeError:  # no thread: Python 3.12.0-1 once the main ended
+                self._close()  # here, as Python would wait for that thread at exit
         elif wait:
             self._close()
 
@@ -543,7 +546,11 @@ def _close_dropped(cluster: Any, local: LocalCluster | None, closed: Flag) -> No
                 local.close()
             closed.set()
 
-    start_thread(threading.Thread(target=close, name="dispynb-executor-dropped"))
+    # Where no thread can start (Python 3.12.0 and 3.12.1 once the main thread has
+    # ended), the exit functions close the cluster, terminating its calls as for
+    # an executor left open, and the local nodes.
+    with contextlib.suppress(RuntimeError):
+        start_thread(threading.Thread(target=close, name="dispynb-executor-dropped"))
 
 
 def _check_options(options: dict[str, Any], factory: Any) -> None:

@@ -209,3 +209,42 @@ def test_a_script_left_open_gets_its_results_at_exit_on_another_python(
         [f"{n} {n**3}" for n in range(7)] + ["heard"]
     ), logs
     assert (ran.returncode, ran.stderr) == (0, ""), logs
+
+
+#: Executors a thread leaves as the interpreter exits: one shut down without
+#: waiting, one dropped unshut.
+EXECUTORS_AT_EXIT = """
+import threading
+from dispynb import Executor
+
+made = threading.Event()
+
+def worker():
+    waited, dropped = Executor(max_workers=1), Executor(max_workers=1)
+    print(waited.submit(abs, -3).result(), dropped.submit(abs, -4).result())
+    made.set()
+    threading.main_thread().join()  # Python now waits for this thread
+    waited.shutdown(wait=False)
+    del dropped
+
+if __name__ == "__main__":
+    threading.Thread(target=worker).start()
+    made.wait(30)
+"""
+
+
+@pytest.mark.parametrize("version", ["3.12", "3.13"])
+def test_executors_shut_down_or_dropped_as_a_script_exits_on_another_python(
+    version: str, tmp_path: Path
+) -> None:
+    """On 3.12.0 and 3.12.1 ``shutdown(wait=False)`` raised ``RuntimeError: can't
+    create new thread at interpreter shutdown`` and the dropped executor's
+    finalizer printed it."""
+    python = other_python(version)
+    script = tmp_path / "script.py"
+    script.write_text(EXECUTORS_AT_EXIT)
+    ran = subprocess.run(
+        [str(python), str(script)],
+        capture_output=True, text=True, cwd=tmp_path, env=node_env(), timeout=50,
+    )  # fmt: skip
+    assert (ran.returncode, ran.stdout, ran.stderr) == (0, "3 4\n", "")
