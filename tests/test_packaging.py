@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from dispynb._check_python import OLDEST
 from tests.docs.test_readme import readme_script
+from tests.test_old_python import _python310
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -124,3 +126,25 @@ def test_the_installed_programs_and_the_readme_example_run_outside_the_checkout(
     assert printed.strip() == str([i * i for i in range(10)]), printed
     labext = venv / "share" / "jupyter" / "labextensions" / "dispynb-labextension"
     assert (labext / "package.json").is_file()
+
+
+def test_pip_on_python_310_refuses_the_wheel_saying_which_python_it_needs(
+    wheel: Path, tmp_path: Path
+) -> None:
+    """A user of Python 3.10 gets pip's own refusal, naming both versions, not an
+    install that fails at ``import dispynb`` (requires-python is the oldest
+    Python `dispynb._check_python` takes)."""
+    python = _python310()
+    if python is None:
+        pytest.skip("no Python 3.10 on this machine")
+    done = subprocess.run(
+        [python, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-index",
+         "--disable-pip-version-check", str(wheel)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=_clean_env(),
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    said = done.stderr.strip().splitlines()[-1]
+    assert said.startswith(
+        "ERROR: Package 'dispynb' requires a different Python: 3.10."
+    ), done.stderr
+    assert said.endswith(" not in '>={}.{}'".format(*OLDEST)), done.stderr
