@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from dispynb._interruptible import Flag, HeldInterrupts
-from dispynb.errors import ClusterError, ConfigurationError
+from dispynb.errors import ClusterError, ConfigurationError, SerializationError
 from dispynb.job import DispyJob, JobStatus
 from dispynb.jupyter import display as templates
 from dispynb.jupyter import shipping
@@ -461,13 +461,17 @@ class Run(_RunEvents):
     def submit_all(self, inputs: Iterable[Any], unpack: bool = False) -> list[DispyJob]:
         """Submit one job per item of ``inputs`` (see `map` for ``unpack``)."""
         jobs = []
-        for item in inputs:
-            if unpack and isinstance(item, dict):
-                jobs.append(self.submit(**item))
-            elif unpack and isinstance(item, tuple | list):
-                jobs.append(self.submit(*item))
-            else:
-                jobs.append(self.submit(item))
+        for index, item in enumerate(inputs):
+            try:
+                if unpack and isinstance(item, dict):
+                    jobs.append(self.submit(**item))
+                elif unpack and isinstance(item, tuple | list):
+                    jobs.append(self.submit(*item))
+                else:
+                    jobs.append(self.submit(item))
+            except SerializationError as exc:
+                # Which of a thousand inputs: 'job argument 1' names none of them.
+                raise SerializationError(f"input {index}: {exc}") from exc
         return jobs
 
     # -- display ---------------------------------------------------------------------

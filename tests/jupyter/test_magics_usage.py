@@ -86,6 +86,24 @@ def test_a_method_or_a_modules_function_runs_from_a_dispy_line(ip):
     )
 
 
+def test_an_input_that_cannot_be_sent_is_named_by_its_index(ip):
+    """``--over "[1, 2, lock, 4]"`` said 'job argument 1 cannot be sent to a node':
+    which of the inputs, a newcomer with a thousand of them could not tell."""
+    from dispynb.jupyter.errors import MagicError
+
+    ip.run_cell("import threading\nlock = threading.Lock()\n")
+    with pytest.raises(MagicError) as raised, capture_output():
+        ip.run_cell_magic(
+            "dispy",
+            '--over "[1, 2, lock, 4]" --into locked',
+            "def f(x):\n    return x\n",
+        )
+    assert str(raised.value).startswith(
+        "%%dispy could not start run 'locked': input 2: job argument 1 cannot be "
+        "sent to a node: cannot pickle object of type 'lock'"
+    ), raised.value
+
+
 @pytest.mark.parametrize(
     ("into", "message"),
     [
