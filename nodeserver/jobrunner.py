@@ -387,7 +387,7 @@ def worker_loop(
     clock = time.perf_counter
     home = os.path.realpath(CONTEXT.job_path) if CONTEXT.job_path else os.getcwd()
     _go_home(home)
-    install_interrupt_handler()
+    undo_sigint = install_interrupt_handler()
     inbox: collections.deque[_Inbound] = collections.deque()
     skipped: set[int] = set()
     runs = itertools.count(1)  # the number of each Run, as the node counts them
@@ -479,6 +479,7 @@ def worker_loop(
             return CHANNEL_LOST_STATUS  # the node says so (was: "status 0")
         return 0
     finally:
+        undo_sigint()  # the process as it was (a rehearsal's)
         MAPPINGS.release()  # the bodies kept for the next jobs: there are none
         below, CONTEXT.below = CONTEXT.below, None
         if below is not None:

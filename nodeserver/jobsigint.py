@@ -106,13 +106,29 @@ def _job_getsignal(signalnum: Any) -> Any:
     return _lookup(signalnum)
 
 
-def install_interrupt_handler() -> None:
+def install_interrupt_handler() -> Callable[[], None]:
     """Make SIGINT interrupt only job code in this worker (main thread only), and
-    keep a job's own SIGINT handler aside (`_job_signal`)."""
-    if threading.current_thread() is threading.main_thread():
-        _install(signal.SIGINT, interrupt_job)
-        signal.signal = _job_signal
-        signal.getsignal = _job_getsignal
+    keep a job's own SIGINT handler aside (`_job_signal`). Returns what puts the
+    process back as it was, called as the worker loop ends: the node rehearses
+    jobs in its own process (`nodeserver.rehearsal`), whose SIGINT and
+    ``signal`` module must stay its own (a node that ignored Ctrl-C)."""
+    if threading.current_thread() is not threading.main_thread():
+        return _nothing
+    previous = _install(signal.SIGINT, interrupt_job)
+    signal.signal = _job_signal
+    signal.getsignal = _job_getsignal
+
+    def undo() -> None:
+        signal.signal, signal.getsignal = _install, _lookup
+        _JOB.handler, _JOB.changed = None, False
+        if previous is not None:  # None: not set from Python (left as it is)
+            _install(signal.SIGINT, previous)
+
+    return undo
+
+
+def _nothing() -> None:
+    pass
 
 
 def restore_interrupt_handler() -> None:

@@ -22,6 +22,8 @@ _CHECK = textwrap.dedent(
     def state():
         return {
             "sigint": repr(signal.getsignal(signal.SIGINT)),
+            # A worker's are its own (nodeserver.jobsigint): never the node's.
+            "signal": [signal.signal.__module__, signal.getsignal.__module__],
             "fds": sorted(os.listdir("/proc/self/fd")),
             "threads": threading.active_count(),
             "stdout": sys.stdout is sys.__stdout__,
@@ -65,7 +67,8 @@ def _run(mode: str) -> dict[str, object]:
 def test_rehearsal_runs_its_jobs_and_leaves_the_process_as_it_was() -> None:
     seen = _run("alone")
     assert seen["ok"] is True  # every job finished, with the right result
-    # Its SIGINT handler, descriptors, threads, output streams and job context.
+    # Its SIGINT handler and signal functions, descriptors, threads, output
+    # streams and job context.
     assert seen["after"] == seen["before"]
 
 
