@@ -72,13 +72,16 @@ def check_python(welcome: Welcome, peer_ip: str, compiled: str) -> None:
     ours = PYTHON
     if theirs == ours:
         return
-    raise SetupError(
+    error = SetupError(
         f"node {welcome.name!r} ({peer_ip}) runs Python {welcome.python} and this "
         f"client Python {ours}: {compiled}, defined in this program, travels as "
         f"compiled code, which only Python {ours} runs (dispy sent source text). "
         f"Run the client and the nodes with the same Python version (start "
         f"dispynb-node with a Python {ours}, or run this program with Python {theirs})"
     )
+    # What a notebook says in its own words (`dispynb.jupyter.probing`).
+    error.python_mismatch = (welcome.name, peer_ip, welcome.python, ours)  # type: ignore[attr-defined]
+    raise error
 
 
 def avail_info(avail: list[float | None]) -> DispyNodeAvailInfo | None:

@@ -26,6 +26,7 @@ from dispynb._interruptible import start_thread
 from dispynb._loop import LoopRunner
 from dispynb.backends.base import Engine
 from dispynb.cluster import ClusterFactory
+from dispynb.errors import SetupError
 from dispynb.jupyter.widgets import NodePanel
 
 __all__ = ["STOP_WAIT", "ParallelProbes", "ProbesInterrupted"]
@@ -189,11 +190,19 @@ class _SessionProbes:
         inside ``with guard():`` (see `ParallelProbes`)."""
         events: list[tuple[Any, ...]] = []
         with guard():
-            cluster = self.cluster_factory(
-                _dispynb_node_probe, nodes=nodes, engine=engine,
-                cluster_status=lambda *event: events.append(event),
-                **{**options, "recover_file": False},  # a probe leaves no journal
-            )  # fmt: skip
+            try:
+                cluster = self.cluster_factory(
+                    _dispynb_node_probe, nodes=nodes, engine=engine,
+                    cluster_status=lambda *event: events.append(event),
+                    **{**options, "recover_file": False},  # a probe leaves no journal
+                )  # fmt: skip
+            except SetupError as exc:
+                mismatch = getattr(exc, "python_mismatch", None)
+                if mismatch is None:
+                    raise
+                # It named this probe, 'defined in this program': the person's
+                # code is the notebook's, which travels compiled all the same.
+                raise SetupError(_other_python(*mismatch)) from None
         cluster.close()
 
         def replay() -> None:
@@ -201,6 +210,17 @@ class _SessionProbes:
                 self.panel.cluster_status(*event)
 
         return replay
+
+
+def _other_python(name: str, address: str, theirs: str, ours: str) -> str:
+    """Why a node of another Python version cannot run this notebook's functions."""
+    version = ".".join(theirs.split(".")[:2])
+    return (
+        f"node {name!r} ({address}) runs Python {theirs} and this notebook's kernel "
+        f"Python {ours}: the functions of a notebook travel as compiled code, which "
+        f"only Python {ours} runs. Start dispynb-node there with a Python {ours}, "
+        f"or use a kernel of Python {version}"
+    )
 
 
 def _dispynb_node_probe(x: Any) -> Any:

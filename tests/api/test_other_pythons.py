@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from dispynb import JobCluster
-from dispynb.errors import SetupError
+from dispynb.errors import DispynbError, SetupError
 from tests.nodeproc import ROOT, node_env, running_node
 from tests.transport.certs import day_certificate, write_pem
 
@@ -139,6 +139,43 @@ def test_a_node_and_a_client_on_another_python_run_jobs_over_tls(
 
 def _square(x: int) -> int:
     return x * x
+
+
+def test_a_notebooks_nodes_of_another_python_are_refused_in_its_words(
+    tmp_path: Path,
+) -> None:
+    """``%dispy nodes`` at a node of another Python said 'the computation
+    _dispynb_node_probe, defined in this program, travels as compiled code': a
+    function the person never wrote. It says the notebook's functions do."""
+    from IPython.core.error import UsageError
+
+    from dispynb.jupyter.probing import _dispynb_node_probe
+    from dispynb.protocol.serialize import travels_by_value
+    from tests.jupyter.shell import dispynb_shell
+
+    if not travels_by_value(_dispynb_node_probe):  # dispynb installed, not a checkout
+        pytest.skip("the nodes are checked at the first run, not by %dispy nodes")
+    ours = "{}.{}".format(*sys.version_info[:2])
+    version = "3.13" if ours == "3.12" else "3.12"
+    python = other_python(version)
+    with (
+        running_node(tmp_path / "node", launcher=[str(python), "-c", RUN_NODE]) as node,
+        dispynb_shell() as shell,
+        pytest.raises((UsageError, DispynbError)) as raised,
+    ):
+        shell.run_line_magic(
+            "dispy", f"nodes {node.spec} --secret-file {node.secret_file}"
+        )
+    said = str(raised.value)
+    assert "_dispynb_node_probe" not in said, said
+    assert (
+        f"and this notebook's kernel Python {ours}: the functions of a notebook "
+        in said
+    )
+    assert said.endswith(
+        f"Start dispynb-node there with a Python {ours}, or use a kernel of Python "
+        f"{version}"
+    ), said
 
 
 #: A script that leaves its clusters open, as dispy's users do: dispynb waits for
