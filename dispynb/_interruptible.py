@@ -30,6 +30,7 @@ __all__ = [
     "at_the_call",
     "set_event",
     "start_thread",
+    "try_start_thread",
     "unblock_in_child",
 ]
 
@@ -228,6 +229,18 @@ def start_thread(thread: threading.Thread) -> None:
     finally:
         # A signal that came meanwhile is the main thread's: delivered here, now.
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def try_start_thread(thread: threading.Thread) -> bool:
+    """`start_thread`; False, not ``RuntimeError``, where no thread can start:
+    Python 3.12.0 and 3.12.1 start none once the main thread has ended (3.12.2
+    does again), where the results of a script's clusters left open still come;
+    a process at its limit of threads."""
+    try:
+        start_thread(thread)
+    except RuntimeError:
+        return False
+    return True
 
 
 # `signal.getsignal` and `signal.signal` without the conversion of every number and

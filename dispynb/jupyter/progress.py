@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
-from dispynb._interruptible import start_thread
+from dispynb._interruptible import start_thread, try_start_thread
 from dispynb.jupyter import display as templates
 
 __all__ = [
@@ -186,7 +186,9 @@ class ProgressBar(abc.ABC):
             elif self._timer is None:
                 self._timer = threading.Timer(wait, self._trailing)
                 self._timer.daemon = True
-                start_thread(self._timer)
+                if not try_start_thread(self._timer):  # at exit: drawn now
+                    self._timer = None
+                    self._draw_now()
 
     def finish(self, counts: ProgressCounts) -> None:
         """Draw the final state once; later updates are ignored."""

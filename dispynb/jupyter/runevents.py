@@ -9,7 +9,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from dispynb._callbacks import _call_each
-from dispynb._interruptible import start_thread
+from dispynb._interruptible import try_start_thread
 from dispynb.job import FINAL_STATUSES, DispyJob, JobStatus
 from dispynb.jupyter.errors import RunInterrupted
 from dispynb.jupyter.progress import ProgressBar
@@ -158,8 +158,9 @@ class _RunEvents(_RunStop):
         if self._live:
             self.bar.finish(self.counts())
         if self.owns_cluster and not self._closed:
-            # Not on this thread: closing waits for the cluster's callbacks.
-            start_thread(
+            # Not on this thread: closing waits for the cluster's callbacks. Where
+            # no thread can start (at exit), the exit functions close it.
+            try_start_thread(
                 threading.Thread(
                     target=self.close, name="dispynb-run-close", daemon=True
                 )

@@ -285,3 +285,49 @@ def test_executors_shut_down_or_dropped_as_a_script_exits_on_another_python(
         capture_output=True, text=True, cwd=tmp_path, env=node_env(), timeout=50,
     )  # fmt: skip
     assert (ran.returncode, ran.stdout, ran.stderr) == (0, "3 4\n", "")
+
+
+#: A run nobody waits for (``Run.map(wait=False)``), its bar drawn by the callback
+#: thread (`Run.live`), whose jobs end as the script exits.
+RUN_LEFT = """
+import atexit, sys
+from dispynb.jupyter import Run
+
+def cube(x, go):
+    import os, time
+    deadline = time.monotonic() + 30
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return x ** 3
+
+node, secret, go = sys.argv[1:]
+run = Run.map(cube, [(n, go) for n in range(30)], unpack=True, nodes=[node],
+              secret=secret, wait=False, progress="text")
+run.live(run.bar)
+atexit.register(lambda: open(go, "w").close())  # runs before dispynb's wait
+"""
+
+
+@pytest.mark.parametrize("version", ["3.12", "3.13"])
+def test_a_run_left_to_itself_ends_as_a_script_exits_on_another_python(
+    version: str, tmp_path: Path
+) -> None:
+    """On 3.12.0 and 3.12.1 its bar's timer (drawing a burst of results at most so
+    often) and the thread that closes its cluster did not start: two tracebacks."""
+    python = other_python(version)
+    with running_node(
+        tmp_path / "node", cpus=2, launcher=[str(python), "-c", RUN_NODE]
+    ) as node:
+        ran = subprocess.run(
+            [str(python), "-c", RUN_LEFT, node.spec, node.secret, str(tmp_path / "go")],
+            capture_output=True, text=True, cwd=tmp_path, env=node_env(), timeout=50,
+        )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    assert "Traceback" not in ran.stderr, ran.stderr
+    assert (
+        ran.stderr.rstrip()
+        .splitlines()[-1]
+        .startswith(
+            "cube [##############################] 30/30 done, 0 running, 0 queued"
+        )
+    ), ran.stderr
