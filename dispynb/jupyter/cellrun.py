@@ -15,6 +15,7 @@ import inspect
 import keyword
 import linecache
 import os
+import re
 import reprlib
 import sys
 from collections.abc import Callable, Iterator
@@ -150,7 +151,7 @@ class CellRunner:
             raise UsageError(problem)
         depends = None
         if args.depends is not None:
-            depends = self._evaluate("--depends", args.depends)
+            depends = self._evaluate_depends(args.depends)
             if not isinstance(depends, list | tuple):
                 depends = [depends]  # one file, module or function
             try:  # before the nodes: the mistake is the cell's, not theirs
@@ -362,6 +363,24 @@ class CellRunner:
             raise UsageError(
                 f"{option} {source!r}: {exc} in the notebook: run the cell that "
                 "defines it first, or fix the name"
+            ) from None
+
+    def _evaluate_depends(self, text: str) -> Any:
+        """``--depends``'s expression; or, when it is no expression of the notebook
+        but a path here, that file: ``--depends data.csv`` was read as the attribute
+        ``csv`` of a variable ``data`` ("name 'data' is not defined")."""
+        __tracebackhide__ = True
+        path = unquote(text)
+        try:
+            return self._evaluate("--depends", text)
+        except (UsageError, AttributeError) as exc:
+            if os.path.exists(path):
+                return [path]
+            if not isinstance(exc, UsageError) or not re.search(r"[./]", path):
+                raise
+            raise UsageError(
+                f"{exc}; nor is there a file {path!r} in {os.getcwd()} (where a "
+                "relative path starts)"
             ) from None
 
     def _lookup(self, name: str, what: str) -> Any:

@@ -454,7 +454,8 @@ class DispyMagics(Magics):
         help="Python expression giving a list of dependencies sent once to each "
         "node before the jobs, as JobCluster(depends=...): data files (placed in "
         "the jobs' working directory, and kept by the node so that the same file "
-        "is not sent again), modules, functions, classes",
+        "is not sent again), modules, functions, classes; or one file's path as "
+        "it is (--depends data.csv)",
     )
     @argument(
         "--on",

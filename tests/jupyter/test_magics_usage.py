@@ -134,6 +134,25 @@ def test_into_a_name_python_or_ipython_gives_is_refused(ip, into, message):
     assert captured.stdout == "still printing\n"
 
 
+def test_depends_takes_a_files_path_as_written(ip, tmp_path, monkeypatch):
+    """``--depends data.csv``, as one writes a file's name, said "name 'data' is
+    not defined in the notebook: run the cell that defines it first": it was read
+    as Python. A path that is here is that file; one that is not is said so."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.csv").write_text("a,b\n")
+    body = "def first_line(x):\n    return open('data.csv').readline()\n"
+    for line in ("--depends data.csv", '--depends "data.csv"'):
+        cell(ip, f'--over "[1]" --into read {line}', body)
+        assert ip.user_ns["read"].results == ["a,b\n"], line
+    with pytest.raises(UsageError) as raised:
+        cell(ip, '--over "[1]" --depends dta.csv', body)
+    assert str(raised.value) == (
+        "--depends 'dta.csv': name 'dta' is not defined in the notebook: run the "
+        "cell that defines it first, or fix the name; nor is there a file "
+        f"'dta.csv' in {tmp_path} (where a relative path starts)"
+    )
+
+
 @pytest.mark.parametrize(
     ("depends", "message"),
     [
