@@ -386,6 +386,13 @@ class CellRunner:
     def _lookup(self, name: str, what: str) -> Any:
         value = notebook_function(name, self.shell.user_ns)
         if value is None:
+            called = name.partition("(")[0]
+            if called != name and notebook_function(called, self.shell.user_ns):
+                # --setup load(): the nodes call it; the magic takes its name.
+                raise UsageError(
+                    f"{what} {name}: name the function, without calling it: "
+                    f"{what} {called}"
+                )
             raise UsageError(f"{what}: {name!r} is not a function in the notebook")
         return value
 

@@ -134,6 +134,17 @@ def test_into_a_name_python_or_ipython_gives_is_refused(ip, into, message):
     assert captured.stdout == "still printing\n"
 
 
+def test_a_setup_written_as_a_call_is_said_to_be_named(ip):
+    """``--setup load()`` said "'load()' is not a function in the notebook",
+    though the notebook had defined load."""
+    ip.run_cell("def load():\n    pass\n")
+    with pytest.raises(UsageError) as raised:
+        cell(ip, '--over "[1]" --setup load()', "def f(x):\n    return x\n")
+    assert str(raised.value) == (
+        "--setup load(): name the function, without calling it: --setup load"
+    )
+
+
 def test_depends_takes_a_files_path_as_written(ip, tmp_path, monkeypatch):
     """``--depends data.csv``, as one writes a file's name, said "name 'data' is
     not defined in the notebook: run the cell that defines it first": it was read
