@@ -203,6 +203,7 @@ class _Jobs(_ClusterState):
             self._journal.submitted(key, job)
         with self._outstanding_lock:
             self._outstanding += 1
+            self._submitted += 1
             self.end_time = None
         status = self._options.cluster_status
         # Not for a notebook run's that ignores it: ~5 us a job.

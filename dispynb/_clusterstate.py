@@ -63,6 +63,7 @@ class _ClusterState:
     job_counts: Counter[str]
     _listeners: list[Listener]
     _outstanding: int
+    _submitted: int
     _outstanding_lock: threading.Lock
     _all_done: Sleepers
     _nodes: dict[str, DispyNode]

@@ -191,6 +191,7 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
         self.job_counts: Counter[str] = Counter()
         self._listeners: list[Listener] = []
         self._outstanding = 0  # jobs submitted, not yet done
+        self._submitted = 0  # jobs submitted ever: `wait` sees if callbacks did
         self._outstanding_lock = threading.Lock()
         self._all_done = _interruptible.Sleepers()  # `wait`: woken as it reaches 0
         self._nodes: dict[str, DispyNode] = {}
@@ -296,9 +297,12 @@ class JobCluster(_Events, _Jobs, _Nodes, _ClusterState):
                 done = self._all_done.wait_for(lambda: self._outstanding == 0, left())
                 if not done or self._callbacks.in_dispatcher_thread():
                     return done
+                submitted = self._submitted
                 if not self._callbacks.flush(left()):
                     return False  # every job is done, but not yet their callbacks
-                if self._outstanding == 0:  # the callbacks submitted nothing
+                # Done if the callbacks submitted nothing: a job one submitted may
+                # have ended already, its own callback posted after this flush's.
+                if self._outstanding == 0 and self._submitted == submitted:
                     return True
         except KeyboardInterrupt as interrupted:  # Ctrl-C: shown at the user's call
             _interruptible.at_the_call(interrupted)  # at the user's line

@@ -67,3 +67,33 @@ def test_wait_with_a_timeout_says_false_while_a_jobs_callback_still_runs(local):
         release.set()
         assert cluster.wait(timeout=WAIT) is True
         assert gathered == [9]
+
+
+@pytest.mark.timeout(60)
+def test_wait_runs_the_callback_of_a_job_a_callback_submitted_that_ended_already(
+    local,
+):
+    """A callback submits a job, which ends before that callback returns: wait()
+    saw its jobs done, waited for the callbacks, and saw none left, but the new
+    job's own callback was still to run (it returned True with that callback's work
+    undone: a loaded machine let the job end while wait() was woken)."""
+    heard: list[int] = []
+
+    def job_status(job: DispyJob) -> None:
+        if job.status != DispyJob.Finished:
+            return
+        if job.result == 4:
+            time.sleep(0.5)  # a callback that works a while (wait() must wait)
+        heard.append(job.result)
+        if job.result == 0:
+            time.sleep(0.5)  # wait() is waiting for this callback by then
+            cluster.submit(2)
+            # The job it submitted ends before this callback returns.
+            deadline = time.monotonic() + WAIT
+            while cluster.status().jobs_pending and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+    with JobCluster(square, nodes=local, job_status=job_status) as cluster:
+        cluster.submit(0)
+        assert cluster.wait(timeout=WAIT) is True
+        assert heard == [0, 4]
