@@ -144,6 +144,7 @@ class CellRunner:
         problem = (
             shipping.return_problem(func)
             or _frame_problem(inputs.items, unquote(args.over))
+            or _number_problem(inputs.items, unquote(args.over))
             or _call_problem(func, inputs.items, args.unpack)
         )
         if problem is not None:  # every job would fail alike: say so, send none
@@ -507,6 +508,19 @@ class _Inputs:
             except Exception as exc:
                 raise _InputFailed(exc) from None
             yield item
+
+
+def _number_problem(items: Any, text: str) -> str | None:
+    """What to write instead when ``--over`` (``text``) is a whole number, the
+    count of jobs wanted (it said "raised TypeError: 'int' object is not
+    iterable"); None for anything else."""
+    if not isinstance(items, int) or isinstance(items, bool):
+        return None
+    return (
+        f'--over {text} is one number, not the inputs: --over "range({text})" '
+        f'runs {items} jobs, with inputs 0 to {items - 1}; --over "[{text}]" runs '
+        f"one, with input {items} (no job was sent)"
+    )
 
 
 def _frame_problem(items: Any, text: str) -> str | None:

@@ -194,8 +194,10 @@ def test_an_error_in_the_inputs_shows_the_users_lines_not_dispynbs(k):
     assert out.ename == "NameError", out.text
     assert f"Cell In[{made.execution_count}], line 2" in out.error_text
     assert "dispynb/" not in out.error_text and "Could not get source" not in out.text
-    out = k.execute("%%dispy --over 5 --into typo\ndef f(x):\n    return x\n")
-    assert "UsageError: --over '5' raised TypeError: 'int' object is not" in out.text
+    out = k.execute("%%dispy --over 0.5 --into typo\ndef f(x):\n    return x\n")
+    assert "UsageError: --over '0.5' raised TypeError: 'float' object is not" in (
+        out.text
+    )
     _short(out.text)
     out = k.execute('%%dispy --over "range(4" --into typo\ndef f(x):\n    return x\n')
     assert "UsageError: --over 'range(4': '(' was never closed" in out.text, out.text

@@ -134,6 +134,17 @@ def test_into_a_name_python_or_ipython_gives_is_refused(ip, into, message):
     assert captured.stdout == "still printing\n"
 
 
+def test_over_a_number_says_range(ip):
+    """``--over 5`` (five jobs wanted) said "--over '5' raised TypeError: 'int'
+    object is not iterable"."""
+    with pytest.raises(UsageError) as raised:
+        cell(ip, "--over 5 --into five", "def f(x):\n    return x\n")
+    assert str(raised.value) == (
+        '--over 5 is one number, not the inputs: --over "range(5)" runs 5 jobs, '
+        'with inputs 0 to 4; --over "[5]" runs one, with input 5 (no job was sent)'
+    )
+
+
 def test_a_setup_written_as_a_call_is_said_to_be_named(ip):
     """``--setup load()`` said "'load()' is not a function in the notebook",
     though the notebook had defined load."""
