@@ -85,9 +85,20 @@ def _text_size(text: Any) -> int:
 
 #: Bytes a kept message counts besides its payload and texts (its objects and its
 #: bookkeeping, in memory also while it is on disk), and each job's entry or start
-#: in it: so that many small messages are bounded as a few large ones are.
+#: in it (as decoded: a result's entry holds some 270 bytes of objects, a start
+#: 180): so that many small messages are bounded as a few large ones are.
 MESSAGE_COST = 256
-ENTRY_COST = 64
+ENTRY_COST = 320
+#: ... and each of its payload buffers besides its bytes: its view, its place in
+#: a list and its length in the frame the view holds (196 bytes), or its place on
+#: disk (``(offset, size)``, 130 bytes in memory while the message is there). A
+#: message may carry 65,536 of them, 4 bytes each on the wire when empty: a node's
+#: message of 260 kB held 12 MiB here, counted as 256 bytes.
+BUFFER_COST = 200
+#: ... and, where its client acknowledges results (`KeptMessages.tracking`), each
+#: job it concerns: the job's place in the tables of what waits for an
+#: acknowledgement (some 340 bytes), also while the message is on disk.
+TRACK_COST = 320
 
 
 def _entry_size(item: Any) -> int:
@@ -110,6 +121,16 @@ def _header_size(message: Message) -> int:
     if isinstance(message, FileFromNode):
         return MESSAGE_COST + _text_size(message.path)
     return MESSAGE_COST
+
+
+def _kept_size(message: Message, buffers: list[memoryview]) -> int:
+    """What a kept message counts while in memory: its payload and
+    `BUFFER_COST` per buffer, its cost and texts (`_header_size`)."""
+    return (
+        sum(b.nbytes for b in buffers)
+        + BUFFER_COST * len(buffers)
+        + _header_size(message)
+    )
 
 
 def _jobs_of(message: Message) -> set[tuple[int, int]]:
@@ -366,7 +387,7 @@ class KeptMessages:
         name it (a file a job sent), to drop it with that job's acknowledgement.
         ``within_quota`` False: kept whatever the quota (its client is back and
         takes it next, after what the replay sends before it)."""
-        size = sum(b.nbytes for b in buffers) + _header_size(message)
+        size = _kept_size(message, buffers)
         if within_quota and size > self._room():
             self._wanted = max(self._wanted, size)
         if (
@@ -382,7 +403,7 @@ class KeptMessages:
             )
             if message is None:
                 return
-            size = sum(b.nbytes for b in buffers) + _header_size(message)
+            size = _kept_size(message, buffers)
         store = self.store
         places = None
         if store.in_memory + size > store.memory:
@@ -393,22 +414,25 @@ class KeptMessages:
                 message, buffers = self._over_quota(message, buffers, exc)
                 if message is None:
                     return
-                size = sum(b.nbytes for b in buffers) + _header_size(message)
+                size = _kept_size(message, buffers)
         number = next(self._numbers)
+        jobs: set[tuple[int, int]] = set()
+        if self.tracking:
+            jobs = _jobs_of(message) if job is None else {job}
         if places is None:
+            size += TRACK_COST * len(jobs)
             store.in_memory += size
             self._in_memory += size
             self._items[number] = (message, list(buffers), None, size)
         else:
-            size = MESSAGE_COST + sum(length for _offset, length in places)
+            size = MESSAGE_COST + sum(BUFFER_COST + n for _offset, n in places)
+            size += TRACK_COST * len(jobs)
             self._items[number] = (None, None, places, size)
         self._count(size)
-        if self.tracking:
-            jobs = _jobs_of(message) if job is None else {job}
-            if jobs:
-                self._unacked[number] = len(jobs)
-                for one in jobs:
-                    self._waiting.setdefault(one, []).append(number)
+        if jobs:
+            self._unacked[number] = len(jobs)
+            for one in jobs:
+                self._waiting.setdefault(one, []).append(number)
 
     def _spill(self, message: Message, buffers: list[memoryview]) -> list[Place]:
         """Write ``message`` and its payload to the spill file; their places.
@@ -568,6 +592,7 @@ class KeptMessages:
             own = buffers[offset : offset + count]
             offset += count
             size = sum(b.nbytes for b in own) + _entry_size(item)
+            size += BUFFER_COST * len(own)
             stream = (entry.key, entry.attempt)
             if stream not in self._dropped_streams and size <= room:
                 results.append(item)

@@ -18,7 +18,14 @@ import pytest
 from dispynb import LocalCluster, SharedJobCluster, recover_jobs
 from dispynb.job import JobStatus
 from dispynb.protocol.messages import JobResults, ResultChunk
-from schedserver.spill import ENTRY_COST, MESSAGE_COST, KeptMessages, SpillStore
+from schedserver.spill import (
+    BUFFER_COST,
+    ENTRY_COST,
+    MESSAGE_COST,
+    TRACK_COST,
+    KeptMessages,
+    SpillStore,
+)
 from tests.api.test_recovery_acks import NEVER_JOURNALING
 from tests.jobs import wait_until
 from tests.sharedsched.harness import SchedulerProcess, start_client
@@ -143,7 +150,7 @@ def test_a_kept_message_goes_once_all_its_jobs_are_acknowledged(tmp_path: Path) 
     """In-process: a message is dropped once every job it holds is journaled (not
     before), a chunk with its job, its memory given back; the spill file is closed
     once nothing on disk is kept; an unknown job or garbage changes nothing."""
-    store = SpillStore(str(tmp_path / "spill"), memory=3 * KiB)
+    store = SpillStore(str(tmp_path / "spill"), memory=5 * KiB)
     kept = KeptMessages(store, "alice/c", quota=1 << 30)
     try:
         _acknowledge(kept, store)
@@ -161,8 +168,11 @@ def _acknowledge(kept: KeptMessages, store: SpillStore) -> None:
     )
     kept.add(_results((3, 0)), [])
     kept.add(_results((4, 0)), [page])  # on disk
-    # Each message counts its payload, MESSAGE_COST and ENTRY_COST per job in it.
-    first, third = 2 * KiB + MESSAGE_COST + 2 * ENTRY_COST, MESSAGE_COST + ENTRY_COST
+    # Each message counts its payload, MESSAGE_COST, BUFFER_COST per buffer, and
+    # ENTRY_COST and TRACK_COST per job in it.
+    job = ENTRY_COST + TRACK_COST
+    first = 2 * KiB + MESSAGE_COST + 2 * BUFFER_COST + 2 * job
+    third = MESSAGE_COST + job
     on_disk = kept.on_disk  # the second and fourth, their headers with them
     assert (len(kept), store.in_memory, kept.size) == (
         4,
@@ -392,7 +402,8 @@ def test_acknowledgements_bring_a_computation_back_under_its_quota(
     hold it again."""
     caplog.set_level(logging.INFO, "schedserver.spill")
     store = SpillStore(str(tmp_path / "spill"), memory=1 << 20)
-    one = 2 * KiB + MESSAGE_COST + ENTRY_COST  # a result of 2 KiB, as counted
+    # A result of 2 KiB, as counted (its buffer, its job's entry, acknowledged).
+    one = 2 * KiB + MESSAGE_COST + BUFFER_COST + ENTRY_COST + TRACK_COST
     kept = KeptMessages(store, "alice/c", quota=2 * one)
     kept.tracking = True
     page = memoryview(b"x" * 2 * KiB)
@@ -404,7 +415,8 @@ def test_acknowledgements_bring_a_computation_back_under_its_quota(
             ResultChunk(comp_id=1, key=3, attempt=0, index=0, offset=0, size=2),
             [page],
         )
-        assert kept.full and 2 * one < kept.size < 2 * one + 1024  # the error
+        # The error (its text, its costs) kept instead:
+        assert kept.full and 2 * one < kept.size < 2 * one + 2048
         assert kept.journaled([[4, 0]]) == 1  # its error entry: at the quota still
         assert kept.full and kept.size == 2 * one
         assert kept.journaled([[1, 0]]) == 1
@@ -417,7 +429,7 @@ def test_acknowledgements_bring_a_computation_back_under_its_quota(
         )
         streamed = [3, 0, "finished", 0.0, 0.0, "", "", "", 1, True]
         kept.add(JobResults(comp_id=1, results=[streamed]), [])
-        assert not kept.full and one < kept.size < one + 1024
+        assert not kept.full and one < kept.size < one + 2048
         assert kept.journaled([[2, 0]]) == 1
         message, _buffers = kept.pop()
         assert message.results[0][0] == 3 and "--max_kept" in message.results[0][7]

@@ -4,7 +4,9 @@ names whom the results waited for and the option to raise."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import tracemalloc
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -17,11 +19,23 @@ from dispynb.protocol.messages import (
     ComputationSetup,
     JobResults,
     ResultsJournaled,
+    WireMessage,
+    pack_header,
+    unpack_header,
 )
 from dispynb.protocol.records import ResultEntry
 from schedserver.computation import SharedComputation
 from schedserver.session import SchedulerSession
-from schedserver.spill import KeptMessages, SpillStore
+from schedserver.spill import (
+    BUFFER_COST,
+    ENTRY_COST,
+    MESSAGE_COST,
+    KeptMessages,
+    SpillStore,
+)
+
+#: What a result of one buffer counts besides its bytes (`_result`'s).
+COST = MESSAGE_COST + ENTRY_COST + BUFFER_COST
 
 
 def over_quota_reason(tmp_path: Path, **whose: str) -> str:
@@ -85,7 +99,8 @@ def test_a_users_computations_and_backlogs_keep_her_quota_in_all(
     together; past it her result is an error naming the option, and the one held
     for it gets CPUs again as soon as her other computation is collected. Another
     user's keep theirs."""
-    store = SpillStore(str(tmp_path), memory=1 << 20, user_quota=4096)
+    quota = 4096 + 3 * COST // 2  # two results of hers, but not a third KiB
+    store = SpillStore(str(tmp_path), memory=1 << 20, user_quota=quota)
     first = KeptMessages(store, "alice/a", 1 << 20, user="alice")
     backlog = KeptMessages(store, "alice", 1 << 20, whose="x", user="alice")
     bobs = KeptMessages(store, "bob/b", 1 << 20, user="bob")
@@ -95,7 +110,7 @@ def test_a_users_computations_and_backlogs_keep_her_quota_in_all(
     assert not (first.full or backlog.full or bobs.full)
     _result(backlog, 4, 1024)  # alice's fourth KiB: over, with the costs counted
     # (its error entry kept in its place: a few hundred bytes, not its KiB)
-    assert backlog.full and store.user("alice").size < 4096 + 1024
+    assert backlog.full and store.user("alice").size < quota + 1024
     kept, dropped = backlog.pop(), backlog.pop()
     assert kept[1] and not dropped[1]
     entry, _ = ResultEntry.from_wire(dropped[0].results[0])  # type: ignore[attr-defined]
@@ -213,7 +228,7 @@ def test_a_backlog_given_room_again_is_not_said_of_a_client_away(
     """The hold of --max_user_kept lifted on a connected client's backlog: the
     log said 'its jobs run again while its client is away' of a client that
     was there all along, only not reading."""
-    store = SpillStore(str(tmp_path), memory=1 << 20, user_quota=4096)
+    store = SpillStore(str(tmp_path), memory=1 << 20, user_quota=4096 + COST)
     backlog = KeptMessages(
         store,
         "user 'alice'",
@@ -230,3 +245,56 @@ def test_a_backlog_given_room_again_is_not_said_of_a_client_away(
     (said,) = [m for r in caplog.records if "room freed" in (m := r.getMessage())]
     assert "client is away" not in said, said
     assert said.endswith("(their results kept for a client that does not read)")
+
+
+def _decoded(message: JobResults, buffers: int) -> tuple[Any, list[memoryview]]:
+    """``message`` and ``buffers`` empty payload buffers as the scheduler reads them
+    from a node: the header decoded, the buffers views of one frame's body."""
+    body = memoryview(bytearray(4 * buffers + 64))
+    header = pack_header(message.to_header())
+    decoded = WireMessage.from_header(unpack_header(header, trusted=True))
+    return decoded, [body[i:i] for i in range(buffers)]
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+@pytest.mark.parametrize("shape", ["buffers", "results", "starts"])
+def test_what_is_kept_counts_the_memory_it_holds(
+    tmp_path: Path, shape: str, on_disk: bool
+) -> None:
+    """A node's message (it holds the secret) of 65,535 empty buffers, 20,000
+    results without payload or 20,000 job starts, acknowledged by its client one
+    job at a time: what it counts against --kept_memory and the quotas is at least
+    the memory it holds, in memory and while on disk (was: 12 MiB of views counted
+    as 256 bytes; 5.4 MB of results as 1.3 MB; what waits for acknowledgements as
+    nothing)."""
+    many = 20_000
+    if shape == "buffers":
+        entry = ResultEntry(1, 0, FINISHED, 1.0, 2.0, "", "", None, 65_535)
+        message, count = JobResults(comp_id=1, results=[entry.to_wire()]), 65_535
+    elif shape == "results":
+        entries = [
+            ResultEntry(key, 0, FINISHED, 1.0, 2.0, "", "", None, 0).to_wire()
+            for key in range(many)
+        ]
+        message, count = JobResults(comp_id=1, results=entries), 0
+    else:
+        starts: list[list[Any]] = [[key, 0, 1.5, 0] for key in range(many)]
+        message, count = JobResults(comp_id=1, results=[], started=starts), 0
+    store = SpillStore(str(tmp_path), memory=0 if on_disk else 1 << 30)
+    kept = KeptMessages(store, "c", 1 << 30)
+    kept.tracking = True
+    try:
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            kept.add(*_decoded(message, count))
+            gc.collect()
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert (kept.on_disk > 0) == on_disk
+        assert kept.size >= held, f"{kept.size} bytes counted, {held} held"
+    finally:
+        kept.clear()
+        store.close()
