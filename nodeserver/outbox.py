@@ -222,8 +222,8 @@ class ResultOutbox:
         kinds = computation.result_kinds.get(entry[0], "") if computation else ""
         streamed, chunks = split_entry(comp_id, entry, buffers, kinds, CHUNK_BYTES)
         for chunk, part in chunks:
-            self._write_fit(comp_id, chunk, [part])
-        self._write_fit(comp_id, JobResults(comp_id=comp_id, results=[streamed]), [])
+            self.write_fit(comp_id, chunk, [part])
+        self.write_fit(comp_id, JobResults(comp_id=comp_id, results=[streamed]), [])
 
     def _starts_due(self) -> None:
         """Send the waiting starts once the oldest has waited START_REPORT_DELAY.
@@ -256,21 +256,22 @@ class ResultOutbox:
             started = starts.pop(comp_id, [])
             message = JobResults(comp_id=comp_id, results=entries, started=started)
             if self._fit:
-                self._write_fit(comp_id, message, buffers)
+                self.write_fit(comp_id, message, buffers)
             else:
                 self.write(message, buffers)
         for comp_id, started in starts.items():
             self.write(JobResults(comp_id=comp_id, results=[], started=started))
 
-    def _write_fit(
-        self, comp_id: int, message: Message, buffers: list[memoryview]
+    def write_fit(
+        self, comp_id: int, message: Message, buffers: list[memoryview] | None = None
     ) -> None:
-        """`write`, cut to the client's limit if it said a small one."""
+        """`write`, cut to the client's limit if it said a small one (for
+        computation ``comp_id``: `dispynb.protocol.chunks.fit_message`)."""
         limit = self._fit.get(comp_id)
         if limit is None:
             self.write(message, buffers)
             return
-        for part, part_buffers in fit_message(message, buffers, limit):
+        for part, part_buffers in fit_message(message, buffers or [], limit):
             self.write(part, part_buffers)
 
     def write(self, message: Message, buffers: list[memoryview] | None = None) -> bool:

@@ -237,7 +237,8 @@ class SharedComputation(_NodeUse, _NodeSide, _SentFiles):
         #: Nodes its client named (``allocate_node``) after closing them: not held
         #: for its allocate() (its client uses all of them, as dispy's).
         self.nodes_named: set[str] = set()
-        #: Nodes said to send messages about jobs they do not run (said once each).
+        #: Nodes said to send messages about jobs they do not run, or to ask for
+        #: files its setup does not list (said once each).
         self.foreign_senders: set[str] = set()
         self.ready_sent = False
         self.closing = False

@@ -12,12 +12,15 @@ texts, and a setup over the quota is refused, saying so.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
+from dispynb import JobCluster, LocalCluster, SharedJobCluster
 from dispynb.protocol import serialize
 from dispynb.protocol.messages import ComputationSetup
 from tests.hostile.test_scheduler import args_quota_attack, people, shared_nodes
@@ -129,3 +132,68 @@ def test_a_setups_texts_count_in_the_users_quota(
     assert grown < NAMED_BOUND
     assert len(refusals) >= NAMED - QUOTA // NAME
     assert all("--max_user_args" in text for text in refusals)
+
+
+#: Files a cluster taking messages of `SMALL_LIMIT` bytes depends on: asked for
+#: in one message, their digests would take some 140 kB.
+DEPENDS = 2000
+SMALL_LIMIT = 64 * 1024
+
+
+def count_files(n: int) -> int:
+    """How many of the files the computation depends on its job finds."""
+    import os
+
+    return sum(1 for name in os.listdir(".") if name.startswith("dep-")) + n
+
+
+@pytest.mark.attack(
+    id="files-missing-limit",
+    title=f"A cluster taking messages of {SMALL_LIMIT // 1024} KiB at most "
+    f"(max_message_size) depends on {DEPENDS:,} files, through a shared scheduler "
+    "and straight to a node",
+    goal="its files asked for in messages it takes, all sent; its job finds them "
+    "(was: all asked for in one message of 140 kB, over its limit: the client "
+    "dropped the scheduler, and the node)",
+)
+@pytest.mark.parametrize("via", ["scheduler", "node"])
+def test_files_are_asked_for_in_messages_the_client_takes(
+    via: str, tmp_path: Path, people: dict[str, Path], measure
+) -> None:
+    files = tmp_path / "files"
+    files.mkdir()
+    depends = []
+    for i in range(DEPENDS):
+        path = files / f"dep-{i:05d}"
+        path.write_text(f"file {i}\n")
+        depends.append(str(path))
+    options: dict[str, Any] = {
+        "depends": depends,
+        "max_message_size": SMALL_LIMIT,
+        "pulse_interval": 0.5,
+    }
+    with contextlib.ExitStack() as stack:
+        if via == "scheduler":
+            sched = stack.enter_context(
+                shared_nodes(
+                    tmp_path, people, "--max_files", str(DEPENDS + 8), nofile=4096
+                )
+            )
+            cluster = stack.enter_context(
+                SharedJobCluster(
+                    count_files,
+                    scheduler_host=sched.address,
+                    secret_file=str(people["alice"]),
+                    **options,
+                )
+            )
+        else:
+            nodes = stack.enter_context(LocalCluster(nodes=1, cpus=1))
+            cluster = stack.enter_context(
+                JobCluster(count_files, nodes=nodes, **options)
+            )
+        job = cluster.submit(0)
+        cluster.wait(timeout=WAIT)
+        found, status = job.result, job.status.name
+    measure(f"{via}: job {status}, found {found} of {DEPENDS:,} files")
+    assert found == DEPENDS

@@ -22,6 +22,7 @@ from dispynb.protocol.chunks import (
 )
 from dispynb.protocol.framing import encode_frames
 from dispynb.protocol.messages import (
+    FilesMissing,
     JobResults,
     Message,
     ResultChunk,
@@ -262,3 +263,21 @@ def test_text_chunks_that_are_no_utf8_are_replaced_not_an_error() -> None:
     data = memoryview(b"ok \xff\xfe")
     assert add_chunk(streams, "s", chunk(STDOUT_INDEX, 0, 5, TEXT), [data], 99) is None
     assert take_output(streams, "s", "", "", None) == ("ok \ufffd\ufffd", "", None)
+
+
+def test_fit_message_asks_for_many_files_in_messages_within_the_limit() -> None:
+    """A computation listing 60,000 files asks for them in one `FilesMissing` of
+    3.9 MB: cut to a client taking 64 KiB, each part within it, all digests asked
+    for once, in order; a short one is unchanged."""
+    limit = 64 * 1024
+    digests = [f"{i:064x}" for i in range(60_000)]
+    message = FilesMissing(comp_id=2, digests=digests)
+    parts = list(fit_message(message, [], limit))
+    assert len(parts) > 1
+    for part, buffers in parts:
+        assert isinstance(part, FilesMissing) and part.comp_id == 2 and not buffers
+        head, _ = encode_frames([pack_header(part.to_header())], MAC_SIZE)
+        assert int.from_bytes(head[:4]) <= limit
+    assert [d for part, _ in parts for d in part.digests] == digests  # type: ignore[attr-defined]
+    few = FilesMissing(comp_id=2, digests=digests[:10])
+    assert list(fit_message(few, [], limit)) == [(few, [])]
