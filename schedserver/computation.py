@@ -45,6 +45,7 @@ from dispynb.protocol.records import ResultEntry
 from dispynb.transport.connection import Connection
 from dispynb.wording import counted
 from schedserver.fairshare import Account
+from schedserver.jobfiles import job_size
 from schedserver.nodeside import _NodeSide
 from schedserver.nodeuse import _NodeUse
 from schedserver.sentfiles import _SentFiles
@@ -63,10 +64,6 @@ _KEPT_KINDS = (JobResults, ResultChunk, JobProvisional, FileFromNode, JobsPlaced
 #: Room for a message's header (a file's path at most a few KiB), lengths and MAC.
 _HEADER_ROOM = 64 * 1024
 
-#: Bytes a job held at the scheduler counts besides its arguments (its objects),
-#: against --max_user_args: many jobs of no arguments are bounded as a few large.
-JOB_COST = 512
-
 #: Bytes each buffer held here counts besides its bytes (its view object and its
 #: place in a list): a message may carry 65,536 buffers, 4 bytes each on the wire
 #: when empty, and a job of that many held 12 MiB here, counted as 512 bytes.
@@ -84,22 +81,6 @@ def held_size(buffers: list[memoryview]) -> int:
 #: on the file, about 900 bytes. A setup listing 200,000 files (15 MiB sent) held
 #: 180 MiB here while it waited for them, counted as nothing.
 FILE_ENTRY_COST = 1024
-
-
-#: Bytes each file of a job's own (its entry's fourth item, ``[path, digest]``)
-#: counts against --max_user_args besides its path and digest, while the job is
-#: held here: a job listing 60,000 held 20 MiB, counted as `JOB_COST`.
-OWN_FILE_COST = 256
-
-
-def job_size(item: list[Any]) -> int:
-    """What a job's entry counts against --max_user_args (its arguments apart):
-    `JOB_COST`, and the files of its own it lists (entries checked already)."""
-    if len(item) < 4:
-        return JOB_COST
-    return JOB_COST + sum(
-        OWN_FILE_COST + len(entry[0]) + len(entry[1]) for entry in item[3]
-    )
 
 
 def setup_size(setup: ComputationSetup, bundle: list[memoryview]) -> int:
@@ -171,6 +152,9 @@ class Upstream:
     #: pulse watchdog judges the node by it from then on, also while it sets up.
     reporting: bool = False
     task: asyncio.Task[None] | None = None
+    #: Why the scheduler ended it ("": it did not): what it would have sent is
+    #: over what the node takes (`schedserver.nodelimits`).
+    refused: str = ""
     #: Digests of the jobs' own files written on this connection (`send_jobs`),
     #: and how many jobs sent on it, not ended yet, need each (`_job_files_ended`).
     files_sent: set[str] = dataclasses.field(default_factory=set)

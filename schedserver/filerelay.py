@@ -15,6 +15,7 @@ from dispynb.protocol.messages import (
     FilesMissing,
 )
 from schedserver.computation import SharedComputation, Upstream
+from schedserver.nodelimits import file_over_node
 from schedserver.session import SchedulerSession
 from schedserver.state import _ServerState, logger
 
@@ -49,9 +50,24 @@ class _FileRelay(_ServerState):
         if refused:
             self._setups_refused(session, message.digest, refused)
             return refused
-        for _comp, upstream in self._wanted.pop(message.digest, set()):
-            self.write(upstream, message, buffers)
+        for comp, upstream in self._wanted.pop(message.digest, set()):
+            self._put_file(comp, upstream, message.digest, buffers[0])
         return ""
+
+    def _put_file(
+        self, comp: SharedComputation, upstream: Upstream, digest: str, data: memoryview
+    ) -> bool:
+        """Send a file ``comp``'s setup lists to ``upstream``'s node, unless it is
+        over what the node takes: ``comp`` is then refused there, saying so (the
+        node would end the connection). False if not sent."""
+        too_large = file_over_node(
+            _listed_path(comp, digest), data.nbytes, upstream.node.max_message_size
+        )
+        if too_large:
+            self.refuse_upstream(comp, upstream, too_large)
+            return False
+        self.write(upstream, FilePut(digest=digest, size=data.nbytes), [data])
+        return True
 
     def _setups_refused(
         self, session: SchedulerSession, digest: str, refused: str
@@ -96,8 +112,10 @@ class _FileRelay(_ServerState):
                 continue
             data = self.files.get(digest)
             if data is not None:
-                self.write(upstream, FilePut(digest=digest, size=data.nbytes), [data])
+                sent = self._put_file(comp, upstream, digest, data)
                 del data  # the connection holds the map until it is written
+                if not sent:
+                    return
             else:
                 self._wanted.setdefault(digest, set()).add((comp, upstream))
                 missing.append(digest)
@@ -146,8 +164,27 @@ class _FileRelay(_ServerState):
         comp.placements[message.request] = [{u.node.name for u in ready}, ""]
         data = self.files.get(message.digest)
         for upstream in ready:
+            limit = upstream.node.max_message_size
+            too_large = data is not None and file_over_node(
+                message.path, data.nbytes, limit
+            )
+            if too_large:  # (the node would end the connection)
+                comp.placed(
+                    upstream,
+                    FilePlaced(
+                        comp_id=comp.comp_id,
+                        request=message.request,
+                        error=f"node {upstream.node.name}: {too_large}",
+                    ),
+                )
+                continue
             if data is not None:
                 self.write(
                     upstream, FilePut(digest=message.digest, size=data.nbytes), [data]
                 )
             self.write(upstream, dataclasses.replace(message, comp_id=comp.comp_id))
+
+
+def _listed_path(comp: SharedComputation, digest: str) -> str:
+    """The path ``comp``'s setup lists the file ``digest`` under (for messages)."""
+    return next((e[0] for e in comp.setup.files if e[1] == digest), digest[:16])

@@ -16,10 +16,30 @@ from typing import TYPE_CHECKING, Any
 from dispynb.errors import DispynbError
 from dispynb.objects import is_object_file
 from dispynb.protocol.messages import FilePut, FileRelease
+from schedserver.nodelimits import file_over_node
 
 if TYPE_CHECKING:
     from schedserver.computation import QueuedJob, Upstream
     from schedserver.server import SchedulerServer
+
+#: Bytes a job held at the scheduler counts besides its arguments (its objects),
+#: against --max_user_args: many jobs of no arguments are bounded as a few large.
+JOB_COST = 512
+
+#: Bytes each file of a job's own (its entry's fourth item, ``[path, digest]``)
+#: counts against --max_user_args besides its path and digest, while the job is
+#: held here: a job listing 60,000 held 20 MiB, counted as `JOB_COST`.
+OWN_FILE_COST = 256
+
+
+def job_size(item: list[Any]) -> int:
+    """What a job's entry counts against --max_user_args (its arguments apart):
+    `JOB_COST`, and the files of its own it lists (entries checked already)."""
+    if len(item) < 4:
+        return JOB_COST
+    return JOB_COST + sum(
+        OWN_FILE_COST + len(entry[0]) + len(entry[1]) for entry in item[3]
+    )
 
 
 class _JobFiles:
@@ -30,8 +50,9 @@ class _JobFiles:
     def _send_job_files(self, upstream: Upstream, jobs: list[QueuedJob]) -> None:
         """Write the files of ``jobs`` that ``upstream``'s node has not had on this
         connection, before the jobs. The client sent each to the scheduler once
-        (`_FileRelay.file_put`); one no longer kept here fails its job on the node,
-        saying the file never came."""
+        (`_FileRelay.file_put`); one no longer kept here, or over what the node
+        takes (it would end the connection), fails its job on the node, saying the
+        file never came."""
         sent = upstream.files_sent
         for job in jobs:
             item = job.item
@@ -42,8 +63,10 @@ class _JobFiles:
                 if digest in sent:
                     continue
                 data = self.server.files.get(digest)
-                if data is None:
-                    continue
+                if data is None or file_over_node(
+                    digest, data.nbytes, upstream.node.max_message_size
+                ):
+                    continue  # (the node would end the connection)
                 sent.add(digest)
                 self.server.write(
                     upstream, FilePut(digest=digest, size=data.nbytes), [data]

@@ -41,6 +41,7 @@ from dispynb.transport.connector import connect, out_of_descriptors
 from dispynb.wording import counted
 from schedserver.computation import SharedComputation, Upstream
 from schedserver.config import NODE_TLS_OPTIONS
+from schedserver.nodelimits import setup_over_node
 from schedserver.nodeuse import NODE_ACTIONS
 from schedserver.state import NodeState, _ServerState, logger
 
@@ -155,6 +156,7 @@ class _NodeLinks(_ServerState):
             node.avail = reported_avail(node, welcome.avail)
             node.hostname = welcome.name
             node.platform = welcome.platform
+            node.max_message_size = welcome.max_message_size
             node.alive = True
             # Its name too: an operator knows the nodes by name, not by port.
             logger.info(
@@ -287,7 +289,7 @@ class _NodeLinks(_ServerState):
         node = upstream.node
         reason = "connection closed"
         try:
-            conn, _welcome = await self._connect(node, f"dispynb-scheduler:{comp.user}")
+            conn, welcome = await self._connect(node, f"dispynb-scheduler:{comp.user}")
         except DispynbError as exc:
             if out_of_descriptors(exc):
                 reason = _short_of_descriptors(exc)
@@ -305,6 +307,7 @@ class _NodeLinks(_ServerState):
             conn.close()
             comp.node_lost(upstream, "its computation closed")
             return
+        node.max_message_size = welcome.max_message_size
         upstream.conn = conn
         setup = dataclasses.replace(
             comp.setup,
@@ -318,6 +321,9 @@ class _NodeLinks(_ServerState):
                 self.config.max_message_size,
             ),
         )
+        refused = setup_over_node(setup, comp.bundle, node.max_message_size)
+        if refused:
+            self.refuse_upstream(comp, upstream, refused)
         try:
             conn.write(setup, comp.bundle)
             if upstream.closing:  # close_node came while it connected: once set up
@@ -338,7 +344,9 @@ class _NodeLinks(_ServerState):
         finally:
             conn.close()
             was_set_up = upstream.ready
-            if upstream.closed:
+            if upstream.refused:
+                reason = upstream.refused
+            elif upstream.closed:
                 reason = "closed"
             elif node.dead_reason:
                 reason = node.dead_reason
@@ -360,6 +368,23 @@ class _NodeLinks(_ServerState):
                 self._relink_later(comp, upstream, reason)
             self.schedule()
 
+    def refuse_upstream(
+        self, comp: SharedComputation, upstream: Upstream, why: str
+    ) -> None:
+        """Send ``upstream``'s node nothing more of ``comp``, which it cannot take
+        (``why``: over its limits, `schedserver.nodelimits`): its connection ends,
+        and the node is lost to the computation for that reason (its client hears
+        it, as every node's reason when none takes the computation). Not set up
+        there again: it would be refused again."""
+        if upstream.refused:
+            return
+        upstream.refused = why
+        logger.warning(
+            "%s: not sent to node %s: %s", comp.name, upstream.node.name, why
+        )
+        if upstream.conn is not None:
+            upstream.conn.close()
+
     def _relink_later(
         self, comp: SharedComputation, ended: Upstream, reason: str
     ) -> None:
@@ -371,6 +396,7 @@ class _NodeLinks(_ServerState):
         node = ended.node
         if (
             ended.closed
+            or ended.refused
             or comp.closing
             or comp.released
             or node.name in comp.nodes_closed

@@ -35,7 +35,7 @@ from dispynb.protocol.messages import (
 from dispynb.protocol.records import ResultEntry, SharedNodeEntry, is_start
 from dispynb.scheduler.policy import update_mean
 from schedserver.fairshare import Account
-from schedserver.jobfiles import _JobFiles, own_files
+from schedserver.jobfiles import _JobFiles, job_size, own_files
 from schedserver.nodeclaims import all_own, only_own
 
 if TYPE_CHECKING:
@@ -480,8 +480,15 @@ class _NodeSide(_JobFiles):
             self.report_nodes()
 
     def send_jobs(self, upstream: Upstream, jobs: list[QueuedJob]) -> None:
-        """Send ``jobs`` to ``upstream``'s node, as one message."""
+        """Send ``jobs`` to ``upstream``'s node, as one message, or as several
+        within what the node takes (a job over it ends saying so)."""
         name = upstream.node.name
+        limit = upstream.node.max_message_size
+        parts = [jobs] if _fit_unseen(jobs, limit) else self._cut(upstream, jobs)
+        if len(parts) != 1:
+            jobs = [job for part in parts for job in part]
+            if not jobs:
+                return
         running = self.running
         for job in jobs:
             job.node = name
@@ -501,6 +508,7 @@ class _NodeSide(_JobFiles):
             self._send_job_files(upstream, jobs)
             if (
                 as_sent is not None
+                and len(parts) == 1
                 and len(jobs) == as_sent[3]
                 and jobs[0] is as_sent[1]
                 and jobs[-1] is as_sent[2]
@@ -511,21 +519,107 @@ class _NodeSide(_JobFiles):
                 self._as_sent = None
                 upstream.conn.relay(as_sent[0])
             else:
-                items: list[list[Any]] = []
-                limits: list[list[Any]] = []
-                buffers: list[memoryview] = []
-                for job in jobs:
-                    items.append(job.item)
-                    buffers.extend(job.buffers)
-                    if job.limits is not None:
-                        limits.append(job.limits)
-                self.server.write(
-                    upstream,
-                    JobSubmit(comp_id=self.comp_id, jobs=items, limits=limits),
-                    buffers,
-                )
+                for part in parts:
+                    self._submit(upstream, part)
         except DispynbError as exc:
             logger.debug("%s: cannot send jobs: %s", self.name, exc)
+
+    def _submit(self, upstream: Upstream, jobs: list[QueuedJob]) -> None:
+        """Write ``jobs`` to ``upstream``'s node in one `JobSubmit`."""
+        items: list[list[Any]] = []
+        limits: list[list[Any]] = []
+        buffers: list[memoryview] = []
+        for job in jobs:
+            items.append(job.item)
+            buffers.extend(job.buffers)
+            if job.limits is not None:
+                limits.append(job.limits)
+        self.server.write(
+            upstream,
+            JobSubmit(comp_id=self.comp_id, jobs=items, limits=limits),
+            buffers,
+        )
+
+    def _cut(self, upstream: Upstream, jobs: list[QueuedJob]) -> list[list[QueuedJob]]:
+        """``jobs`` in parts that each make a message ``upstream``'s node takes
+        (its --max-message-size: one over it would end the connection, losing
+        every job there). A job over it alone ends here, saying so."""
+        node = upstream.node
+        room = node.max_message_size - _SUBMIT_ROOM
+        parts: list[list[QueuedJob]] = [[]]
+        size = 0
+        over: list[ResultEntry] = []
+        for job in jobs:
+            one = _job_bytes(job)
+            if one > room:
+                self.let_go(job)
+                self.server.job_left(self._whole, node)
+                over.append(_over_node(job, one, node.name, node.max_message_size))
+                continue
+            if size + one > room and parts[-1]:
+                parts.append([])
+                size = 0
+            parts[-1].append(job)
+            size += one
+        if over:
+            logger.warning(
+                "%s: %d jobs not sent to node %s: their arguments are over the "
+                "%d bytes it takes (dispynb-node --max-message-size)",
+                self.name,
+                len(over),
+                node.name,
+                node.max_message_size,
+            )
+            self.end_jobs(over)
+        return [part for part in parts if part]
+
+
+#: Bytes of a `JobSubmit` besides its jobs (its header's fields, the MAC),
+#: counted when jobs are cut to a node's --max-message-size.
+_SUBMIT_ROOM = 64 * 1024
+
+
+def _job_bytes(job: QueuedJob) -> int:
+    """What ``job`` adds to a `JobSubmit` at most: its buffers and their lengths,
+    its entry (`job_size` counts more than its bytes) and its limits."""
+    return (
+        sum(b.nbytes for b in job.buffers)
+        + 4 * len(job.buffers)
+        + job_size(job.item)
+        + (256 if job.limits is not None else 0)
+    )
+
+
+def _fit_unseen(jobs: list[QueuedJob], limit: int) -> bool:
+    """Whether ``jobs`` surely fit one message a node taking ``limit`` bytes
+    takes, looking only at the client messages they came in (each counted whole:
+    `JobBatch.size`, more than their jobs' bytes), not job by job."""
+    if not limit:
+        return True  # (not said: a node that predates it)
+    total = 0
+    seen: set[int] = set()
+    for job in jobs:
+        batch = job.batch
+        if batch is None:
+            return False
+        if id(batch) not in seen:
+            seen.add(id(batch))
+            total += batch.size
+    return total + _SUBMIT_ROOM <= limit
+
+
+def _over_node(job: QueuedJob, size: int, node: str, limit: int) -> ResultEntry:
+    """The end of ``job``, whose ``size`` bytes are over the ``limit`` of the
+    node it was to run on."""
+    return ResultEntry.unrun(
+        job.key,
+        job.attempt,
+        CANCELLED,
+        f"not run: its arguments take {size} bytes in a message, over the {limit} "
+        f"bytes node {node} takes (dispynb-node --max-message-size): send large "
+        "data as a file (depends, or the job's own files), or have the nodes' "
+        "limit raised",
+    )
 
 
 def _stranded(job: QueuedJob, why: str) -> ResultEntry:

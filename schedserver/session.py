@@ -41,6 +41,7 @@ from dispynb.transport.connection import Connection
 from dispynb.transport.inbox import BadMessageError
 from dispynb.wording import counted
 from schedserver.computation import args_room, setup_size
+from schedserver.nodelimits import malformed_file_entry
 from schedserver.spill import KeptMessages
 from schedserver.toclient import SEND_HIGH, _ToClient
 
@@ -293,13 +294,9 @@ class SchedulerSession(_ToClient):
     def _files_too_large(self, setup: ComputationSetup) -> str:
         """Why the files ``setup`` depends on are refused ("" if they are not)."""
         for entry in setup.files:
-            if not (
-                isinstance(entry, list)
-                and len(entry) >= 3
-                and all(isinstance(part, str) for part in entry[:2])
-                and type(entry[2]) is int
-            ):
-                return "malformed file entry in computation-setup"
+            malformed = malformed_file_entry(entry)
+            if malformed:
+                return malformed
             path, size = entry[0], entry[2]
             refused = self.server.files.too_large(size, f"file {path!r}")
             if refused:

@@ -53,6 +53,9 @@ class NodeState:
     hostname: str = ""
     #: Its ``platform.platform()``, as it said it (`Welcome.platform`; "" until up).
     platform: str = ""
+    #: The largest message it takes (`Welcome.max_message_size`; 0 until up):
+    #: nothing larger is sent to it (`schedserver.nodelimits`).
+    max_message_size: int = 0
     #: Mean run time of its recent jobs (None: unknown), for how many to send ahead.
     mean: float | None = None
     #: The pulse watchdog's view (`_Pulse._watch_nodes`): loop time the node was
@@ -164,6 +167,12 @@ class _ServerState:
 
     def schedule(self) -> None:
         """Hand free slots out now (`dispatch._Dispatch.schedule`)."""
+        raise NotImplementedError
+
+    def refuse_upstream(
+        self, comp: SharedComputation, upstream: Upstream, why: str
+    ) -> None:
+        """``upstream``'s node cannot take ``comp`` (`nodelinks._NodeLinks`)."""
         raise NotImplementedError
 
     def room_freed(self, user: str) -> None:
