@@ -13,7 +13,6 @@ for `Recover`. Its node side (jobs out, results in, nodes lost) is
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import itertools
 import logging
@@ -46,6 +45,7 @@ from dispynb.transport.connection import Connection
 from dispynb.wording import counted
 from schedserver.fairshare import Account
 from schedserver.jobfiles import job_size
+from schedserver.jobqueue import JobQueue
 from schedserver.nodeside import _NodeSide
 from schedserver.nodeuse import _NodeUse
 from schedserver.sentfiles import _SentFiles
@@ -195,7 +195,7 @@ class SharedComputation(_NodeUse, _NodeSide, _SentFiles):
         #: The exclusive computation its client was told its jobs wait for
         #: (`_Dispatch._tell_who_waits`): told once per exclusive computation.
         self.told_waiting: SharedComputation | None = None
-        self.queue: collections.deque[QueuedJob] = collections.deque()
+        self.queue = JobQueue()
         self.running: dict[int, QueuedJob] = {}
         #: Bytes it holds here against --max_user_args: its bundle (kept to set it
         #: up on nodes that join later) and its jobs' messages (`JobBatch`).
@@ -521,9 +521,9 @@ class SharedComputation(_NodeUse, _NodeSide, _SentFiles):
         queue = self.queue
         if not self.account.pinned:
             return queue.popleft()
-        for index, job in enumerate(queue):
+        for job in queue:
             if not job.pin or job.pin == node:
-                del queue[index]
+                queue.remove(job)
                 self._unpin(job)
                 return job
         raise LookupError(f"{self.name}: no queued job for node {node}")
@@ -544,16 +544,16 @@ class SharedComputation(_NodeUse, _NodeSide, _SentFiles):
 
     def cancel(self, message: JobCancel) -> None:
         """Cancel a job: here if it is queued, else on the node that runs it."""
-        for job in self.queue:
-            if job.key == message.key:
-                self.queue.remove(job)
-                self.let_go(job)
-                self.account.queued -= 1
-                self._unpin(job)
-                self.end_jobs(
-                    [ResultEntry.unrun(job.key, job.attempt, CANCELLED, "cancelled")]
-                )
-                return
+        job = self.queue.find(message.key)
+        if job is not None:
+            self.queue.remove(job)
+            self.let_go(job)
+            self.account.queued -= 1
+            self._unpin(job)
+            self.end_jobs(
+                [ResultEntry.unrun(job.key, job.attempt, CANCELLED, "cancelled")]
+            )
+            return
         running = self.running.get(message.key)
         if running is None:
             return

@@ -9,7 +9,6 @@ client the nodes it runs on (`SchedulerNodes`).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import logging
@@ -40,6 +39,7 @@ from schedserver.nodeclaims import all_own, only_own
 
 if TYPE_CHECKING:
     from schedserver.computation import QueuedJob, SharedComputation, Upstream
+    from schedserver.jobqueue import JobQueue
     from schedserver.session import SchedulerSession
 
 #: The computation's logger (its log lines keep the name they had in it).
@@ -59,7 +59,7 @@ class _NodeSide(_JobFiles):
     comp_id: int
     client_comp_id: int
     account: Account
-    queue: collections.deque[QueuedJob]
+    queue: JobQueue
     running: dict[int, QueuedJob]
     upstream: dict[str, Upstream]
     foreign_senders: set[str]

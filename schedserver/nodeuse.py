@@ -10,7 +10,6 @@ again under way decides what the next one does (`_NodeUse._turning`).
 
 from __future__ import annotations
 
-import collections
 import logging
 from typing import TYPE_CHECKING, Any, cast
 
@@ -27,6 +26,7 @@ from schedserver.fairshare import Account
 
 if TYPE_CHECKING:
     from schedserver.computation import QueuedJob, SharedComputation, Upstream
+    from schedserver.jobqueue import JobQueue
     from schedserver.server import SchedulerServer
     from schedserver.session import SchedulerSession
 
@@ -51,7 +51,7 @@ class _NodeUse:
     setup: ComputationSetup
     comp_id: int
     account: Account
-    queue: collections.deque[QueuedJob]
+    queue: JobQueue
     upstream: dict[str, Upstream]
     nodes_closed: set[str]
     nodes_declined: set[str]
