@@ -59,6 +59,24 @@ EarlyHandler = Callable[[Frame, int], None]
 #: Marks a frame whose MAC was checked on arrival.
 _VERIFIED = object()
 
+#: msgpack's container heads (fixmap, fixarray; array 16/32, map 16/32): an empty
+#: list or map is one byte on the wire and some 64 bytes decoded, so a header of
+#: 16 MiB of them took 1 GiB and 4 to 12 s of the loop to decode (3 pings of a
+#: shared scheduler's user kept every other client out). With `Connection.max_header`
+#: set, a header over `_COUNT_FROM` bytes holding more of these bytes than a
+#: sixteenth of that cap is refused undecoded (`_containers`: bytes of text
+#: past ASCII may count too, which only a header of megabytes of it meets).
+_CONTAINER_BYTES = bytes([*range(0x80, 0xA0), 0xDC, 0xDD, 0xDE, 0xDF])
+_OTHER_BYTES = bytes(b for b in range(256) if b not in _CONTAINER_BYTES)
+_COUNT_FROM = 256 * 1024
+_CONTAINER_SHARE = 16
+
+
+def _containers(header: bytes | memoryview) -> int:
+    """At most how many containers (lists, maps) ``header`` decodes to."""
+    return len(bytes(header).translate(None, _OTHER_BYTES))
+
+
 #: A received frame: ``(prefix, count, body, checked)``; ``checked`` is None (it came
 #: before signing started), `_VERIFIED`, or the error to raise when it is taken.
 _Received = tuple[bytes, int, Body, object]
@@ -110,6 +128,26 @@ class _Inbox:
     last_size: int
     max_header: int | None
     reads: int
+
+    @staticmethod
+    def _check_header(header: bytes | memoryview, cap: int) -> None:
+        """Raise `BadMessageError` for a header over ``cap`` bytes, or holding
+        more lists and maps than a sixteenth of it (see `_CONTAINER_BYTES`)."""
+        size = len(header)
+        if size > cap:
+            raise BadMessageError(
+                f"message header of {size} bytes, over the {cap}-byte cap of this "
+                "side for its peers' headers (arguments and results go in "
+                "payload buffers, not capped so)"
+            )
+        most = cap // _CONTAINER_SHARE
+        if size > _COUNT_FROM and (count := _containers(header)) > most:
+            raise BadMessageError(
+                f"message header of {size} bytes holding up to {count} lists and "
+                f"maps, over the {most} this side decodes from its peers (each "
+                "takes some 64 bytes of memory and time to decode); refused "
+                "undecoded"
+            )
 
     def hold_reading(self, hold: bool) -> None:
         """Stop reading from the peer (``hold``) or read again: back-pressure that
@@ -183,12 +221,8 @@ class _Inbox:
             # It arrived before signing started: only a peer that does not wait for
             # the end of the handshake sends that. Check it now, in turn.
             verifier.check_frame(prefix, signed, mac)
-        if self.max_header is not None and len(buffers[0]) > self.max_header:
-            raise BadMessageError(
-                f"message header of {len(buffers[0])} bytes, over the "
-                f"{self.max_header}-byte cap of this side for its peers' headers "
-                "(arguments and results go in payload buffers, not capped so)"
-            )
+        if self.max_header is not None:
+            self._check_header(buffers[0], self.max_header)
         try:
             header = unpack_header(buffers[0], trusted=True)
             return self.family.from_header(header), buffers[1:]
