@@ -19,6 +19,12 @@ class CpuBudget:
         self._waiters: dict[int, Callable[[], None]] = {}
         self._next = 0
 
+    def resize(self, cpus: int) -> None:
+        """Serve ``cpus`` CPUs from now on: more are offered to the waiting
+        computations at once; fewer take effect as running jobs end."""
+        self.cpus = cpus
+        self._offer()
+
     def try_acquire(self) -> bool:
         """Take a CPU if one is free."""
         if self.busy < self.cpus:

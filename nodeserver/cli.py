@@ -29,6 +29,7 @@ from dispynb.transport.addressing import format_address, is_loopback
 from dispynb.wording import counted
 from nodeserver.cliconfig import refuse_readable_secret
 from nodeserver.config import NodeConfig
+from nodeserver.console import Console, wants_console
 from nodeserver.containment import become_subreaper, probe_in_background
 from nodeserver.destdir import remove_files, use_dest_path
 from nodeserver.launcher import PROCESS_LAUNCHER, AdoptingLauncher, Launcher
@@ -211,6 +212,7 @@ async def serve(
     failed: list[DispynbError] | None = None,
     held: StartupSignals | None = None,
     register_peer: str = CLIENT,
+    commands: bool = False,
 ) -> bool:
     """Run a node until SIGTERM or SIGINT (or its parent exits), then stop cleanly;
     return whether it stopped because its parent exited.
@@ -227,7 +229,10 @@ async def serve(
     connected for that many seconds (its launcher's client died). A registration
     that failed (rejected, or no answer in time) is appended to ``failed``. A stop
     signal ``held`` recorded as the loop started stops the node as one now does.
-    ``register_peer`` is what the log calls the client registered with.
+    ``register_peer`` is what the log calls the client registered with. With
+    ``commands`` (no ``--daemon``) it does the commands typed on its standard
+    input (`nodeserver.console`): ``exit`` as the first signal, ``quit`` as a
+    second one.
     """
     server = NodeServer(config, launcher)
     stop = asyncio.Event()
@@ -258,6 +263,18 @@ async def serve(
                 until.strftime("%H:%M"),
             )
     await server.start(listen=serving)
+    typed: list[str] = []  # the console command that stopped it
+
+    def on_command(command: str, at_once: bool) -> None:
+        if not stop.is_set():
+            typed.append(command)
+        if at_once:
+            now.set()
+        stop.set()
+
+    console = Console(server, on_command) if commands and wants_console() else None
+    if console is not None:
+        console.start()
     probe_in_background()  # before a client's first computation needs it
     tasks = [
         asyncio.create_task(_wait_and_set(server.served_all, stop)),
@@ -327,6 +344,8 @@ async def serve(
         why = (
             f"{signalled[0]}"
             if signalled
+            else f"{typed[0]!r} typed on its standard input"
+            if typed
             else "its launcher closed it"
             if closed
             else "its parent process exited"
@@ -346,6 +365,8 @@ async def serve(
     # The log's last line (what a SLURM job's output ends with): it stopped, and
     # why, not killed or hung while stopping.
     logger.info("stopped%s", f" ({why})" if why else "")
+    if console is not None:
+        console.close()
     give_back_signals()  # one more signal waits while the loop closes
     return orphaned.is_set()
 
@@ -468,6 +489,8 @@ def _main(argv: list[str] | None, held: StartupSignals) -> int:
                 failed,
                 held,
                 SCHEDULER if args.scheduler_host else CLIENT,
+                # Not a launcher's --parent-pipe 0 (ssh): its pipe, not a console.
+                not args.daemon and args.parent_pipe != 0,
             )
         )
         if orphaned and args.remove_when_orphaned:

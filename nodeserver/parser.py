@@ -350,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--daemon",
         action="store_true",
-        help="accepted for dispynode scripts: dispynb-node takes no commands on stdin",
+        help="read no commands from standard input (without it the node does "
+        "quit, exit, stop, start, cpus N and status typed there, as dispynode)",
     )
     add(
         "--exit-with-parent",

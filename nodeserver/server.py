@@ -226,6 +226,15 @@ class NodeServer:
             self._listener.stop()
             self._listener = None
 
+    def set_cpus(self, cpus: int) -> None:
+        """Serve ``cpus`` CPUs from now on (the console's ``cpus N``): at most that
+        many jobs run at once; clients that connect or discover it from now on are
+        told that count."""
+        self.config.cpus = cpus
+        self.budget.resize(cpus)
+        for announcer in self._announcers:
+            announcer.cpus = max(1, min(cpus, 0xFFFF))
+
     def _take_no_more(self, limit: int) -> None:
         """Take no new clients for good (``--serve N`` reached), but go on
         listening to tell each why: a closed port read to clients as a node that

@@ -92,10 +92,14 @@ def start_node(
     cpus: int = 1,
     launcher: Sequence[str] = (),
     secret_in_env: bool = False,
+    stdin: int = subprocess.DEVNULL,
 ) -> CliNode:
     """Start a node in ``directory`` with a 0600 secret file; wait until it listens.
 
     ``secret_in_env``: the node gets the secret in ``DISPYNB_SECRET`` instead.
+
+    ``stdin``: what the node reads commands from (`subprocess.PIPE`: write them to
+    ``proc.stdin``); its answers go to the log with its log lines.
 
     ``launcher`` is put before the command, e.g. ``["prlimit", "--nofile=256"]``
     (a program that execs the rest, so ``proc.pid`` stays the node's pid).
@@ -122,7 +126,7 @@ def start_node(
         proc = subprocess.Popen(
             command,
             env=env,
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
             stdout=handle,
             stderr=subprocess.STDOUT,
         )

@@ -689,8 +689,10 @@ NODE_OPTIONS = [
         "--daemon",
         sample=("--daemon",),
         meaning="do not read commands from standard input",
-        differs="Accepted and not needed: dispynb-node never reads standard input "
-        "(stop it with SIGTERM or Ctrl-C).",
+        differs="Without it the node reads ``quit``, ``exit``, ``stop``, ``start``, "
+        "``cpus`` and status (Enter) from standard input, as dispynode; at its end "
+        "(``/dev/null``, a closed pipe) the node goes on serving, where dispynode "
+        "exited (see Commands on its standard input in the deploy how-to).",
     ),
 ]
 
