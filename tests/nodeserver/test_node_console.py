@@ -8,7 +8,12 @@ answers (its standard output, which the test's log file holds with its log lines
 from __future__ import annotations
 
 import contextlib
+import os
+import pty
+import select
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +23,14 @@ from dispynb import DispyJob, JobCluster
 from dispynb.errors import DispynbError
 from nodeserver.console import HELP
 from tests.jobs import WAIT, wait_until
-from tests.nodeproc import NODE_WAIT, CliNode, start_node
+from tests.nodeproc import (
+    NODE_WAIT,
+    CliNode,
+    node_command,
+    node_env,
+    start_node,
+    write_secret_file,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -213,3 +225,48 @@ def test_a_node_at_the_end_of_its_input_goes_on_serving(
         assert node.proc.poll() is None
     finally:
         node.stop()
+
+
+def read_terminal_until(master: int, text: str) -> str:
+    """What the node wrote on its terminal, read until ``text`` shows."""
+    seen = b""
+    deadline = time.monotonic() + WAIT
+    while text.encode() not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, f"{text!r} not on the terminal within {WAIT} s: {seen!r}"
+        if select.select([master], [], [], left)[0]:
+            seen += os.read(master, 4096)
+    return seen.decode(errors="replace")
+
+
+def test_commands_typed_in_the_nodes_terminal(tmp_path: Path) -> None:
+    """The node in the foreground of a terminal (a pseudo-terminal, as a user's):
+    it says how to list its commands, answers there, and quits."""
+    port_file = tmp_path / "port"
+    command = node_command(
+        "-c", "2", "-i", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
+        "--secret-file", str(write_secret_file(tmp_path / "secret", "tty-secret")),
+        "--dest-path", str(tmp_path / "dest"),
+    )  # fmt: skip
+    env = node_env()
+    pid, master = pty.fork()
+    if pid == 0:  # the child: the terminal's session leader, in its foreground
+        try:
+            os.execve(command[0], command, env)
+        finally:
+            os._exit(127)
+    try:
+        read_terminal_until(master, "type help (then Enter) for the node's commands")
+        wait_until(port_file.exists)
+        os.write(master, b"\n")
+        read_terminal_until(master, "0 of 2 CPUs busy")
+        os.write(master, b"quit\n")
+        read_terminal_until(master, "stopped ('quit' typed on its standard input)")
+        _, status = os.waitpid(pid, 0)
+        pid = 0
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(master)
