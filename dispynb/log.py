@@ -64,6 +64,22 @@ class _UntilConfigured(logging.StreamHandler):  # type: ignore[type-arg]
         self.provisional = False
 
 
+class _Held:
+    """``dispynb.propagate`` while dispy's default INFO is provisional: false while
+    the cluster's provisional stderr handler is on ``dispynb``, true once something
+    removed it.
+
+    ``logging.config.dictConfig`` naming ``dispynb`` without ``propagate`` (to set
+    its level, say) removes that handler and leaves ``propagate`` as it found it:
+    a plain ``False`` would then keep every dispynb record from the program's root
+    handlers for good. A ``propagate`` the set-up gives replaces this object.
+    """
+
+    def __bool__(self) -> bool:
+        ours = _ours()
+        return ours is None or not ours.provisional
+
+
 def _ours() -> _UntilConfigured | None:
     return next((h for h in logger.handlers if isinstance(h, _UntilConfigured)), None)
 
@@ -106,5 +122,5 @@ def default_level() -> None:
             _add_handler(provisional=False)
         return
     logger.setLevel(logging.INFO)
-    logger.propagate = False
+    logger.propagate = _Held()  # type: ignore[assignment]  # (logging reads it as a truth value)
     _add_handler(provisional=True)

@@ -323,6 +323,14 @@ EXPECTED: dict[str, Expect] = {
         stderr=(R(r"dispynb INFO before the handler"),),
         not_in_stderr=("after the handler", "below the level"),
     ),
+    "logger_dict_config_later": Expect(
+        ["result: 7"],
+        stderr=(
+            R(r"(?m)^root\|INFO\|info after dictConfig$"),
+            R(r"(?m)^root\|INFO\|job 1 submitted$"),
+        ),
+        not_in_stderr=("below the level", "dispynb INFO"),
+    ),
     "logger_level_set": Expect(
         ["result: 8"],
         stderr=(R(r"dispynb INFO job 1 submitted"),),
