@@ -1,7 +1,7 @@
 """The node's console: commands typed on ``dispynb-node``'s standard input.
 
 As dispynode without ``--daemon``: ``quit``/``exit`` stop the node, ``stop`` takes
-no new clients (as ``--service_stop``), ``start`` takes them again, ``cpus N``
+no new clients (telling them why) until ``start``, ``cpus N``
 changes the CPUs it serves, Enter (or ``status``) shows how it is. Answers go to
 standard output; anything else gets the list of commands.
 
@@ -181,7 +181,10 @@ class Console:
             self._stopping = True
             self._stop(command, command == "quit")
         elif command == "stop":
-            self.server.pause()
+            self.server.hold(
+                f"node {self.server.config.name!r} takes no new clients: stopped on "
+                "its console (start there takes them again)"
+            )
             self._out(
                 "taking no new clients (type start to take them again); connected "
                 "clients go on"
@@ -208,18 +211,23 @@ class Console:
 
     async def _resume(self) -> None:
         server = self.server
-        if server.listening:
+        if server.held is not None:
+            await server.unhold()
+        elif server.listening:
             self._out("already taking new clients")
             return
+        elif server.not_serving is None:
+            try:
+                await server.resume()  # closed by its service window
+            except OSError as exc:
+                self._out(f"cannot take clients again: {exc}")
+                return
         if server.not_serving is not None:
             self._out(f"cannot start: {server.not_serving}")
-            return
-        try:
-            port = await server.resume()
-        except OSError as exc:
-            self._out(f"cannot take clients again: {exc}")
-            return
-        self._out(f"taking new clients again on port {port}")
+        elif server.listening:
+            self._out(f"taking new clients again on port {server.port}")
+        else:
+            self._out("taking new clients once its service window opens")
 
     def _set_cpus(self, words: list[str]) -> None:
         try:
@@ -252,7 +260,9 @@ class Console:
             if health.draining
             else "taking new clients"
             if health.serving
-            else server.not_serving or "taking no new clients (type start)"
+            else server.not_serving
+            or ("taking no new clients (type start)" if server.held else "")
+            or "taking no new clients until its service window opens"
         )
         lines = [
             f"node {health.name!r}: {state}; {health.busy} of "

@@ -78,7 +78,7 @@ def health_of(server: NodeServer) -> NodeHealth:
         busy=server.budget.busy,
         clients=len(server.sessions),
         computations=sum(s.computation_count for s in server.sessions),
-        serving=server.listening,
+        serving=server.listening and server.held is None,
         draining=server.draining,
     )
 

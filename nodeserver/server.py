@@ -107,6 +107,9 @@ class NodeServer:
         #: Why the node takes no new clients for good (``--serve N`` reached);
         #: told to each that connects. None while it takes them.
         self.not_serving: str | None = None
+        #: Why it refuses new clients for now (the console's ``stop``), told to
+        #: each that connects; None while it takes them (see `hold`).
+        self.held: str | None = None
         #: Set when ``config.serve`` clients have been served (``--serve N``).
         self.served_all = asyncio.Event()
         #: Set when a computation called ``dispynode_shutdown()`` and the node runs
@@ -169,7 +172,9 @@ class NodeServer:
             raise
         self._listener = listener
         self.address = format_address(config.host, self.port)
-        if config.discovery:
+        if self.held is not None:  # its service window opened while held
+            listener.refuse_all(self.held)
+        elif config.discovery:
             await self._start_announcers()
         if config.port_file:
             replace_file(config.port_file, f"{self.port}\n")
@@ -225,6 +230,29 @@ class NodeServer:
         if self._listener is not None:
             self._listener.stop()
             self._listener = None
+
+    def hold(self, reason: str) -> None:
+        """Refuse new clients for now, telling each ``reason`` (the console's
+        ``stop``), and leave discovery; connected clients go on. It listens on: a
+        closed port reads to clients as a node that does not run. `unhold` takes
+        them again."""
+        self.held = reason
+        if self._listener is not None:
+            self._listener.refuse_all(reason)
+        for announcer in self._announcers:
+            announcer.close(leaving=True)
+        self._announcers.clear()
+
+    async def unhold(self) -> None:
+        """Take new clients again after `hold` (unless ``--serve N`` was reached
+        meanwhile, or its service window closed it: that window's opening does)."""
+        self.held = None
+        listener = self._listener
+        if listener is None or self.not_serving is not None:
+            return
+        listener.refusal = None
+        if self.config.discovery and not self._announcers:
+            await self._start_announcers()
 
     def set_cpus(self, cpus: int) -> None:
         """Serve ``cpus`` CPUs from now on (the console's ``cpus N``): at most that

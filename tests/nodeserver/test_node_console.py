@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from dispynb import DispyJob, JobCluster
-from dispynb.errors import DispynbError
+from dispynb.errors import NodeNotServingError
 from nodeserver.console import HELP
 from tests.jobs import WAIT, wait_until
 from tests.nodeproc import (
@@ -127,8 +127,13 @@ def test_stop_takes_no_new_clients_and_start_takes_them_again(tmp_path: Path) ->
         connected = run_one(node)
         try:
             type_line(node, "stop", "taking no new clients")
-            with pytest.raises(DispynbError):
+            # Told why: a closed port read as a node that does not run.
+            with pytest.raises(NodeNotServingError) as refused:
                 JobCluster(double, nodes=[node.spec], secret=node.secret)
+            assert str(refused.value) == (
+                f"{node.spec}: node 'cli-node' takes no new clients: stopped on its "
+                "console (start there takes them again)"
+            )
             # The connected client goes on.
             job = connected.submit(1)
             assert job.wait(timeout=WAIT) and job() == 2
