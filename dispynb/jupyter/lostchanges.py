@@ -74,7 +74,9 @@ def lost_changes(func: Any) -> list[str]:
         for name in _changed_names(n, declared):
             # A parameter or a local of the same name is the job's own.
             ours = name in declared or name not in local
-            if ours and name in func.__globals__ and name not in changed:
+            # (a module's settings, ``os.environ[...] =``, are the node's own)
+            module = isinstance(func.__globals__.get(name), types.ModuleType)
+            if ours and name in func.__globals__ and not module and name not in changed:
                 changed.append(name)
     return changed
 

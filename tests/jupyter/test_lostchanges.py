@@ -3,6 +3,8 @@ module in place (or rebind one declared ``global``) and return nothing."""
 
 from __future__ import annotations
 
+import logging
+import os
 import warnings
 
 import pytest
@@ -62,6 +64,12 @@ def prints(x):
     print(x)
 
 
+def configures_modules_on_its_node(x):
+    # A module's settings are the node's to change (a job that writes a file).
+    os.environ["DISPYNB_EXAMPLE_SEED"] = str(x)
+    logging.raiseExceptions = False
+
+
 @pytest.mark.parametrize(
     ("func", "expected"),
     [
@@ -73,6 +81,7 @@ def prints(x):
         (changes_a_local, []),
         (inner_function_changes, []),
         (prints, []),
+        (configures_modules_on_its_node, []),
         (print, []),  # a builtin: no source
     ],
 )
