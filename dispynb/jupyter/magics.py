@@ -256,8 +256,12 @@ class DispyMagics(Magics):
                 f"%dispy needs what to do: {', '.join(ACTIONS[:-1])} or "
                 f"{ACTIONS[-1]} (see %dispy?)"
             )
-        first = line.split(None, 1)[0]
-        if first not in ACTIONS and notebook_function(first, self._ip.user_ns):
+        first, *rest = line.split(None, 1)
+        # A builtin named alone (%dispy help, %dispy list) is a guess at an
+        # action, not a run of that builtin over no inputs ("--over is required").
+        alone = not rest and first.split(".")[0] not in self._ip.user_ns
+        runs = notebook_function(first, self._ip.user_ns) and not alone
+        if first not in ACTIONS and runs:
             # %dispy f --over ...: f is a function of an earlier cell (IPython
             # refuses a %%dispy cell with nothing under its line, and says to use
             # %dispy: here it is what that cell would have done), or a method or

@@ -104,6 +104,18 @@ def test_an_input_that_cannot_be_sent_is_named_by_its_index(ip):
     ), raised.value
 
 
+@pytest.mark.parametrize("word", ["help", "list"])
+def test_a_builtin_named_alone_is_taken_for_an_action(ip, word):
+    """``%dispy help`` said "the following arguments are required: --over" (the
+    builtin run as a job function, d3dcb4d): it names the actions, as any word
+    that is neither an action nor the notebook's."""
+    with pytest.raises(UsageError) as raised:
+        ip.run_line_magic("dispy", word)
+    assert str(raised.value).startswith(
+        f"%dispy {word}: {word!r} is neither one of local, nodes, "
+    ), raised.value
+
+
 @pytest.mark.parametrize(
     ("into", "message"),
     [
