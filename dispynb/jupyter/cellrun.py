@@ -354,10 +354,7 @@ class CellRunner:
         try:
             return eval(code, self.shell.user_global_ns, self.shell.user_ns)
         except NameError as exc:
-            last = exc.__traceback__
-            while last is not None and last.tb_next is not None:
-                last = last.tb_next
-            if last is None or last.tb_frame.f_code.co_filename != filename:
+            if not _raised_in(exc, filename):
                 raise  # raised in a function it calls: its traceback says where
             # A name the notebook lacks (a typo, a cell not run yet): one line,
             # not the magic's call and hidden frames around <--over>.
@@ -377,10 +374,15 @@ class CellRunner:
         except (UsageError, AttributeError) as exc:
             if os.path.exists(path):
                 return [path]
-            if not isinstance(exc, UsageError) or not re.search(r"[./]", path):
+            if not re.search(r"[./]", path) or not (
+                isinstance(exc, UsageError) or _raised_in(exc, "<--depends>")
+            ):
                 raise
+            # (data.csv with a DataFrame named data: "'DataFrame' object has no
+            # attribute 'csv'" alone hid that the file is missing)
+            said = exc if isinstance(exc, UsageError) else f"--depends {path!r}: {exc}"
             raise UsageError(
-                f"{exc}; nor is there a file {path!r} in {os.getcwd()} (where a "
+                f"{said}; nor is there a file {path!r} in {os.getcwd()} (where a "
                 "relative path starts)"
             ) from None
 
@@ -576,6 +578,15 @@ def _call_problem(func: Callable[..., Any], items: Any, unpack: bool) -> str | N
     elif unpack and binds(False) is None:
         problem += "; without --unpack each input is the one argument"
     return problem + " (no job was sent)"
+
+
+def _raised_in(exc: BaseException, filename: str) -> bool:
+    """``exc`` was raised by the code of ``filename`` itself (an option's
+    expression, ``<--over>``), not in a function it calls."""
+    last = exc.__traceback__
+    while last is not None and last.tb_next is not None:
+        last = last.tb_next
+    return last is not None and last.tb_frame.f_code.co_filename == filename
 
 
 def _own_frames(tb: TracebackType | None) -> TracebackType | None:

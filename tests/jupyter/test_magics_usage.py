@@ -185,6 +185,16 @@ def test_depends_takes_a_files_path_as_written(ip, tmp_path, monkeypatch):
         "cell that defines it first, or fix the name; nor is there a file "
         f"'dta.csv' in {tmp_path} (where a relative path starts)"
     )
+    # A DataFrame named data, its file not here: "'DataFrame' object has no
+    # attribute 'csv'" alone, as if the file were not meant.
+    ip.run_cell("class Frame:\n    pass\ndata = Frame()\n")
+    (tmp_path / "data.csv").unlink()
+    with pytest.raises(UsageError) as raised:
+        cell(ip, '--over "[1]" --depends data.csv', body)
+    assert str(raised.value) == (
+        "--depends 'data.csv': 'Frame' object has no attribute 'csv'; nor is there "
+        f"a file 'data.csv' in {tmp_path} (where a relative path starts)"
+    )
 
 
 @pytest.mark.parametrize(
