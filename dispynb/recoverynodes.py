@@ -12,7 +12,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from dispynb.errors import AuthenticationError, DispynbError
+from dispynb.errors import AuthenticationError, DispynbError, NodeNotServingError
 from dispynb.job import DispyJob, JobStatus
 from dispynb.protocol.chunks import Parts
 from dispynb.protocol.handshake import peer_text
@@ -308,9 +308,16 @@ async def _connect(
         raise _refused(node, exc, secret) from None
     except DispynbError as exc:
         logger.warning("cannot recover jobs from %s: %s", node, exc)
+        # A node that runs but takes no connection (draining) says why: not a
+        # node that could not be reached.
+        refused = (
+            "took no connection"
+            if isinstance(exc, NodeNotServingError)
+            else "could not be reached"
+        )
         _abandon(
             pending,
-            f"node {node} could not be reached to recover the job: {exc}; call "
+            f"node {node} {refused} to recover the job: {exc}; call "
             "recover_jobs again once it is back (its results are kept an hour)",
         )
         return None

@@ -395,12 +395,12 @@ class NodeServer:
         stops, and ``why`` (say, the signal).
         """
         stopping_since = time.monotonic() - STOP_SIGNAL_GRACE  # its workers' too
-        self.pause()
         self.draining = True
         leaving = f"node {self.config.name!r} is shutting down"
         leaving += f" ({why})" if why else ""
         if drain_timeout > 0:
             leaving += f"; running jobs may finish within {drain_timeout:g} s"
+        self._refuse_while_draining(leaving)
         # Jobs that have not started go back to their clients, to run elsewhere.
         await asyncio.gather(
             *(session.hand_back(leaving) for session in list(self.sessions)),
@@ -409,6 +409,7 @@ class NodeServer:
         if drain_timeout > 0 and (self.sessions or self.keeper.running):
             await self._drain(drain_timeout, now, stopping_since)
         advise_kill_mode(stopping_since)
+        self.pause()
         await self.keeper.close()
         for session in list(self.sessions):
             session.conn.close()
@@ -420,6 +421,20 @@ class NodeServer:
         self.store_claim.release()
         self.spool_claim.release()
         self.message_refusals.close()
+
+    def _refuse_while_draining(self, leaving: str) -> None:
+        """While the node drains, refuse new connections saying so (``leaving``),
+        not with a closed port: ``recover_jobs`` read that as a node that does not
+        run. Its kept results stay on its disk, offered once it is started again."""
+        for announcer in self._announcers:
+            announcer.close(leaving=True)
+        self._announcers.clear()
+        if self._listener is not None:
+            self._listener.refuse_all(
+                f"{leaving}; it takes no new connection meanwhile (the results it "
+                "keeps for recover_jobs stay on its disk, offered again once it is "
+                "started again)"
+            )
 
     async def _drain(
         self, timeout: float, now: asyncio.Event | None, since: float
