@@ -3,12 +3,15 @@ no Ray cluster: ``import dispynb`` loads no Ray."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.backends.conftest import IN_NETNS
@@ -17,12 +20,20 @@ from tests.nodeproc import inner_pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _cannot_unshare() -> str | None:
+def _no_namespaces() -> str | None:
+    """Why namespaces cannot be made here (None if they can)."""
     if os.geteuid() != 0:
         return "the Ray tests run in a private network namespace: run them as root"
-    for tool in ("unshare", "ip"):
+    for tool, package in (("unshare", "util-linux"), ("ip", "iproute2")):
         if shutil.which(tool) is None:
-            return f"the Ray tests need {tool} (util-linux, iproute2)"
+            return f"the Ray tests need {tool} ({package})"
+    return None
+
+
+def _cannot_unshare() -> str | None:
+    reason = _no_namespaces()
+    if reason is not None:
+        return reason
     try:
         import ray  # noqa: F401
     except ImportError:
@@ -30,6 +41,37 @@ def _cannot_unshare() -> str | None:
             "ray is not installed: pip install ray (or '.[test]' in dispynb's checkout)"
         )
     return None
+
+
+#: PID 1 of the private namespace: sh, running the command in the background. PID 1
+#: gets no signal it has no handler for, and a shell runs no trap while a command
+#: runs in the foreground: so it traps, and waits. On SIGTERM (CI's timeout signals
+#: the test's process group), SIGINT or SIGHUP it exits, and the kernel kills every
+#: process of the namespace with it: the command (the inner pytest outlives a SIGTERM:
+#: Ray's handler raises SystemExit, one test's failure) and its orphans (Ray's
+#: daemons, in sessions of their own).
+NAMESPACE_INIT = (
+    'ip link set lo up || exit; trap "exit 143" HUP INT TERM; "$@" & wait $!'
+)
+
+
+def in_private_namespace(*argv: str) -> list[str]:
+    """The command running ``argv`` in new network (loopback only) and PID
+    namespaces; it ends with all it started when its process group is signalled,
+    or when the process that started it dies (``--pdeathsig``: the outer pytest
+    killed alone)."""
+    unshare = ["unshare", "-n", "-p", "-f", "--kill-child", "--mount-proc"]
+    return [
+        "setpriv",
+        "--pdeathsig",
+        "KILL",
+        *unshare,
+        "sh",
+        "-c",
+        NAMESPACE_INIT,
+        "sh",
+        *argv,
+    ]
 
 
 @pytest.mark.slow
@@ -43,23 +85,8 @@ def test_ray_in_private_network() -> None:
         pytest.skip(reason)
     here = Path(__file__).parent.relative_to(ROOT)
     inner = inner_pytest(*(str(here / name) for name in IN_NETNS))
-    # sh stays PID 1 of the namespace (no exec), so Ray's daemons are its orphans,
-    # not the inner pytest's children; they all end with the namespace.
-    script = 'ip link set lo up && "$@"; exit $?'
     proc = subprocess.run(
-        [
-            "unshare",
-            "-n",
-            "-p",
-            "-f",
-            "--kill-child",
-            "--mount-proc",
-            "sh",
-            "-c",
-            script,
-            "sh",
-            *inner,
-        ],
+        in_private_namespace(*inner),
         env={**os.environ, "DISPYNB_IN_NETNS": "1", "RAY_USAGE_STATS_ENABLED": "0"},
         capture_output=True,
         text=True,
@@ -67,6 +94,48 @@ def test_ray_in_private_network() -> None:
     )
     assert proc.returncode == 0, f"inner run failed:\n{proc.stdout}\n{proc.stderr}"
     assert " passed" in proc.stdout and "failed" not in proc.stdout, proc.stdout
+
+
+#: A command that outlives SIGTERM, as the inner pytest does once Ray set its
+#: handler, and starts a process in a session of its own, as Ray's daemons are.
+STUBBORN = """
+import signal, subprocess
+signal.signal(signal.SIGTERM, lambda *_: print("SIGTERM shrugged off", flush=True))
+subprocess.Popen(["setsid", "sleep", "600"])
+print("started", flush=True)
+while True:
+    signal.pause()
+"""
+
+
+@pytest.mark.timeout(60)
+def test_the_private_namespace_ends_with_all_it_started_on_sigterm() -> None:
+    """SIGTERM to the process group of `in_private_namespace` (CI's timeout stops a
+    run so) ends it and everything it started. Before, unshare blocked the signal,
+    sh (PID 1 of the namespace, with no handler) never got it, the inner pytest
+    shrugged it off, and they ran on with Ray's daemons after the run was over."""
+    reason = _no_namespaces()
+    if reason is not None:
+        pytest.skip(reason)
+    with subprocess.Popen(
+        in_private_namespace(sys.executable, "-c", STUBBORN),
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as proc:
+        try:
+            assert proc.stdout is not None and proc.stdout.readline() == "started\n"
+            started = psutil.Process(proc.pid).children(recursive=True)
+            assert len(started) == 3, started  # sh, python, sleep
+            os.killpg(proc.pid, signal.SIGTERM)
+            _, alive = psutil.wait_procs(
+                [psutil.Process(proc.pid), *started], timeout=20
+            )
+            assert not alive, [p.cmdline() for p in alive]
+        finally:
+            # The group this test made: with sh, PID 1, the namespace ends.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_import_dispynb_loads_no_ray() -> None:
