@@ -37,12 +37,14 @@ print(cluster.submit(3)())
 
 
 def run_script(
-    tmp_path: Path, node: str, secret: str
+    tmp_path: Path, *args: str, code: str = SCRIPT
 ) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` as ``tmp_path``'s client.py with ``args`` (its node(s) and
+    secret), as a user runs a script."""
     script = tmp_path / "client.py"
-    script.write_text(SCRIPT)
+    script.write_text(code)
     return subprocess.run(
-        [sys.executable, str(script), node, secret],
+        [sys.executable, str(script), *args],
         env=node_env(),
         capture_output=True,
         text=True,
@@ -91,19 +93,12 @@ def test_a_node_refusing_the_secret_beside_a_usable_one_is_warned_about_once(
     """The script goes on with the node that takes its secret; the other is named
     in one warning (before: "node HOST:PORT cannot be used: HOST:PORT: ...")."""
     secret = "the-nodes-secret-4f9c2a7e1b"
-    script = tmp_path / "two.py"
-    script.write_text(SCRIPT.replace("nodes=[sys.argv[1]]", "nodes=sys.argv[3:]"))
+    code = SCRIPT.replace("nodes=[sys.argv[1]]", "nodes=sys.argv[3:]")
     with (
         running_node(tmp_path / "good", secret=secret) as good,
         running_node(tmp_path / "other", secret="another-secret-9b2d71c4e8") as other,
     ):
-        done = subprocess.run(
-            [sys.executable, str(script), "", secret, good.spec, other.spec],
-            env=node_env(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        done = run_script(tmp_path, "", secret, good.spec, other.spec, code=code)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "6"
     assert logged_messages(done.stderr) == [
@@ -161,15 +156,8 @@ def test_nodes_none_listening_say_each_reason_once_ending_with_the_fix(
     the "no node could be used" line named every node, then the error raised
     repeated the first's, and a warning each said both again)."""
     specs = [f"127.0.0.1:{held_port()}", f"127.0.0.1:{held_port()}"]
-    script = tmp_path / "client.py"
-    script.write_text(SCRIPT.replace("[sys.argv[1]]", "sys.argv[1].split(',')"))
-    done = subprocess.run(
-        [sys.executable, str(script), ",".join(specs), "a-secret-9d2c"],
-        env=node_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    code = SCRIPT.replace("[sys.argv[1]]", "sys.argv[1].split(',')")
+    done = run_script(tmp_path, ",".join(specs), "a-secret-9d2c", code=code)
     assert done.returncode == 1, done.stdout + done.stderr
     for spec in specs:
         assert done.stderr.count(f"cannot connect to {spec}") == 1, done.stderr
@@ -198,15 +186,8 @@ def test_a_host_name_that_does_not_resolve_says_so_not_is_a_node_running(
 ) -> None:
     """A typo'd host name is no node that is down: the message says the name does
     not resolve and how to fix it (before: "...; is dispynb-node running there?")."""
-    script = tmp_path / "client.py"
-    script.write_text(NO_DNS + SCRIPT)
-    done = subprocess.run(
-        [sys.executable, str(script), "nodee1.invalid", "the-nodes-secret-4f9c2a7e1b"],
-        env=node_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    secret = "the-nodes-secret-4f9c2a7e1b"
+    done = run_script(tmp_path, "nodee1.invalid", secret, code=NO_DNS + SCRIPT)
     assert done.returncode == 1, done.stdout + done.stderr
     traceback = traceback_of(done.stderr)
     assert traceback[-1] == (
@@ -240,15 +221,8 @@ def test_a_failing_setup_shows_its_own_traceback_not_the_clients_internals(
     """The node's traceback of the user's setup is shown (its file, line and
     source, as a local traceback), not the I/O thread's frames and asyncio's."""
     script = tmp_path / "client.py"
-    script.write_text(SETUP_SCRIPT)
     with running_node(tmp_path / "node", secret="the-nodes-secret-4f9c2a7e1b") as node:
-        done = subprocess.run(
-            [sys.executable, str(script), node.spec, node.secret],
-            env=node_env(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        done = run_script(tmp_path, node.spec, node.secret, code=SETUP_SCRIPT)
     assert done.returncode == 1, done.stdout + done.stderr
     lines = done.stderr.splitlines()
     error = (
@@ -275,20 +249,11 @@ def test_a_module_missing_on_the_node_names_it_and_depends_in_a_short_traceback(
     """A module beside the script, used by the computation, is not on the node:
     the message says which and how to send it, without the unpickler's frames."""
     (tmp_path / "mymodel.py").write_text("def scale(x):\n    return 3 * x\n")
-    script = tmp_path / "client.py"
-    script.write_text(
-        SCRIPT.replace("return 2 * x", "return mymodel.scale(x)").replace(
-            "import dispynb as dispy", "import dispynb as dispy\nimport mymodel"
-        )
+    code = SCRIPT.replace("return 2 * x", "return mymodel.scale(x)").replace(
+        "import dispynb as dispy", "import dispynb as dispy\nimport mymodel"
     )
     with running_node(tmp_path / "node", secret="the-nodes-secret-4f9c2a7e1b") as node:
-        done = subprocess.run(
-            [sys.executable, str(script), node.spec, node.secret],
-            env=node_env(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        done = run_script(tmp_path, node.spec, node.secret, code=code)
     assert done.returncode == 1, done.stdout + done.stderr
     traceback = traceback_of(done.stderr)
     assert traceback[-2:] == [
