@@ -461,7 +461,7 @@ class Run(_RunEvents):
     def submit_all(self, inputs: Iterable[Any], unpack: bool = False) -> list[DispyJob]:
         """Submit one job per item of ``inputs`` (see `map` for ``unpack``)."""
         jobs = []
-        for index, item in enumerate(inputs):
+        for item in inputs:
             try:
                 if unpack and isinstance(item, dict):
                     jobs.append(self.submit(**item))
@@ -471,7 +471,9 @@ class Run(_RunEvents):
                     jobs.append(self.submit(item))
             except SerializationError as exc:
                 # Which of a thousand inputs: 'job argument 1' names none of them.
-                raise SerializationError(f"input {index}: {exc}") from exc
+                # Its row of run.df, as its output's label ('[input 3]'), which
+                # counts the jobs the run had already (a second submit_all).
+                raise SerializationError(f"input {len(self.jobs)}: {exc}") from exc
         return jobs
 
     # -- display ---------------------------------------------------------------------

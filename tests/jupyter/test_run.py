@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from dispynb import JobCluster
-from dispynb.errors import ClusterError, ConfigurationError
+from dispynb.errors import ClusterError, ConfigurationError, SerializationError
 from dispynb.job import DispyJob, JobStatus
 from dispynb.jupyter import runstop
 from dispynb.jupyter.progress import TextProgressBar, WidgetProgressBar
@@ -194,6 +194,20 @@ def test_a_second_runs_output_is_labelled_by_its_rows_not_by_job_ids(local, caps
         "out x\n", "out y\n", "out z\n",
     ]  # fmt: skip
     assert second.df["id"].min() > 2  # job ids run on over the runs
+
+
+def test_an_input_that_cannot_be_sent_is_named_by_its_row_in_a_run_with_jobs(local):
+    """A run's second submit_all names the input that cannot be pickled by its row
+    of ``run.df`` (as its output's label), not by its place in that call's list."""
+    run = Run(name="more")
+    with JobCluster(jobs.echo, nodes=local, **run.callbacks()) as cluster:
+        run.attach(cluster)
+        run.submit_all(["a", "b"])
+        with pytest.raises(SerializationError) as raised:
+            run.submit_all(["c", threading.Lock()])
+        assert str(raised.value).startswith("input 3: job argument 1 cannot be sent")
+        assert run.wait(timeout=WAIT)
+        assert len(run.jobs) == 3
 
 
 def ignore_stop_signals(x: int) -> int:
