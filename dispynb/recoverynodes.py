@@ -230,6 +230,7 @@ async def _collect_from(
         conn.write(_recover(recovery_id, limits))
         streams: dict[tuple[int, int], Parts | None] = {}
         other_user: list[bool] = []  # a scheduler keeps it for another user
+        unreadable: list[bool] = []  # the node could not send some results now
         placed: dict[int, str] = {}  # behind a shared scheduler: where jobs ran
 
         async def read() -> None:
@@ -243,9 +244,12 @@ async def _collect_from(
                 elif isinstance(message, JobsPlaced):
                     _note_placed(message, placed)
                 elif isinstance(message, Error) and message.code == KEPT_UNAVAILABLE:
-                    raise DispynbError(
-                        peer_text(message.message, KEPT_UNAVAILABLE_TEXT)
-                    )
+                    why = peer_text(message.message, KEPT_UNAVAILABLE_TEXT)
+                    if not isinstance(message.keys, list):  # none of them now
+                        raise DispynbError(why)
+                    _unreadable(out, message.keys, host, f"node {node}: {why}")
+                    unreadable.append(True)
+                    return  # the node lets this recovery go; the rest stays kept
                 elif isinstance(message, JobResults):
                     found = {}
                     for entry in message.results:
@@ -265,6 +269,8 @@ async def _collect_from(
 
         async with _watching(watch):
             await timeout.read(read, conn, node)
+        if unreadable:
+            return False  # kept there, and the file here, for the next call
         if not other_user:
             return True
         # The file stays, for the right user's recovery.
@@ -427,6 +433,20 @@ def _unavailable(
             node,
             ", ".join(map(str, left)),
         )
+
+
+def _unreadable(out: list[DispyJob], keys: list[int], host: str, reason: str) -> None:
+    """A recovery without a journal: the node could not send the results of the
+    jobs of ``keys`` now (they stay kept there). Each is returned Abandoned for
+    ``reason``, so that the call says which results it lacks, and why."""
+    for key in keys:
+        if type(key) is not int:
+            continue
+        job = DispyJob(0, (), {})
+        job.id = None  # as the collected ones: nodes do not know ids
+        job.ip_addr = host
+        job._complete(JobStatus.Abandoned, exception=reason)  # says it is kept
+        out.append(job)
 
 
 def _abandon(pending: dict[int, DispyJob], reason: str) -> None:
