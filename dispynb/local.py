@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import inspect
 import logging
 import os
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import time
 import weakref
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -150,6 +152,10 @@ def _count(value: Any, name: str, what: str) -> int:
 class LocalCluster:
     """Node servers on 127.0.0.1, started now and stopped by `close`.
 
+    Also stopped at exit, and once nothing refers to it: a notebook cell ``local =
+    LocalCluster()`` run again stops the first one's nodes, unless a `JobCluster`
+    made with ``nodes=`` it is still kept (it keeps its LocalCluster).
+
     Parameters
     ----------
     nodes:
@@ -214,21 +220,29 @@ class LocalCluster:
         # Locked while this process or one of its nodes runs: a LocalCluster made
         # after all were killed at once (SIGKILL to a batch job's cgroup) removes
         # it, with the nodes' copies of the jobs' files (`dispynb.lockeddirs`).
-        self._dir, self._dir_lock = lockeddirs.make(_DIR_PREFIX)
-        self._procs: list[subprocess.Popen[bytes]] = []
-        self._pipes: list[int] = []  # write ends: the nodes stop when they close
-        self.addresses: list[tuple[str, int]] = []
+        self._nodes = _NodeProcesses(*lockeddirs.make(_DIR_PREFIX))
+        self._dir = self._nodes.directory
+        self._procs = self._nodes.procs
+        self.addresses = self._nodes.addresses
         self._closed = False  # `node_specs` then says so, not "nothing listens"
-        self._forgotten = False  # `close` has let go of the nodes (`_forget_nodes`)
         # The clusters given nodes=self (`serving`), closed first by `close`.
         self._clusters: weakref.WeakSet[JobCluster] = weakref.WeakSet()
-        atexit.register(self.close)
+        # Closed at exit if still in use; stopped once no longer referenced (a
+        # notebook's cell ``local = LocalCluster()`` run again drops the first
+        # one): neither holds it, or nothing would ever let it go. A JobCluster
+        # on it holds it (its options), so it stays while the JobCluster does.
+        self._at_exit = functools.partial(_close_at_exit, weakref.ref(self))
+        self._dropped = weakref.finalize(
+            self, _stop_dropped, self._nodes, self._at_exit
+        )
+        self._dropped.atexit = False  # at exit: `_at_exit`, the clusters first
+        atexit.register(self._at_exit)
         try:
             for index in range(nodes):
                 # Held: a Stop between its start and here would leave it untracked.
                 with HeldInterrupts():
-                    self._procs.append(self._spawn(index, cpus, loglevel))
-            for index, proc in enumerate(self._procs):
+                    self._nodes.procs.append(self._spawn(index, cpus, loglevel))
+            for index, proc in enumerate(self._nodes.procs):
                 port = self._wait_port(index, proc)
                 self.addresses.append(("127.0.0.1", port))
                 path = self._socket_path(index)
@@ -263,14 +277,14 @@ class LocalCluster:
             command += ["--max-message-size", str(self._max_message_size)]
         # os.pipe() is close-on-exec: other children never inherit the write end.
         read_end, write_end = os.pipe()
-        self._pipes.append(write_end)
+        self._nodes.pipes.append(write_end)
         try:
             return subprocess.Popen(
                 [*command, "--parent-pipe", str(read_end)],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 # The directory's lock too: held till the last node ends.
-                pass_fds=(read_end, self._dir_lock),
+                pass_fds=(read_end, self._nodes.lock),
                 start_new_session=True,  # out of reach of killpg(SIGINT): Stop
             )
         finally:
@@ -403,58 +417,15 @@ class LocalCluster:
         A cluster still open on them is closed first, its jobs not done cancelled:
         else they would wait for ever for nodes that never come back.
         """
-        if self._forgotten:
+        if self._nodes.forgotten:
             # Closed already (its with block, then atexit or a second close): its
             # ports may be a newer LocalCluster's now, their sockets registered.
             return
         self._closed = True
         self._close_clusters()
-        try:
-            for proc in self._procs:
-                if proc.poll() is None:
-                    proc.terminate()
-            for proc in self._procs:
-                try:
-                    proc.wait(STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        except KeyboardInterrupt:
-            # Stop while the nodes stop (pressed twice: the first one's close is
-            # this one): end them now rather than leave them running, or dead and
-            # unreaped, with their directory, until the program ends.
-            with HeldInterrupts():
-                self._kill_nodes()
-            raise
-        finally:
-            with HeldInterrupts():
-                self._forget_nodes()
-
-    def _kill_nodes(self) -> None:
-        """SIGKILL the nodes still running and reap them all."""
-        for proc in self._procs:
-            if proc.poll() is None:
-                proc.kill()
-        for proc in self._procs:
-            proc.wait()
-
-    def _forget_nodes(self) -> None:
-        """What `close` does once the nodes have ended: their sockets, pipes, the
-        directory and its lock let go; no close at exit any more."""
-        self._forgotten = True
-        self._procs = []
-        for host, port in self.addresses:
-            localsockets.unregister(host, port)
-        for write_end in self._pipes:
-            with contextlib.suppress(OSError):
-                os.close(write_end)
-        self._pipes = []
-        atexit.unregister(self.close)
-        with contextlib.suppress(OSError):
-            shutil.rmtree(self._dir)
-        if self._dir_lock >= 0:
-            os.close(self._dir_lock)
-            self._dir_lock = -1
+        self._dropped.detach()
+        atexit.unregister(self._at_exit)
+        self._nodes.stop()
 
     def __enter__(self) -> LocalCluster:
         return self
@@ -471,6 +442,90 @@ class LocalCluster:
         nodes = [f"{host}:{port}" for host, port in self.addresses]
         closed = " closed" if self._closed else ""
         return f"<LocalCluster nodes={nodes} cpus={self.cpus}{closed}>"
+
+
+class _NodeProcesses:
+    """A `LocalCluster`'s node processes and what they hold (the pipes they stop
+    on, their directory and its lock, their sockets): apart from the LocalCluster,
+    so that they can be stopped once it is gone (`_stop_dropped`)."""
+
+    def __init__(self, directory: str, lock: int) -> None:
+        self.directory = directory
+        self.lock = lock
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.pipes: list[int] = []  # write ends: the nodes stop when they close
+        self.addresses: list[tuple[str, int]] = []
+        self.forgotten = False  # `stop` has let go of the nodes (`_forget`)
+
+    def stop(self) -> None:
+        """SIGTERM the nodes, SIGKILL those that linger; then let them go."""
+        if self.forgotten:
+            return
+        try:
+            for proc in self.procs:
+                if proc.poll() is None:
+                    proc.terminate()
+            for proc in self.procs:
+                try:
+                    proc.wait(STOP_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        except KeyboardInterrupt:
+            # Stop while the nodes stop (pressed twice: the first one's close is
+            # this one): end them now rather than leave them running, or dead and
+            # unreaped, with their directory, until the program ends.
+            with HeldInterrupts():
+                self._kill()
+            raise
+        finally:
+            with HeldInterrupts():
+                self._forget()
+
+    def _kill(self) -> None:
+        """SIGKILL the nodes still running and reap them all."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+        for proc in self.procs:
+            proc.wait()
+
+    def _forget(self) -> None:
+        """Once the nodes have ended: their sockets, pipes, the directory and its
+        lock let go."""
+        self.forgotten = True
+        self.procs.clear()
+        for host, port in self.addresses:
+            localsockets.unregister(host, port)
+        for write_end in self.pipes:
+            with contextlib.suppress(OSError):
+                os.close(write_end)
+        self.pipes.clear()
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self.directory)
+        if self.lock >= 0:
+            os.close(self.lock)
+            self.lock = -1
+
+
+def _close_at_exit(ref: weakref.ref[LocalCluster]) -> None:
+    """Close the LocalCluster at exit, if it is still there."""
+    local = ref()
+    if local is not None:
+        local.close()
+
+
+def _stop_dropped(nodes: _NodeProcesses, at_exit: Callable[[], None]) -> None:
+    """A LocalCluster no longer referenced (a notebook cell that made it run
+    again): its nodes would serve no one till the program ends. A JobCluster
+    that used it holds it, so none runs on them any more."""
+    atexit.unregister(at_exit)
+    if nodes.procs and not nodes.forgotten:
+        logger.debug(
+            "a LocalCluster no longer used (%s): its nodes are stopped",
+            ", ".join(f"{host}:{port}" for host, port in nodes.addresses),
+        )
+    nodes.stop()
 
 
 _INIT = inspect.signature(LocalCluster.__init__)
