@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 
 from dispynb.errors import ConnectionClosedError, DispynbError, SetupError
-from dispynb.jobenv import node_output_cap
+from dispynb.jobenv import node_output_cap, output_bytes
 from dispynb.protocol.messages import CRASHED
 from dispynb.transport.connection import Connection
 from nodeserver.compstate import NodeJob, Worker, _ComputationState
@@ -46,9 +46,16 @@ from nodeserver.leftovers import remove_empty_parents
 
 logger = logging.getLogger("nodeserver.computation")
 
-#: Bytes of a worker's message that are neither the result nor the output (header,
-#: framing); a result may use the rest of the channel's message size cap.
-RESULT_HEADROOM = 1024 * 1024
+#: Bytes of a worker's `Done` that are neither the result, its buffers' framing
+#: nor the output: its fields and the frame's prefix (some hundred bytes).
+DONE_HEADER_ROOM = 4 * 1024
+
+#: Bytes of framing (a length and a kind letter, 5 bytes) a result's buffers take
+#: per this many bytes of a message: out-of-band buffers are 64 KiB or more.
+BYTES_PER_FRAMING_BYTE = 8 * 1024
+
+#: Bytes of a message to the client kept for its header (`_client_room`).
+CLIENT_HEADER_ROOM = 1024 * 1024
 
 #: Why `start` failed when its computation was closed meanwhile (its client left).
 CLOSED_DURING_SETUP = "the computation was closed during its setup"
@@ -268,7 +275,7 @@ class _WorkerLife(_ComputationState):
         """Bytes of payload one message to the client takes (0: not known): its
         ``max_message_size``, less a header's room."""
         client = self.limits.max_message
-        return max(client - RESULT_HEADROOM, client // 2) if client else 0
+        return max(client - CLIENT_HEADER_ROOM, client // 2) if client else 0
 
     def _provisional_cap(self) -> int:
         """Bytes a provisional result may have: as a result (`_result_cap`), and
@@ -285,9 +292,17 @@ class _WorkerLife(_ComputationState):
 
     def _node_result_room(self) -> int:
         """Bytes of a pickled result the worker's channel to this node takes,
-        with room for the message's header and the job's output."""
-        # Output is kept in characters: up to 4 bytes each in UTF-8, two streams.
-        headroom = RESULT_HEADROOM + 8 * self._max_output()
+        with room for the message's header and the job's output.
+
+        The room for the header is what it takes, not a fixed MiB: a fixed 1 MiB
+        left a node started with ``--max-message-size`` 1 MB (accepted) room for
+        no result at all, every job failing "over the limit of 0 bytes"."""
+        headroom = (
+            DONE_HEADER_ROOM
+            + self._max_size // BYTES_PER_FRAMING_BYTE
+            # Its stdout and stderr, each kept to `_max_output` characters.
+            + 2 * output_bytes(self._max_output())
+        )
         return max(self._max_size - headroom, 0)
 
     def _max_output(self) -> int:

@@ -252,10 +252,13 @@ def test_a_result_over_max_result_size_says_how_to_allow_more(local):
 def test_a_result_over_what_the_nodes_take_says_to_raise_their_message_size():
     """A larger max_result_size cannot let a result over the nodes' own max
     message size through (the advice was to give one): the advice given works."""
-    size = 3 << 19  # 1.5 MiB: over what 2 MiB messages leave for a result
-    small = 2 << 20
+    # 6 MiB: under the client's cap (8 MiB less 1 MiB for a header), over what a
+    # node's 8 MiB messages leave beside a job's output kept whole (two streams
+    # of 256 K characters, up to 6 bytes each).
+    size = 6 << 20
+    small = 8 << 20
     with (
-        Executor(max_workers=1, max_message_size=small, max_output_size="1K") as ex,
+        Executor(max_workers=1, max_message_size=small, max_output_size=None) as ex,
         pytest.raises(RemoteError) as info,
     ):
         ex.submit(bytes, size).result(WAIT)
@@ -265,7 +268,7 @@ def test_a_result_over_what_the_nodes_take_says_to_raise_their_message_size():
     found = re.search(r"Executor\(\.\.\., max_message_size=(\d+)\)", text)
     assert found, text
     larger = int(found[1])
-    with Executor(max_workers=1, max_message_size=larger, max_output_size="1K") as ex:
+    with Executor(max_workers=1, max_message_size=larger, max_output_size=None) as ex:
         assert ex.submit(bytes, size).result(WAIT) == bytes(size)
 
 
