@@ -5,6 +5,7 @@ import { INotebookTracker } from '@jupyterlab/notebook';
 import { LabIcon } from '@jupyterlab/ui-components';
 
 import { DispynbPanel } from './panel';
+import { untrackSubshellRequests } from './status';
 
 const ICON = new LabIcon({
   name: 'dispynb:icon',
@@ -21,6 +22,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
   autoStart: true,
   requires: [INotebookTracker],
   activate: (app: JupyterFrontEnd, tracker: INotebookTracker) => {
+    untrackSubshellRequests();
     const panel = new DispynbPanel(tracker);
     panel.title.icon = ICON;
     app.shell.add(panel, 'left', { rank: 950 });

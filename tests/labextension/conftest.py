@@ -31,6 +31,7 @@ INNER = (
     "test_lab_panel.py::test_lab_page_reloaded_during_a_nowait_run",
     "test_lab_panel.py::test_lab_node_lost_under_a_run",
     "test_lab_panel.py::test_lab_run_starting_on_its_nodes",
+    "test_lab_panel.py::test_lab_kernel_busy_while_a_cell_runs",
     "test_lab_stop.py::test_lab_stop",
     "test_lab_stop.py::test_lab_outcomes_as_the_cell_says",
     "test_lab_engines.py::test_lab_dask",

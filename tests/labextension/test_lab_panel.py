@@ -36,6 +36,7 @@ from tests.labextension.labpage import (
     subshells,
     wait_counts,
     wait_panel_ready,
+    wait_prompt,
     write_notebook,
 )
 
@@ -398,3 +399,63 @@ def test_lab_run_starting_on_its_nodes(lab: Lab) -> None:  # in the namespace
         assert closed.get_attribute("data-starting") == "false"
         assert closed.get_attribute("data-ended") == "4"
         assert page.locator(f"{PANEL} .dispynb-cluster").count() == 1
+
+
+#: A long %%dispy run (about 10 s on 2 CPUs), after the kernel's connect cell.
+BUSY_CELLS = [
+    "%load_ext dispynb\n%dispy local --cpus 2",
+    '%%dispy --over "range(20)" --into long\n'
+    "def long(i):\n"
+    "    import time\n"
+    "    time.sleep(1)\n"
+    "    return i",
+]
+
+
+@pytest.mark.timeout(180)
+def test_lab_kernel_busy_while_a_cell_runs(lab: Lab) -> None:  # in the namespace
+    """The status bar says the kernel is Busy for as long as a %%dispy cell runs
+    (its prompt ``[*]``), then Idle. Before, it said Idle for most of the run, while
+    the cell showed ``[*]`` and the toolbar's circle busy: JupyterLab made a kernel
+    subshell for the run's progress widget (its first comm of that target since
+    the restart), and took the idle the kernel sent for that control request as
+    the kernel's status."""
+    with notebook_page(lab, "busy.ipynb", BUSY_CELLS) as page:
+        restart_kernel(page)  # as the user met it: a fresh kernel
+        wait_panel_ready(page)
+        # Every status the bar shows, with cell 1's prompt at that moment.
+        page.evaluate(
+            """() => {
+                window.dispynbSeen = [];
+                const look = () => {
+                    const item = [...document.querySelectorAll(
+                        '.jp-StatusBar-TextItem')]
+                        .find(e => e.textContent.includes(' | '));
+                    const prompt = document.querySelectorAll(
+                        '.jp-NotebookPanel .jp-Cell .jp-InputPrompt')[1];
+                    const now = [item ? item.textContent.trim() : '',
+                                 prompt.textContent.trim()];
+                    const last = window.dispynbSeen[window.dispynbSeen.length - 1];
+                    if (!last || last[0] !== now[0] || last[1] !== now[1])
+                        window.dispynbSeen.push(now);
+                };
+                new MutationObserver(look).observe(document.body, {
+                    subtree: true, childList: true, characterData: true});
+                look();
+            }"""
+        )
+        run_and_wait(page, 0)
+        run_cell(page, 1)
+        # Jobs have ended and more are running: the cell is in the middle of its run.
+        wait_counts(page, "c.total === 20 && c.ended >= 6 && c.running > 0")
+        seen = page.evaluate("() => window.dispynbSeen")
+        # JupyterLab shows [*] as it sends the cell, Busy when the kernel takes it.
+        since = next(i for i, (s, p) in enumerate(seen) if p == "[*]:" and "Busy" in s)
+        during = [status for status, p in seen[since:] if p == "[*]:"]
+        assert during and all(s.endswith("| Busy") for s in during), seen
+        assert kernel_status(page) == "Python 3 (ipykernel) | Busy"
+        wait_prompt(page, 1, "[2]:")
+        page.wait_for_function(
+            """() => [...document.querySelectorAll('.jp-StatusBar-TextItem')]
+                .some(e => e.textContent.trim() === 'Python 3 (ipykernel) | Idle')"""
+        )
