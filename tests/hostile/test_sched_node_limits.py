@@ -161,7 +161,8 @@ def test_a_setup_over_some_nodes_limit_runs_on_the_others(
 @pytest.mark.attack(
     id="sched-setup-nested-entry",
     title="A scheduler user sets up 4 computations, each listing a file whose "
-    "entry holds 3 M empty lists (3 MB sent, some 190 MB of objects decoded)",
+    "entry holds 1 M empty lists (1 MB sent, some 64 MB of objects decoded: fewer "
+    "than the scheduler refuses undecoded in any header)",
     goal=f"each refused at once as a malformed file entry; the scheduler grows by "
     f"under {JUNK_BOUND // MiB} MiB, what one being decoded takes (was: each kept "
     "while its computation lived, counted as 1 KiB: +851 MiB; and sent to every "
@@ -170,7 +171,7 @@ def test_a_setup_over_some_nodes_limit_runs_on_the_others(
 def test_a_setup_whose_file_entries_hold_junk_is_refused(
     tmp_path: Path, people: dict[str, Path], measure
 ) -> None:
-    count = 3_000_000
+    count = 1_000_000  # under what a header may hold: `inbox._check_header`
     junk = [[] for _ in range(count)]
 
     async def attack(sched: SchedulerProcess) -> tuple[list[str], int]:
