@@ -185,6 +185,10 @@ def test_files_released_let_a_computation_held_by_her_quota_run(
         tmp_path, people,
         "--max_user_kept", f"{USER_QUOTA // MiB}M",
         "--dest_path_prefix", str(tmp_path / "spill"),
+        # One job a CPU on the nodes: once the first results fill her quota, jobs
+        # still wait here (with jobs instant once let go, the nodes' window of
+        # jobs sent ahead took them all before: nothing was left to hold).
+        "--jobs_per_cpu", "1",
     ) as sched:  # fmt: skip
 
         async def scenario() -> None:
