@@ -47,7 +47,9 @@ def main(args):
 
 
 def test_client_killed_then_recovered_gets_every_job_once(site: Site) -> None:
-    nodes = [site.start(host, cpus=JOBS // 2) for host in site.node_hosts[:2]]
+    # A CPU a job on each node: however the client spreads them (it may send a node
+    # two a CPU before the other joins), every job runs until the test releases it.
+    nodes = [site.start(host, cpus=JOBS) for host in site.node_hosts[:2]]
     marks = site.directory / "marks"
     marks.mkdir()
     release = site.directory / "release"
